@@ -1,0 +1,438 @@
+"""The extraction stages as library calls: ingest, caption, ground, encode (see `runner`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline import data as datamod
+from pipeline import store
+from pipeline.config import (
+    BaseConfig,
+    CaptionConfig,
+    EncodeConfig,
+    GroundConfig,
+    IngestConfig,
+    ModelsConfig,
+    params_hash,
+)
+from pipeline.runner import Timer, row_hash, run_step
+from pipeline.store import Arrays
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionsMissing(RuntimeError):
+    """caption.source=dataset but some images have no caption in the dataset."""
+
+
+# --------------------------------------------------------------------------------------- ingest
+
+
+def run_ingest(data_path: str | Path, out_dir: str | Path, cfg: IngestConfig, base: BaseConfig,
+               dataset: str) -> datamod.IngestResult:  # fmt: skip
+    """Read the dataset, quarantine what does not decode, write ingest shards and CSVs.
+
+    Writes `manifest.csv` (resolved, one row per kept image), `quarantine.csv`,
+    `duplicates.csv` and `shard_*.h5` (ids, path, label, generator, split, caption, ...).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root, records = datamod.resolve_dataset(data_path)
+    result = datamod.ingest(
+        root, records, fractions=cfg.split_fractions, seed=base.seed, min_side=cfg.min_side
+    )
+    if not result.items:
+        raise datamod.DatasetError(
+            f"no usable image in {data_path}: all {len(records)} were quarantined "
+            f"(see {out_dir / 'quarantine.csv'})"
+        )
+    columns = datamod.item_columns()
+    datamod.write_csv(out_dir / "quarantine.csv", ["path", "reason"], result.quarantined)
+    datamod.write_csv(out_dir / "duplicates.csv", ["path", "duplicate_of"], result.duplicates)
+    datamod.write_csv(
+        out_dir / "manifest.csv", columns, ([asdict(it)[c] for c in columns] for it in result.items)
+    )
+    attrs = {
+        "stage": "ingest",
+        "dataset": dataset,
+        "data_root": str(Path(root).resolve()),
+        "model": "",
+        "preset": "",
+        "params_hash": params_hash(cfg, base.seed),
+    }
+    n_shards = (len(result.items) + cfg.shard_size - 1) // cfg.shard_size
+    for k in range(n_shards):
+        chunk = result.items[k * cfg.shard_size : (k + 1) * cfg.shard_size]
+        shard: Arrays = {
+            "ids": np.array([it.id for it in chunk], dtype=object),
+            "label": np.array([it.label for it in chunk], dtype=np.int8),
+            "width": np.array([it.width for it in chunk], dtype=np.int32),
+            "height": np.array([it.height for it in chunk], dtype=np.int32),
+        }
+        for key in ("path", "generator", "split", "caption", "group", "family"):
+            shard[key] = np.array([getattr(it, key) for it in chunk], dtype=object)
+        store.write_shard(out_dir / store.shard_name(k), shard, attrs)
+    for stale in store.list_shards(out_dir)[n_shards:]:
+        stale.unlink()
+    for path, reason in result.quarantined:
+        logger.warning("quarantined %s: %s", path, reason)
+    if result.duplicates:
+        logger.warning(
+            "%d exact duplicates kept once (see %s)", len(result.duplicates),
+            out_dir / "duplicates.csv",
+        )
+    logger.info(
+        "ingest: %d images kept in %d shards, %d quarantined (see %s), %d duplicates dropped",
+        len(result.items), n_shards, len(result.quarantined), out_dir / "quarantine.csv",
+        len(result.duplicates),
+    )
+    return result
+
+
+def _ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:
+    path = ingest_dir / store.shard_name(index)
+    rows = store.read_shard(path, ["ids", *keys])
+    if "path" in rows:
+        root = Path(str(store.read_attrs(path)["data_root"]))
+        rows["path"] = np.array([str(root / p) for p in rows["path"]], dtype=object)
+    return rows
+
+
+def _aligned(upstream: Path, index: int, ids: np.ndarray, keys: Sequence[str]) -> Arrays:
+    path = upstream / store.shard_name(index)
+    if not path.exists():
+        raise store.ShardError(f"{path} is missing; run the stage that writes {upstream} first")
+    rows = store.read_shard(path, ["ids", *keys])
+    if not np.array_equal(rows["ids"], ids):
+        raise store.ShardError(
+            f"{path} is not row-aligned with the ingest shard (the dataset changed since it was "
+            "written); rerun the stages in order (dvc repro does)"
+        )
+    return rows
+
+
+def _model_attrs(stage: str, dataset: str, model: str, preset: str) -> dict[str, Any]:
+    return {"stage": stage, "dataset": dataset, "model": model, "preset": preset}
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+# -------------------------------------------------------------------------------------- caption
+
+
+@dataclass
+class CaptionStep:
+    ingest_dir: Path
+    cfg: CaptionConfig
+    models: ModelsConfig
+    base: BaseConfig
+    dataset: str
+    stage: str = "captions"
+
+    def n_shards(self) -> int:
+        return len(store.list_shards(self.ingest_dir))
+
+    def _model_id(self) -> str:
+        if self.cfg.source == "dataset":
+            return "dataset"
+        return "tiny-blip2" if self.models.preset == "tiny" else self.models.blip2.id
+
+    def params_hash(self) -> str:
+        decoding = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
+        uses_model = self.cfg.source != "dataset"
+        return params_hash(
+            decoding,
+            self.models.preset if uses_model else "",
+            asdict(self.models.blip2) if uses_model else "",
+            self.base.seed if uses_model and self.models.preset == "tiny" else "",
+        )
+
+    def attrs(self) -> dict[str, Any]:
+        return _model_attrs(self.stage, self.dataset, self._model_id(), self.models.preset)
+
+    def read(self, index: int) -> Arrays:
+        rows = _ingest_rows(self.ingest_dir, index, ["path", "caption"])
+        rows["input_hash"] = np.array(
+            [row_hash(c if self.cfg.source != "blip2" else "") for c in rows["caption"]],
+            dtype=object,
+        )
+        return rows
+
+    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+        n = len(rows["ids"])
+        captions = np.array([str(c).strip() for c in rows["caption"]], dtype=object)
+        sources = np.full(n, "dataset", dtype=object)
+        need = [i for i in range(n) if self.cfg.source == "blip2" or not captions[i]]
+        if need and self.cfg.source == "dataset":
+            listing = ", ".join(str(rows["path"][i]) for i in need[:5])
+            raise CaptionsMissing(
+                f"{len(need)} images have no caption in the dataset (e.g. {listing}); set "
+                "caption.source=dataset_else_blip2 to caption them with BLIP-2, or add captions "
+                "to the manifest"
+            )
+        if need:
+            model = _load("captioner", self.models, self.base)
+            for sl in tqdm(_batches(len(need), self.cfg.batch_size), desc="caption", leave=False):
+                chunk = need[sl]
+                with timer("read"):
+                    images = [datamod.load_rgb(rows["path"][i]) for i in chunk]
+                with timer("model"):
+                    out = model.caption(
+                        images,
+                        prompt=self.cfg.prompt or None,
+                        num_beams=self.cfg.num_beams,
+                        max_new_tokens=self.cfg.max_new_tokens,
+                    )
+                for i, text in zip(chunk, out):
+                    captions[i] = text
+                    sources[i] = model.model_id
+        return {
+            "ids": rows["ids"],
+            "input_hash": rows["input_hash"],
+            "caption": captions,
+            "caption_source": sources,
+        }
+
+
+def run_caption(ingest_dir: Path, out_dir: Path, cfg: CaptionConfig, models: ModelsConfig,
+                base: BaseConfig, dataset: str) -> dict[str, Any]:  # fmt: skip
+    step = CaptionStep(Path(ingest_dir), cfg, models, base, dataset)
+    if cfg.source != "dataset":
+        preflight(models, ["captioner"])
+    return run_step(step, out_dir, **_sched(base))
+
+
+# --------------------------------------------------------------------------------------- ground
+
+
+@dataclass
+class GroundStep:
+    ingest_dir: Path
+    captions_dir: Path
+    cfg: GroundConfig
+    models: ModelsConfig
+    base: BaseConfig
+    dataset: str
+    stage: str = "objects"
+
+    def n_shards(self) -> int:
+        return len(store.list_shards(self.ingest_dir))
+
+    def params_hash(self) -> str:
+        settings = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
+        return params_hash(settings, self.models.preset, asdict(self.models.grounding),
+                           self.base.seed if self.models.preset == "tiny" else "")  # fmt: skip
+
+    def attrs(self) -> dict[str, Any]:
+        model = "tiny-grounding-dino" if self.models.preset == "tiny" else self.models.grounding.id
+        if not self.cfg.enabled:
+            model = "none (ground.enabled=false)"
+        return _model_attrs(self.stage, self.dataset, model, self.models.preset)
+
+    def read(self, index: int) -> Arrays:
+        rows = _ingest_rows(self.ingest_dir, index, ["path", "width", "height"])
+        rows["caption"] = _aligned(self.captions_dir, index, rows["ids"], ["caption"])["caption"]
+        rows["input_hash"] = np.array([row_hash(c) for c in rows["caption"]], dtype=object)
+        return rows
+
+    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+        n = len(rows["ids"])
+        found: list[list[Any]] = [[] for _ in range(n)]
+        if self.cfg.enabled and n:
+            model = _load("grounder", self.models, self.base)
+            for sl in tqdm(_batches(n, self.cfg.batch_size), desc="ground", leave=False):
+                with timer("read"):
+                    images = [datamod.load_rgb(p) for p in rows["path"][sl]]
+                with timer("model"):
+                    out = model.ground(
+                        images,
+                        [str(c) for c in rows["caption"][sl]],
+                        box_threshold=self.cfg.box_threshold,
+                        text_threshold=self.cfg.text_threshold,
+                        max_objects=self.cfg.max_objects,
+                    )
+                found[sl] = out
+        counts = np.array([len(f) for f in found], dtype=np.int64)
+        flat = [o for f in found for o in f]
+        return {
+            "ids": rows["ids"],
+            "input_hash": rows["input_hash"],
+            "obj_offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "obj_boxes": np.array([o.box for o in flat], dtype=np.float32).reshape(-1, 4),
+            "obj_phrase": np.array([o.phrase for o in flat], dtype=object),
+            "obj_score": np.array([o.score for o in flat], dtype=np.float32),
+        }
+
+
+def run_ground(ingest_dir: Path, captions_dir: Path, out_dir: Path, cfg: GroundConfig,
+               models: ModelsConfig, base: BaseConfig, dataset: str) -> dict[str, Any]:  # fmt: skip
+    step = GroundStep(Path(ingest_dir), Path(captions_dir), cfg, models, base, dataset)
+    if cfg.enabled:
+        preflight(models, ["grounder"])
+    return run_step(step, out_dir, **_sched(base))
+
+
+# --------------------------------------------------------------------------------------- encode
+
+
+def crop_box(image: Any, box: Sequence[float], padding: float) -> Any:
+    """Crop `box` (xyxy, original pixels) padded by `padding` × its size, clipped to the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    pw, ph = (x1 - x0) * padding, (y1 - y0) * padding
+    w, h = image.size
+    left, top = max(0, int(np.floor(x0 - pw))), max(0, int(np.floor(y0 - ph)))
+    right, bottom = min(w, int(np.ceil(x1 + pw))), min(h, int(np.ceil(y1 + ph)))
+    right, bottom = max(right, left + 1), max(bottom, top + 1)
+    return image.crop((left, top, right, bottom))
+
+
+@dataclass
+class EncodeStep:
+    ingest_dir: Path
+    captions_dir: Path
+    objects_dir: Path
+    cfg: EncodeConfig
+    crop_padding: float
+    models: ModelsConfig
+    base: BaseConfig
+    dataset: str
+    stage: str = "clip"
+
+    def n_shards(self) -> int:
+        return len(store.list_shards(self.ingest_dir))
+
+    def params_hash(self) -> str:
+        settings = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
+        return params_hash(settings, self.crop_padding, self.models.preset,
+                           asdict(self.models.clip), asdict(self.models.bert),
+                           asdict(self.models.dinov2),
+                           self.base.seed if self.models.preset == "tiny" else "")  # fmt: skip
+
+    def attrs(self) -> dict[str, Any]:
+        clip = self.models.clip
+        model = "tiny-clip" if self.models.preset == "tiny" else f"{clip.id}/{clip.pretrained}"
+        return _model_attrs(self.stage, self.dataset, model, self.models.preset)
+
+    def read(self, index: int) -> Arrays:
+        rows = _ingest_rows(self.ingest_dir, index, ["path"])
+        rows["caption"] = _aligned(self.captions_dir, index, rows["ids"], ["caption"])["caption"]
+        objs = _aligned(self.objects_dir, index, rows["ids"],
+                        ["obj_offsets", "obj_boxes", "obj_phrase"])  # fmt: skip
+        rows.update({k: objs[k] for k in ("obj_offsets", "obj_boxes", "obj_phrase")})
+        off = rows["obj_offsets"]
+        rows["input_hash"] = np.array(
+            [
+                row_hash(rows["caption"][i], rows["obj_boxes"][off[i] : off[i + 1]],
+                         list(rows["obj_phrase"][off[i] : off[i + 1]]))  # fmt: skip
+                for i in range(len(rows["ids"]))
+            ],
+            dtype=object,
+        )
+        return rows
+
+    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+        clip = _load("clip", self.models, self.base)
+        n, off = len(rows["ids"]), rows["obj_offsets"]
+        image_emb = np.zeros((n, clip.dim), np.float32)
+        obj_image_emb = np.zeros((int(off[-1]), clip.dim), np.float32)
+        extra: dict[str, list[np.ndarray]] = {"bert": [], "dinov2": [], "color": []}
+        for sl in tqdm(_batches(n, self.cfg.batch_size), desc="encode", leave=False):
+            with timer("read"):
+                images = [datamod.load_rgb(p) for p in rows["path"][sl]]
+                crops, slots = [], []
+                for k, image in zip(range(sl.start, sl.stop), images):
+                    for j in range(int(off[k]), int(off[k + 1])):
+                        crops.append(crop_box(image, rows["obj_boxes"][j], self.crop_padding))
+                        slots.append(j)
+            with timer("model"):
+                image_emb[sl] = clip.encode_images(images)
+                for s in _batches(len(crops), self.cfg.batch_size):
+                    obj_image_emb[slots[s]] = clip.encode_images(crops[s])
+                if self.cfg.dinov2:
+                    extra["dinov2"].append(_load("dinov2", self.models, self.base).encode(images))
+            if self.cfg.color_bins:
+                from pipeline.features import color_histograms
+
+                extra["color"].append(np.stack([color_histograms(im, self.cfg.color_bins)
+                                                for im in images]))  # fmt: skip
+        phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
+        with timer("model"):
+            text_emb = encode_texts_once(clip, [str(c) for c in rows["caption"]],
+                                         self.cfg.batch_size)  # fmt: skip
+            obj_text_emb = encode_texts_once(clip, phrases, self.cfg.batch_size)
+            if self.cfg.bert:
+                bert = _load("bert", self.models, self.base)
+                extra["bert"].append(bert.encode([str(c) for c in rows["caption"]]))
+        out = {
+            "ids": rows["ids"],
+            "input_hash": rows["input_hash"],
+            "image_emb": image_emb,
+            "text_emb": text_emb,
+            "obj_offsets": off,
+            "obj_image_emb": obj_image_emb,
+            "obj_text_emb": obj_text_emb,
+        }
+        names = {"bert": "bert_text_emb", "dinov2": "dinov2_emb", "color": "color_hist"}
+        for key, blocks in extra.items():
+            if blocks:
+                out[names[key]] = np.concatenate(blocks).astype(np.float32)
+        return out
+
+
+def encode_texts_once(encoder: Any, texts: Sequence[str], batch_size: int) -> np.ndarray:
+    """Encode each distinct string once and scatter the rows back to `texts`' order."""
+    unique = list(dict.fromkeys(texts))
+    if not unique:
+        return np.zeros((0, encoder.dim), np.float32)
+    emb = np.concatenate(
+        [encoder.encode_texts(unique[s]) for s in _batches(len(unique), batch_size)]
+    )
+    where = {t: i for i, t in enumerate(unique)}
+    return emb[[where[t] for t in texts]].astype(np.float32)
+
+
+def run_encode(ingest_dir: Path, captions_dir: Path, objects_dir: Path, out_dir: Path,
+               cfg: EncodeConfig, crop_padding: float, models: ModelsConfig, base: BaseConfig,
+               dataset: str) -> dict[str, Any]:  # fmt: skip
+    step = EncodeStep(Path(ingest_dir), Path(captions_dir), Path(objects_dir), cfg, crop_padding,
+                      models, base, dataset)  # fmt: skip
+    roles = ["clip"] + (["bert"] if cfg.bert else []) + (["dinov2"] if cfg.dinov2 else [])
+    preflight(models, roles)
+    return run_step(step, out_dir, **_sched(base))
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def _sched(base: BaseConfig) -> dict[str, Any]:
+    return {"scheduler": base.scheduler, "dask_address": base.dask_address,
+            "n_workers": base.n_workers}  # fmt: skip
+
+
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def _load(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
+    """Load a model once per process (Dask workers keep theirs between shards)."""
+    from pipeline.models import load_model
+
+    key = (role, repr((models, base.seed, base.device, base.dtype)))
+    if key not in _LOADED:
+        _LOADED[key] = load_model(role, models, base)
+    return _LOADED[key]
+
+
+def preflight(models: ModelsConfig, roles: Sequence[str]) -> None:
+    """Fail in seconds, before any work, if a needed model's weights are absent."""
+    from pipeline.models import check_weights
+
+    check_weights(models, roles)

@@ -1,0 +1,201 @@
+"""Feature sets from cached embeddings (ITEM, TIDY, modality ablations) and the user-facing reader.
+
+All formulas are pure numpy on the raw encoder outputs stored by the encode stage:
+
+- ITEM global: ``D_global = I/‖I‖ − T/‖T‖`` (image vs caption).
+- ITEM local: ``D_local = mean_i (I_i/‖I_i‖ − T_i/‖T_i‖)`` over grounded objects (crop vs phrase).
+- ITEM: ``D = w1·D_global + w2·D_local``.
+- TIDY: ``|I − T|`` on raw, unnormalised embeddings.
+- Ablations: image only (I/‖I‖), text only (T/‖T‖), both concatenated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import store
+from pipeline.config import FeaturesConfig, params_hash
+from pipeline.store import Arrays
+
+logger = logging.getLogger(__name__)
+
+# features.kind -> datasets of a features shard, concatenated in this order.
+KINDS: dict[str, tuple[str, ...]] = {
+    "item": ("D",),
+    "item_global": ("D_global",),
+    "item_local": ("D_local",),
+    "tidy": ("tidy",),
+    "image": ("image",),
+    "text": ("text",),
+    "image_text": ("image", "text"),
+    # Optional encoders (encode.bert / encode.dinov2 / encode.color_bins must be on).
+    "bert_image": ("bert_text", "image"),
+    "dinov2": ("dinov2",),
+    "image_dinov2": ("image", "dinov2"),
+    "color": ("color_hist",),
+    "image_color": ("image", "color_hist"),
+}
+META = ("ids", "label", "generator", "split", "family")
+_PASSTHROUGH = {"bert_text_emb": "bert_text", "dinov2_emb": "dinov2", "color_hist": "color_hist"}
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def item_global(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    return (l2_normalise(image_emb) - l2_normalise(text_emb)).astype(np.float32)
+
+
+def item_local(
+    obj_image_emb: np.ndarray,
+    obj_text_emb: np.ndarray,
+    offsets: np.ndarray,
+    fallback: np.ndarray,
+) -> np.ndarray:
+    """Per-image mean of object differences; rows without objects take `fallback`'s row."""
+    diff = l2_normalise(obj_image_emb) - l2_normalise(obj_text_emb)
+    counts = np.diff(offsets)
+    sums = np.zeros_like(fallback, dtype=np.float64)
+    owner = np.repeat(np.arange(len(counts)), counts)
+    np.add.at(sums, owner, diff)
+    out = fallback.astype(np.float64).copy()
+    has = counts > 0
+    out[has] = sums[has] / counts[has, None]
+    return out.astype(np.float32)
+
+
+def tidy(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    return np.abs(image_emb - text_emb).astype(np.float32)
+
+
+def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
+    """Every feature set of one shard, from its encode-stage arrays."""
+    d_global = item_global(clip["image_emb"], clip["text_emb"])
+    offsets = np.asarray(clip["obj_offsets"], dtype=np.int64)
+    fallback = d_global if cfg.empty_local == "global" else np.zeros_like(d_global)
+    d_local = item_local(clip["obj_image_emb"], clip["obj_text_emb"], offsets, fallback)
+    out: Arrays = {
+        "D_global": d_global,
+        "D_local": d_local,
+        "D": (cfg.w1 * d_global + cfg.w2 * d_local).astype(np.float32),
+        "tidy": tidy(clip["image_emb"], clip["text_emb"]),
+        "image": l2_normalise(clip["image_emb"]).astype(np.float32),
+        "text": l2_normalise(clip["text_emb"]).astype(np.float32),
+        "n_objects": np.diff(offsets).astype(np.int32),
+    }
+    for source, name in _PASSTHROUGH.items():
+        if source in clip:
+            out[name] = np.asarray(clip[source], dtype=np.float32)
+    return out
+
+
+def run_features(ingest_dir: Path, clip_dir: Path, out_dir: Path, cfg: FeaturesConfig,
+                 dataset: str) -> int:  # fmt: skip
+    """Write one features shard per encode shard. Returns the number of images."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"features.kind={cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
+    out_dir = Path(out_dir)
+    store.check_aligned(clip_dir, ingest_dir)
+    clip_shards = store.list_shards(clip_dir)
+    if not clip_shards:
+        raise store.ShardError(f"no encode shards in {clip_dir}; run the encode stage first")
+    total = 0
+    for i, path in enumerate(clip_shards):
+        clip = store.read_shard(path)
+        meta = store.read_shard(Path(ingest_dir) / store.shard_name(i), list(META))
+        feats = compute_features(clip, cfg)
+        attrs = store.read_attrs(path)
+        missing = [k for k in KINDS[cfg.kind] if k not in feats]
+        if missing:
+            raise ValueError(
+                f"features.kind={cfg.kind!r} needs {missing}, which the encode stage did not "
+                "store; turn on encode.bert / encode.dinov2 / encode.color_bins"
+            )
+        store.write_shard(
+            out_dir / store.shard_name(i),
+            {**meta, **feats},
+            {
+                "stage": "features",
+                "dataset": dataset,
+                "model": attrs.get("model", ""),
+                "preset": attrs.get("preset", ""),
+                "params_hash": params_hash(cfg, attrs.get("params_hash", "")),
+                "kind": cfg.kind,
+            },
+        )
+        total += len(meta["ids"])
+    for stale in store.list_shards(out_dir)[len(clip_shards) :]:
+        stale.unlink()
+    logger.info("features: %d images in %d shards -> %s", total, len(clip_shards), out_dir)
+    return total
+
+
+@dataclass
+class FeatureSet:
+    """Features of one dataset and kind, with per-row metadata."""
+
+    X: np.ndarray
+    y: np.ndarray  # 0 real, 1 generated
+    ids: np.ndarray
+    generator: np.ndarray
+    split: np.ndarray
+    family: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> FeatureSet:
+        return FeatureSet(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
+
+    def where(self, split: str) -> FeatureSet:
+        return self.subset(self.split == split)
+
+
+def load_features(
+    features_dir: str | Path, kind: str = "item", splits: tuple[str, ...] | None = None
+) -> FeatureSet:
+    """Read `X`, `y` and per-row metadata straight from the features shards.
+
+    Only the datasets the kind needs are read. Example::
+
+        from pipeline.features import load_features
+        fs = load_features("cache/sample/features", kind="item")
+        train = fs.where("train")   # train.X, train.y, train.generator, ...
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown feature kind {kind!r}; choose one of {sorted(KINDS)}")
+    shards = store.list_shards(features_dir)
+    if not shards:
+        raise store.ShardError(f"no feature shards in {features_dir}; run `dvc repro` first")
+    blocks: list[dict[str, Any]] = []
+    for path in shards:
+        data = store.read_shard(path, [*META, *KINDS[kind]])
+        data["X"] = np.concatenate([data[k].reshape(len(data["ids"]), -1) for k in KINDS[kind]],
+                                   axis=1)  # fmt: skip
+        blocks.append(data)
+    fs = FeatureSet(
+        X=np.concatenate([b["X"] for b in blocks]).astype(np.float32),
+        y=np.concatenate([b["label"] for b in blocks]).astype(np.int64),
+        ids=np.concatenate([b["ids"] for b in blocks]),
+        generator=np.concatenate([b["generator"] for b in blocks]),
+        split=np.concatenate([b["split"] for b in blocks]),
+        family=np.concatenate([b["family"] for b in blocks]),
+    )
+    if splits is not None:
+        fs = fs.subset(np.isin(fs.split, splits))
+    return fs
+
+
+def color_histograms(image: Any, bins: int) -> np.ndarray:
+    """Normalised per-channel histograms in RGB, HSV and YCbCr (9 × bins values)."""
+    hists = []
+    for mode in ("RGB", "HSV", "YCbCr"):
+        arr = np.asarray(image.convert(mode))
+        for c in range(3):
+            h, _ = np.histogram(arr[..., c], bins=bins, range=(0, 256))
+            hists.append(h / max(1, h.sum()))
+    return np.concatenate(hists).astype(np.float32)

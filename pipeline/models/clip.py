@@ -1,0 +1,187 @@
+"""open_clip image/text encoder: real weights from a checkpoint file or cache, or a tiny preset."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
+
+logger = logging.getLogger(__name__)
+
+
+class ClipWeightsMissing(ModelWeightsMissing):
+    """open_clip weights are neither at models.clip.path nor in a local cache."""
+
+    def __init__(self, message: str) -> None:
+        RuntimeError.__init__(self, message)
+
+
+def tiny_cache_dir() -> Path:
+    path = tiny_root()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+# A small ViT of the same family as ViT-L-14 (same tower types, quick GELU, real BPE tokenizer
+# and 224 px preprocessing), registered with open_clip the way its own tests register configs.
+TINY_CLIP = "misalign-tiny-ViT"
+_TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def register_tiny_config() -> None:
+    """Register the tiny architecture with open_clip (idempotent)."""
+    import open_clip
+
+    if TINY_CLIP in open_clip.list_models():
+        return
+    folder = tiny_cache_dir() / "open_clip_configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(_TINY_CLIP_CFG, indent=2))
+    open_clip.add_model_config(folder)
+
+
+def find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
+    """Locate the weights file for `name`/`pretrained` without any download.
+
+    Looks at `path` if given, else in the Hugging Face cache (the repo open_clip prefers) and
+    open_clip's URL cache (~/.cache/clip).
+
+    Raises:
+        ModelWeightsMissing: naming the model, every place looked, and the fix.
+    """
+    import open_clip
+
+    looked: list[str] = []
+    if path:
+        p = Path(path).expanduser()
+        if p.is_file():
+            return p
+        looked.append(str(p))
+    else:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+        if not cfg:
+            raise ClipWeightsMissing(
+                f"open_clip has no pretrained tag {pretrained!r} for {name!r}; known tags: "
+                f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}. Set "
+                "models.clip.pretrained, or models.clip.path to a checkpoint file"
+            )
+        hub = (cfg.get("hf_hub") or "").strip("/")
+        if hub:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+                hit = try_to_load_from_cache(hub, filename, cache_dir=hf_hub_cache())
+                if isinstance(hit, str) and os.path.isfile(hit):
+                    return Path(hit)
+            looked.append(f"{hf_hub_cache()} (repo {hub})")
+        url = cfg.get("url") or ""
+        if url:
+            target = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+            if target.is_file():
+                return target
+            looked.append(str(target))
+    raise ClipWeightsMissing(
+        f"model weights for '{name}/{pretrained}' not found; looked in: {'; '.join(looked)}. "
+        "Fix: on a machine with network run `python -c \"import open_clip; "
+        f"open_clip.create_model('{name}', pretrained='{pretrained}')\"` to fill the cache, or "
+        "set models.clip.path to a local checkpoint file, or run with -S models.preset=tiny "
+        "for an offline smoke run"
+    )
+
+
+def tiny_checkpoint(seed: int) -> Path:
+    """Seeded random weights of the tiny architecture, saved once as a checkpoint file."""
+    import open_clip
+
+    register_tiny_config()
+    target = tiny_cache_dir() / f"{TINY_CLIP}-seed{seed}.pt"
+    if not target.is_file():
+        torch.manual_seed(seed)
+        model = open_clip.create_model(TINY_CLIP, pretrained=None)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, target)
+    return target
+
+
+class ClipEncoder:
+    """Raw (unnormalised) CLIP image and text embeddings through open_clip."""
+
+    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, name: str, weights_id: str,
+                 device: str, dtype: torch.dtype) -> None:  # fmt: skip
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weights_id = weights_id
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(
+        cls,
+        name: str = "ViT-L-14",
+        pretrained: str = "openai",
+        path: str = "",
+        preset: str = "paper",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> ClipEncoder:
+        """Load an open_clip model from a checkpoint file (real or tiny) on `device`.
+
+        Both presets go through the same call: `create_model_and_transforms(name,
+        pretrained=<checkpoint file>)`.
+        """
+        import open_clip
+
+        if preset == "tiny":
+            logger.warning(
+                "models.preset=tiny: CLIP is a small RANDOM model (%s, seed %d); embeddings are "
+                "meaningless, for smoke runs and tests only", TINY_CLIP, seed,
+            )
+            name, checkpoint, quick_gelu = TINY_CLIP, tiny_checkpoint(seed), False
+            weights_id = f"{TINY_CLIP}/random-seed{seed}"
+        else:
+            register_tiny_config()
+            checkpoint = find_checkpoint(name, pretrained, path)
+            cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+            quick_gelu = bool(cfg.get("quick_gelu", False))
+            weights_id = f"{name}/{pretrained}" if not path else f"{name}/{checkpoint}"
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=str(checkpoint), device=device, force_quick_gelu=quick_gelu,
+        )
+        model = model.to(dtype=dtype).eval()
+        tokenizer = open_clip.get_tokenizer(name)
+        logger.info("loaded CLIP %s from %s on %s", weights_id, checkpoint, device)
+        return cls(model, preprocess, tokenizer, name, weights_id, device, dtype)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
+        return self.model.encode_image(batch).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens).float().cpu().numpy()

@@ -1,0 +1,229 @@
+"""Read → map → write over shards: reuse what is cached, resume after interruption, time phases.
+
+An extraction step (caption, ground, encode) implements `Step`: `read(i)` gives the inputs of
+shard i (row-aligned with the ingest shard), `compute(rows, timer)` maps rows through a model.
+`run_step` decides per row whether it can be reused from the previous outputs (same
+`params_hash` and same `input_hash`, i.e. same model, settings and upstream content) and writes
+the new shards to `<out>/.partial/` first; they replace the old shards only once every shard is
+complete. An interrupted run therefore leaves the old outputs intact and its finished shards in
+`.partial/`, which the next run picks up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline import store
+from pipeline.store import Arrays
+
+logger = logging.getLogger(__name__)
+
+PARTIAL = ".partial"
+PHASES = ("read", "model", "write")
+
+
+@dataclass
+class Timer:
+    """Accumulates seconds per phase."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class Step(Protocol):
+    """One extraction stage, as the runner sees it. Must be picklable (Dask ships it)."""
+
+    stage: str
+
+    def params_hash(self) -> str: ...
+
+    def attrs(self) -> dict[str, Any]: ...
+
+    def n_shards(self) -> int: ...
+
+    def read(self, index: int) -> Arrays:
+        """Inputs of shard `index`: `ids`, `input_hash` and whatever `compute` needs."""
+        ...
+
+    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+        """Outputs for `rows` (a subset of `read`), including `ids` and `input_hash`."""
+        ...
+
+
+@dataclass
+class ShardReport:
+    index: int
+    n_processed: int
+    n_reused: int
+    seconds: dict[str, float]
+
+
+def _reuse_index(out_dir: Path, phash: str) -> dict[str, tuple[str, int, str]]:
+    """id -> (shard path, row, input_hash) for rows made with the same params."""
+    index: dict[str, tuple[str, int, str]] = {}
+    for directory in (out_dir, out_dir / PARTIAL):
+        for path in store.list_shards(directory):
+            try:
+                if store.read_attrs(path).get("params_hash") != phash:
+                    continue
+                data = store.read_shard(path, ["ids", "input_hash"])
+            except store.ShardError as err:
+                logger.warning("ignoring unreadable shard %s (%s); it will be rebuilt", path, err)
+                continue
+            for row, (cid, ihash) in enumerate(zip(data["ids"], data["input_hash"])):
+                index[str(cid)] = (str(path), row, str(ihash))
+    return index
+
+
+def process_shard(
+    step: Step, index: int, out_dir: str, reuse: dict[str, tuple[str, int, str]]
+) -> ShardReport:
+    """Build shard `index` into `<out_dir>/.partial/`, reusing rows where allowed."""
+    timer = Timer()
+    target = Path(out_dir) / PARTIAL / store.shard_name(index)
+    with timer("read"):
+        inputs = step.read(index)
+    ids = [str(x) for x in inputs["ids"]]
+    hashes = [str(x) for x in inputs["input_hash"]]
+    phash = step.params_hash()
+
+    if target.exists():
+        try:
+            done = store.read_shard(target, ["ids", "input_hash"])
+            if (
+                store.read_attrs(target).get("params_hash") == phash
+                and list(done["ids"]) == ids
+                and list(done["input_hash"]) == hashes
+            ):
+                return ShardReport(index, 0, len(ids), timer.seconds)
+        except store.ShardError:
+            pass
+
+    parts: list[Arrays] = []
+    by_file: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    todo: list[int] = []
+    for i, (cid, ihash) in enumerate(zip(ids, hashes)):
+        hit = reuse.get(cid)
+        if hit is not None and hit[2] == ihash:
+            by_file[hit[0]].append((i, hit[1]))
+        else:
+            todo.append(i)
+    with timer("read"):
+        for path, pairs in by_file.items():
+            parts.append(store.take_rows(store.read_shard(path), [r for _, r in pairs]))
+    if todo:
+        parts.append(step.compute(store.take_rows(inputs, todo), timer))
+    merged = store.concat_rows(parts)
+    position = {str(cid): k for k, cid in enumerate(merged["ids"])}
+    ordered = store.take_rows(merged, [position[cid] for cid in ids])
+    with timer("write"):
+        store.write_shard(target, ordered, {**step.attrs(), "params_hash": phash})
+    return ShardReport(index, len(todo), len(ids) - len(todo), timer.seconds)
+
+
+def _client(scheduler: str, address: str, n_workers: int) -> Any:
+    from dask.distributed import Client, LocalCluster
+
+    if address:
+        return Client(address)
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True)
+    return Client(cluster)
+
+
+def run_step(
+    step: Step,
+    out_dir: str | Path,
+    *,
+    scheduler: str = "local",
+    dask_address: str = "",
+    n_workers: int = 2,
+) -> dict[str, Any]:
+    """Run `step` over all shards into `out_dir` and write `<out_dir>/timings.json`.
+
+    Returns:
+        The timings: seconds per phase, images per second, n_processed, n_reused.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / PARTIAL).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    phash = step.params_hash()
+    reuse = _reuse_index(out_dir, phash)
+    n = step.n_shards()
+    reports: list[ShardReport] = []
+    bar = tqdm(total=n, desc=step.stage, unit="shard")
+    if scheduler == "dask":
+        client = _client(scheduler, dask_address, n_workers)
+        try:
+            futures = [
+                client.submit(process_shard, step, i, str(out_dir), reuse, pure=False)
+                for i in range(n)
+            ]
+            from dask.distributed import as_completed
+
+            for fut in as_completed(futures):
+                reports.append(fut.result())
+                bar.update()
+        finally:
+            client.close()
+    else:
+        for i in range(n):
+            reports.append(process_shard(step, i, str(out_dir), reuse))
+            bar.update()
+    bar.close()
+
+    # Every shard is complete: swap them in, then drop shards the dataset no longer has.
+    for i in range(n):
+        os.replace(out_dir / PARTIAL / store.shard_name(i), out_dir / store.shard_name(i))
+    for path in store.list_shards(out_dir)[n:]:
+        path.unlink()
+    shutil.rmtree(out_dir / PARTIAL, ignore_errors=True)
+
+    seconds = {p: round(sum(r.seconds.get(p, 0.0) for r in reports), 4) for p in PHASES}
+    n_processed = sum(r.n_processed for r in reports)
+    n_reused = sum(r.n_reused for r in reports)
+    busy = seconds["read"] + seconds["model"]
+    timings = {
+        "stage": step.stage,
+        "seconds": seconds,
+        "wall_seconds": round(time.perf_counter() - start, 4),
+        "images_per_second": round(n_processed / busy, 4) if n_processed and busy else None,
+        "n_processed": n_processed,
+        "n_reused": n_reused,
+        "n_images": n_processed + n_reused,
+        "n_shards": n,
+        "scheduler": scheduler,
+    }
+    (out_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    logger.info(
+        "%s: %d images processed, %d reused from cache, %d shards in %.1fs",
+        step.stage, n_processed, n_reused, n, timings["wall_seconds"],
+    )
+    return timings
+
+
+def row_hash(*values: Any) -> str:
+    """Hash of a row's upstream inputs: a row is recomputed when this changes."""
+    import hashlib
+
+    blob = json.dumps(values, sort_keys=True, default=lambda v: np.asarray(v).tolist())
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,190 @@
+"""HDF5 shards: schema-v1 writer (atomic rename), readers, and ragged row helpers."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline import __version__
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+OFFSETS = "obj_offsets"
+_SHARD_RE = re.compile(r"^shard_(\d{5})\.h5$")
+_STR = h5py.string_dtype(encoding="utf-8")
+
+Arrays = dict[str, np.ndarray]
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, unreadable, or does not follow the schema."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.h5"
+
+
+def list_shards(directory: str | Path) -> list[Path]:
+    """Complete shards of a stage directory, in index order (temporary files are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _SHARD_RE.match(p.name))
+
+
+def _as_dataset(value: np.ndarray) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind in ("U", "O"):
+        return np.asarray([str(v) for v in arr.reshape(-1)], dtype=object).reshape(arr.shape)
+    return arr
+
+
+def write_shard(path: str | Path, data: Arrays, attrs: dict[str, Any]) -> None:
+    """Write one shard atomically: a temporary file in the same folder, renamed when complete.
+
+    `data` must hold `ids`; every dataset with a leading dimension of len(ids) is row-aligned,
+    and ragged per-object datasets (`obj_*`) are indexed by `obj_offsets`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "ids" not in data:
+        raise ShardError(f"refusing to write {path}: no 'ids' dataset")
+    n = len(data["ids"])
+    if OFFSETS in data:
+        offsets = np.asarray(data[OFFSETS])
+        if len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise ShardError(f"refusing to write {path}: malformed {OFFSETS}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "package_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        **attrs,
+    }
+    try:
+        with h5py.File(tmp, "w") as fh:
+            for key, value in meta.items():
+                fh.attrs[key] = value if not isinstance(value, (dict, list)) else repr(value)
+            for key, value in data.items():
+                arr = _as_dataset(value)
+                if arr.dtype == object:
+                    fh.create_dataset(key, data=arr, dtype=_STR)
+                else:
+                    fh.create_dataset(key, data=arr)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    with _open(path) as fh:
+        return {k: _attr(v) for k, v in fh.attrs.items()}
+
+
+def _attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _open(path: str | Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as err:
+        raise ShardError(f"cannot read shard {path}: {err}; delete it and rerun the stage") from err
+
+
+def read_shard(path: str | Path, keys: Iterable[str] | None = None) -> Arrays:
+    """Read datasets of one shard into numpy (strings as `str` object arrays).
+
+    Args:
+        keys: datasets to read; None reads all. Only what is asked for is loaded.
+    """
+    out: Arrays = {}
+    with _open(path) as fh:
+        names = list(fh.keys()) if keys is None else list(keys)
+        for key in names:
+            if key not in fh:
+                raise ShardError(
+                    f"shard {path} has no dataset {key!r}; it holds {sorted(fh.keys())}"
+                )
+            ds = fh[key]
+            if h5py.check_string_dtype(ds.dtype) is not None:
+                out[key] = np.asarray(ds.asstr()[()], dtype=object)
+            else:
+                out[key] = ds[()]
+    return out
+
+
+def read_ids(path: str | Path) -> np.ndarray:
+    return read_shard(path, ["ids"])["ids"]
+
+
+def ragged_keys(data: Arrays) -> list[str]:
+    return [k for k in data if k.startswith("obj_") and k != OFFSETS]
+
+
+def take_rows(data: Arrays, rows: Sequence[int]) -> Arrays:
+    """Select image rows (and their objects, through `obj_offsets`) from a shard's arrays."""
+    rows = np.asarray(rows, dtype=np.int64)
+    n = len(data["ids"])
+    out: Arrays = {}
+    for key, value in data.items():
+        if key == OFFSETS or key.startswith("obj_"):
+            continue
+        if len(value) == n:
+            out[key] = value[rows]
+    if OFFSETS in data:
+        offsets = np.asarray(data[OFFSETS], dtype=np.int64)
+        starts, ends = offsets[rows], offsets[rows + 1]
+        obj_index = (
+            np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+            if len(rows)
+            else np.zeros(0, dtype=np.int64)
+        ).astype(np.int64)
+        out[OFFSETS] = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+        for key in ragged_keys(data):
+            out[key] = data[key][obj_index]
+    return out
+
+
+def concat_rows(parts: Sequence[Arrays]) -> Arrays:
+    """Concatenate row blocks (the inverse of `take_rows`), re-basing `obj_offsets`."""
+    parts = [p for p in parts if len(p["ids"])] or list(parts[:1])
+    out: Arrays = {}
+    for key in parts[0]:
+        if key == OFFSETS:
+            pieces, base = [np.zeros(1, dtype=np.int64)], 0
+            for p in parts:
+                off = np.asarray(p[OFFSETS], dtype=np.int64)
+                pieces.append(off[1:] + base)
+                base += int(off[-1])
+            out[key] = np.concatenate(pieces)
+        else:
+            out[key] = np.concatenate([np.asarray(p[key]) for p in parts])
+    return out
+
+
+def check_aligned(directory: str | Path, reference: str | Path) -> None:
+    """Raise unless the shards of `directory` hold the same ids, in order, as `reference`."""
+    mine, theirs = list_shards(directory), list_shards(reference)
+    if len(mine) != len(theirs):
+        raise ShardError(
+            f"{directory} has {len(mine)} shards but {reference} has {len(theirs)}; "
+            "rerun the stage that writes it"
+        )
+    for a, b in zip(mine, theirs):
+        if not np.array_equal(read_ids(a), read_ids(b)):
+            raise ShardError(f"{a} is not row-aligned with {b}; rerun the stage that writes it")

@@ -1,0 +1,49 @@
+"""What every stage script shares: logging setup, --params, and clean exits on user errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline.config import ConfigError, Params, load_params
+
+# Errors that mean "bad input or missing weights": report the message, not a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.data import DatasetError
+    from pipeline.extract import CaptionsMissing
+    from pipeline.models.hf import ModelWeightsMissing
+    from pipeline.store import ShardError
+
+    return (*_USER_ERRORS, DatasetError, CaptionsMissing, ModelWeightsMissing, ShardError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return ap
+
+
+def run(name: str, argv: Sequence[str] | None, ap: argparse.ArgumentParser,
+        body: Callable[[argparse.Namespace, Params], None]) -> int:  # fmt: skip
+    """Parse args, load params, run `body`; user errors exit 1 with one clear message."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        if params.models.preset == "tiny":
+            logging.getLogger(name).warning(
+                "models.preset=tiny: every model is small and RANDOM; results are meaningless "
+                "and marked preset=tiny in every output"
+            )
+        body(args, params)
+    except _user_errors() as err:
+        print(f"error in stage {name}: {err}", file=sys.stderr)
+        return 1
+    return 0

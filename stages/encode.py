@@ -1,0 +1,29 @@
+"""DVC stage encode: CLIP embeddings of images, captions, object crops and object phrases."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from stages._common import parser, run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = parser(__doc__ or "")
+    ap.add_argument("--ingest", required=True, help="ingest shards folder")
+    ap.add_argument("--captions", required=True, help="captions shards folder")
+    ap.add_argument("--objects", required=True, help="objects shards folder")
+    ap.add_argument("--out", required=True, help="output folder (cache/<dataset>/clip)")
+    ap.add_argument("--name", required=True, help="dataset name recorded in the shards")
+
+    def body(args, params):
+        from pipeline.extract import run_encode
+
+        run_encode(args.ingest, args.captions, args.objects, args.out, params.encode,
+                   params.ground.crop_padding, params.models, params.base, args.name)  # fmt: skip
+
+    return run("encode", argv, ap, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""DVC stage evaluate: per-image scores, metrics/eval.json (overall and per generator), plots."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from stages._common import parser, run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = parser(__doc__ or "")
+    ap.add_argument("--features", required=True, help="features shards folder")
+    ap.add_argument("--heads", required=True, help="trained heads folder (models/)")
+    ap.add_argument("--metrics", required=True, help="metrics JSON to write")
+    ap.add_argument("--scores", required=True, help="folder for per-image score CSVs")
+    ap.add_argument("--plots", required=True, help="folder for ROC / PR plot data")
+
+    def body(args, params):
+        from pipeline.evaluate import run_evaluate
+
+        run_evaluate(args.features, args.heads, args.metrics, args.scores, args.plots,
+                     params.evaluate, params.features.kind)  # fmt: skip
+
+    return run("evaluate", argv, ap, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

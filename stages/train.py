@@ -1,0 +1,26 @@
+"""DVC stage train: fit the configured heads on the train split (selection on val only)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from stages._common import parser, run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = parser(__doc__ or "")
+    ap.add_argument("--features", required=True, help="features shards folder")
+    ap.add_argument("--out", required=True, help="output folder for the heads (models/)")
+
+    def body(args, params):
+        from pipeline.train import train_heads
+
+        train_heads(args.features, args.out, params.train, params.features.kind,
+                    params.base.seed)  # fmt: skip
+
+    return run("train", argv, ap, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""HDF5 shards: schema attributes, atomic writes, string round trip, ragged row selection."""
+
+import numpy as np
+import pytest
+
+from pipeline import store
+
+
+def _shard(n=3, objs=(2, 0, 1)):
+    rng = np.random.default_rng(0)
+    m = sum(objs)
+    return {
+        "ids": np.array([f"id{i}" for i in range(n)], dtype=object),
+        "caption": np.array(["a cat", "ünïcode", ""], dtype=object)[:n],
+        "image_emb": rng.normal(size=(n, 4)).astype(np.float32),
+        "obj_offsets": np.concatenate([[0], np.cumsum(objs)]).astype(np.int64),
+        "obj_phrase": np.array([f"p{j}" for j in range(m)], dtype=object),
+        "obj_boxes": rng.uniform(size=(m, 4)).astype(np.float32),
+    }
+
+
+def test_round_trip_and_attrs(tmp_path):
+    path = tmp_path / store.shard_name(0)
+    data = _shard()
+    store.write_shard(path, data, {"stage": "clip", "dataset": "d", "params_hash": "abc"})
+    attrs = store.read_attrs(path)
+    assert attrs["schema_version"] == 1 and attrs["stage"] == "clip"
+    for key in ("package_version", "created_utc", "params_hash"):
+        assert key in attrs
+    back = store.read_shard(path)
+    assert list(back["caption"]) == ["a cat", "ünïcode", ""]
+    np.testing.assert_array_equal(back["image_emb"], data["image_emb"])
+    only = store.read_shard(path, ["ids"])
+    assert set(only) == {"ids"}
+    assert [p.name for p in store.list_shards(tmp_path)] == ["shard_00000.h5"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / store.shard_name(0)
+    store.write_shard(path, {"ids": _shard()["ids"]}, {})
+    before = path.read_bytes()
+    with pytest.raises(store.ShardError):
+        store.write_shard(path, {**_shard(), "obj_offsets": np.array([0, 5, 1, 3])}, {})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_take_and_concat_rows_keep_objects_with_their_image():
+    data = _shard()
+    part = store.take_rows(data, [2, 0])
+    assert list(part["ids"]) == ["id2", "id0"]
+    assert list(part["obj_offsets"]) == [0, 1, 3]
+    assert list(part["obj_phrase"]) == ["p2", "p0", "p1"]
+    whole = store.concat_rows([store.take_rows(data, [0]), store.take_rows(data, [1, 2])])
+    for key in data:
+        np.testing.assert_array_equal(whole[key], data[key])
+
+
+def test_unreadable_shard_names_the_fix(tmp_path):
+    path = tmp_path / store.shard_name(0)
+    path.write_bytes(b"not hdf5")
+    with pytest.raises(store.ShardError, match="delete it and rerun"):
+        store.read_shard(path)
