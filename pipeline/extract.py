@@ -85,12 +85,16 @@ def run_ingest(data_path: str | Path, out_dir: str | Path, cfg: IngestConfig, ba
         logger.warning("quarantined %s: %s", path, reason)
     if result.duplicates:
         logger.warning(
-            "%d exact duplicates kept once (see %s)", len(result.duplicates),
+            "%d exact duplicates kept once (see %s)",
+            len(result.duplicates),
             out_dir / "duplicates.csv",
         )
     logger.info(
         "ingest: %d images kept in %d shards, %d quarantined (see %s), %d duplicates dropped",
-        len(result.items), n_shards, len(result.quarantined), out_dir / "quarantine.csv",
+        len(result.items),
+        n_shards,
+        len(result.quarantined),
+        out_dir / "quarantine.csv",
         len(result.duplicates),
     )
     return result
@@ -331,8 +335,11 @@ class EncodeStep:
         off = rows["obj_offsets"]
         rows["input_hash"] = np.array(
             [
-                row_hash(rows["caption"][i], rows["obj_boxes"][off[i] : off[i + 1]],
-                         list(rows["obj_phrase"][off[i] : off[i + 1]]))  # fmt: skip
+                row_hash(
+                    rows["caption"][i],
+                    rows["obj_boxes"][off[i] : off[i + 1]],
+                    list(rows["obj_phrase"][off[i] : off[i + 1]]),
+                )  # fmt: skip
                 for i in range(len(rows["ids"]))
             ],
             dtype=object,
@@ -435,4 +442,4 @@ def preflight(models: ModelsConfig, roles: Sequence[str]) -> None:
     """Fail in seconds, before any work, if a needed model's weights are absent."""
     from pipeline.models import check_weights
 
-    check_weights(models, roles)
+    check_weights(models, list(roles))

@@ -138,20 +138,20 @@ def ragged_keys(data: Arrays) -> list[str]:
 
 def take_rows(data: Arrays, rows: Sequence[int]) -> Arrays:
     """Select image rows (and their objects, through `obj_offsets`) from a shard's arrays."""
-    rows = np.asarray(rows, dtype=np.int64)
+    index = np.asarray(rows, dtype=np.int64)
     n = len(data["ids"])
     out: Arrays = {}
     for key, value in data.items():
         if key == OFFSETS or key.startswith("obj_"):
             continue
         if len(value) == n:
-            out[key] = value[rows]
+            out[key] = value[index]
     if OFFSETS in data:
         offsets = np.asarray(data[OFFSETS], dtype=np.int64)
-        starts, ends = offsets[rows], offsets[rows + 1]
+        starts, ends = offsets[index], offsets[index + 1]
         obj_index = (
             np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
-            if len(rows)
+            if len(index)
             else np.zeros(0, dtype=np.int64)
         ).astype(np.int64)
         out[OFFSETS] = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)

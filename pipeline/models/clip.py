@@ -29,6 +29,7 @@ def tiny_cache_dir() -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 
+
 # A small ViT of the same family as ViT-L-14 (same tower types, quick GELU, real BPE tokenizer
 # and 224 px preprocessing), registered with open_clip the way its own tests register configs.
 TINY_CLIP = "misalign-tiny-ViT"
@@ -94,7 +95,7 @@ def find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
             looked.append(str(target))
     raise ClipWeightsMissing(
         f"model weights for '{name}/{pretrained}' not found; looked in: {'; '.join(looked)}. "
-        "Fix: on a machine with network run `python -c \"import open_clip; "
+        'Fix: on a machine with network run `python -c "import open_clip; '
         f"open_clip.create_model('{name}', pretrained='{pretrained}')\"` to fill the cache, or "
         "set models.clip.path to a local checkpoint file, or run with -S models.preset=tiny "
         "for an offline smoke run"
@@ -150,7 +151,9 @@ class ClipEncoder:
         if preset == "tiny":
             logger.warning(
                 "models.preset=tiny: CLIP is a small RANDOM model (%s, seed %d); embeddings are "
-                "meaningless, for smoke runs and tests only", TINY_CLIP, seed,
+                "meaningless, for smoke runs and tests only",
+                TINY_CLIP,
+                seed,
             )
             name, checkpoint, quick_gelu = TINY_CLIP, tiny_checkpoint(seed), False
             weights_id = f"{TINY_CLIP}/random-seed{seed}"
@@ -161,7 +164,10 @@ class ClipEncoder:
             quick_gelu = bool(cfg.get("quick_gelu", False))
             weights_id = f"{name}/{pretrained}" if not path else f"{name}/{checkpoint}"
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=str(checkpoint), device=device, force_quick_gelu=quick_gelu,
+            name,
+            pretrained=str(checkpoint),
+            device=device,
+            force_quick_gelu=quick_gelu,
         )
         model = model.to(dtype=dtype).eval()
         tokenizer = open_clip.get_tokenizer(name)
@@ -170,18 +176,18 @@ class ClipEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.text_projection.shape[1])
+        return int(self.model.text_projection.shape[1])  # type: ignore[union-attr,index]
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
-        return self.model.encode_image(batch).float().cpu().numpy()
+        return self.model.encode_image(batch).float().cpu().numpy()  # type: ignore[operator]
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens).float().cpu().numpy()
+        return self.model.encode_text(tokens).float().cpu().numpy()  # type: ignore[operator]

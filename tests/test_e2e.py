@@ -1,0 +1,211 @@
+"""End to end on a copy of a few shipped images with the tiny preset: every stage, the shard
+contract, metrics, and incremental reruns."""
+
+import csv
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import store
+from stages import caption, encode, evaluate, features, ground, ingest, train
+from tests.helpers import ROOT, tiny_sample
+
+
+def _params(tmp, **overrides):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"]["preset"] = "tiny"
+    params["ingest"]["shard_size"] = 8
+    params["train"]["mlp"]["epochs"] = 20
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def _run_all(work, data, params):
+    c = work / "cache"
+    common = ["--params", params, "--name", "t"]
+    steps = [
+        (ingest, ["--data", str(data), "--out", f"{c}/ingest"]),
+        (caption, ["--ingest", f"{c}/ingest", "--out", f"{c}/captions"]),
+        (ground, ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions",
+                  "--out", f"{c}/objects"]),
+        (encode, ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions",
+                  "--objects", f"{c}/objects", "--out", f"{c}/clip"]),
+        (features, ["--ingest", f"{c}/ingest", "--clip", f"{c}/clip", "--out", f"{c}/features"]),
+    ]  # fmt: skip
+    for module, args in steps:
+        assert module.main(args + common) == 0, module.__name__
+    assert train.main(["--params", params, "--features", f"{c}/features",
+                       "--out", f"{work}/models"]) == 0  # fmt: skip
+    assert evaluate.main(["--params", params, "--features", f"{c}/features",
+                          "--heads", f"{work}/models", "--metrics", f"{work}/metrics/eval.json",
+                          "--scores", f"{c}/scores", "--plots", f"{work}/plots"]) == 0  # fmt: skip
+    return c
+
+
+def _all(directory, keys=None):
+    return store.concat_rows([store.read_shard(p, keys) for p in store.list_shards(directory)])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    data = tiny_sample(work / "data", per_generator=1, n_real=14)
+    params = _params(work)
+    cache = _run_all(work, data, params)
+    return work, data, params, cache
+
+
+def test_shards_follow_the_contract(run):
+    work, data, _, cache = run
+    manifest = {r["file"]: r for r in csv.DictReader((data / "manifest.csv").open())}
+    ing = _all(cache / "ingest")
+    for rel, cid in zip(ing["path"], ing["ids"]):
+        assert hashlib.sha256((data / rel).read_bytes()).hexdigest() == cid
+    assert len(ing["ids"]) == len(manifest)
+    for stage in ("captions", "objects", "clip", "features"):
+        store.check_aligned(cache / stage, cache / "ingest")
+        attrs = store.read_attrs(store.list_shards(cache / stage)[0])
+        assert attrs["schema_version"] == 1 and attrs["preset"] == "tiny" and attrs["params_hash"]
+    caps = _all(cache / "captions")
+    assert all(c.strip() for c in caps["caption"])
+    for rel, cap, src in zip(ing["path"], caps["caption"], caps["caption_source"]):
+        given = manifest[rel]["caption"]
+        assert (src, cap) == ("dataset", given) if given else src == "tiny-blip2"
+
+
+def test_objects_are_well_formed(run):
+    _, data, _, cache = run
+    ing = _all(cache / "ingest")
+    objs = _all(cache / "objects")
+    off = objs["obj_offsets"]
+    assert off[0] == 0 and np.all(np.diff(off) >= 0) and off[-1] == len(objs["obj_boxes"])
+    assert off[-1] > 0
+    for i in range(len(ing["ids"])):
+        boxes = objs["obj_boxes"][off[i] : off[i + 1]]
+        w, h = Image.open(data / ing["path"][i]).size
+        assert np.all(boxes[:, 0] >= 0) and np.all(boxes[:, 2] <= w)
+        assert np.all(boxes[:, 1] >= 0) and np.all(boxes[:, 3] <= h)
+        assert np.all(boxes[:, 0] <= boxes[:, 2]) and np.all(boxes[:, 1] <= boxes[:, 3])
+
+
+def test_features_equal_recomputation_from_stored_embeddings(run):
+    cache = run[3]
+    clip, feats = _all(cache / "clip"), _all(cache / "features")
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    np.testing.assert_allclose(
+        feats["D_global"], unit(clip["image_emb"]) - unit(clip["text_emb"]), atol=1e-6
+    )
+    off = clip["obj_offsets"]
+    local = np.stack([
+        (unit(clip["obj_image_emb"][a:b]) - unit(clip["obj_text_emb"][a:b])).mean(0)
+        if b > a else np.zeros(clip["image_emb"].shape[1])
+        for a, b in zip(off[:-1], off[1:])
+    ])  # fmt: skip
+    np.testing.assert_allclose(feats["D_local"], local, atol=1e-6)
+    np.testing.assert_allclose(feats["D"], feats["D_global"] + feats["D_local"], atol=1e-6)
+    assert list(feats["n_objects"]) == list(np.diff(off))
+
+
+def test_metrics_cover_every_head_and_test_generator(run):
+    work, _, _, cache = run
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())
+    assert set(metrics) == {"mlp", "svm"}
+    feats = _all(cache / "features", ["ids", "label", "generator", "split"])
+    test_gens = {g for g, s, y in zip(feats["generator"], feats["split"], feats["label"])
+                 if s == "test" and y == 1}  # fmt: skip
+    n_test = int(np.sum(feats["split"] == "test"))
+    for head in metrics.values():
+        assert set(head["per_generator"]) == test_gens
+        assert head["overall"]["n"] == n_test
+        for key in ("acc", "r_acc", "f_acc", "ap", "auc"):
+            assert 0.0 <= head["overall"][key] <= 1.0
+    rows = list(csv.DictReader((cache / "scores" / "mlp.csv").open()))
+    assert len(rows) == n_test and {r["split"] for r in rows} == {"test"}
+    assert (work / "plots" / "roc" / "mlp.csv").exists()
+
+
+def test_new_images_are_the_only_work_of_a_rerun(run, tmp_path):
+    work, data, params, cache = run
+    data2, cache2 = tmp_path / "data", tmp_path / "cache"
+    shutil.copytree(data, data2)
+    shutil.copytree(cache, cache2)
+    rows = list(csv.DictReader((data2 / "manifest.csv").open()))
+    src = list(csv.DictReader((ROOT / "data" / "sample" / "manifest.csv").open()))
+    have = {r["file"] for r in rows}
+    new = [r for r in src if r["file"] not in have][:3]
+    for r in new:
+        (data2 / r["file"]).write_bytes((ROOT / "data" / "sample" / r["file"]).read_bytes())
+    with (data2 / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + new)
+    before = {s: _all(cache2 / s) for s in ("captions", "objects", "clip")}
+    _run_all(tmp_path, data2, params)
+    for stage in ("captions", "objects", "clip"):
+        timings = json.loads((cache2 / stage / "timings.json").read_text())
+        assert timings["n_processed"] == 3, stage
+        after = _all(cache2 / stage)
+        where = {cid: i for i, cid in enumerate(after["ids"])}
+        old = store.take_rows(after, [where[c] for c in before[stage]["ids"]])
+        for key, value in before[stage].items():
+            np.testing.assert_array_equal(old[key], value)
+
+
+def test_broken_files_are_quarantined_and_the_run_completes(tmp_path):
+    data = tiny_sample(tmp_path / "data", per_generator=1, n_real=6)
+    rows = list(csv.DictReader((data / "manifest.csv").open()))
+    (data / "images" / "zero.jpg").write_bytes(b"")
+    jpg = next(r["file"] for r in rows if r["file"].endswith(".jpg"))
+    blob = (data / jpg).read_bytes()
+    (data / "images" / "cut.jpg").write_bytes(blob[: len(blob) // 3])
+    (data / "images" / "notes.png").write_text("not an image")
+    extra = [
+        dict(rows[-1], file=f"images/{n}", sha256="") for n in ("zero.jpg", "cut.jpg", "notes.png")
+    ]
+    with (data / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows + extra)
+    cache = _run_all(tmp_path, data, _params(tmp_path))
+    reasons = {
+        r["path"]: r["reason"] for r in csv.DictReader((cache / "ingest" / "quarantine.csv").open())
+    }
+    assert set(reasons) == {"images/zero.jpg", "images/cut.jpg", "images/notes.png"}
+    assert "empty" in reasons["images/zero.jpg"] and "truncated" in reasons["images/cut.jpg"]
+    assert "not an image" in reasons["images/notes.png"]
+    assert (tmp_path / "metrics" / "eval.json").exists()
+
+
+def test_user_errors_exit_1_with_a_message(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump({"encode": {"batchsize": 2}}))
+    assert ingest.main(["--params", str(bad), "--data", "x", "--out", "y", "--name", "t"]) == 1
+    assert "encode.batchsize" in capsys.readouterr().err
+    params = _params(tmp_path, **{"models.preset": "paper"})
+    data = tiny_sample(tmp_path / "data", per_generator=1, n_real=4)
+    assert (
+        ingest.main(
+            ["--params", params, "--data", str(data), "--out", f"{tmp_path}/i", "--name", "t"]
+        )
+        == 0
+    )
+    assert (
+        encode.main(["--params", params, "--ingest", f"{tmp_path}/i", "--captions", "c",
+                     "--objects", "o", "--out", f"{tmp_path}/clip", "--name", "t"]) == 1
+    )  # fmt: skip
+    assert "ViT-L-14/openai" in capsys.readouterr().err
+    assert not store.list_shards(tmp_path / "clip")
