@@ -167,8 +167,8 @@ def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 
         threshold: decision threshold for the three accuracies.
 
     Returns:
-        ``acc``, ``r_acc``, ``f_acc``, ``ap``, ``auc`` as fractions in [0, 1] (or ``None``),
-        and the counts ``n``, ``n_real``, ``n_generated``.
+        ``acc``, ``r_acc``, ``f_acc``, ``ap``, ``auc``, ``f1`` as fractions in [0, 1] (or
+        ``None``), and the counts ``n``, ``n_real``, ``n_generated``.
     """
     y = _as_binary_label(label)
     p = np.asarray(p_generated, dtype=np.float64)
@@ -187,6 +187,10 @@ def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 
         "f_acc": float(correct[generated].mean()) if generated.any() else None,
         "ap": float(average_precision_score(y, p)) if both else None,
         "auc": float(roc_auc_score(y, p)) if both else None,
+        # Binary F1 with "generated" as the positive class (CT2 task A's metric).
+        "f1": float(f1_score(y, (p > threshold).astype(np.int64), zero_division=0))
+        if generated.any()
+        else None,
         "n": len(y),
         "n_real": int(real.sum()),
         "n_generated": int(generated.sum()),
@@ -436,48 +440,88 @@ def _write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
         raise
 
 
-def run_evaluate(features_dir: str | Path, heads_dir: str | Path, metrics_path: str | Path,
-                 scores_dir: str | Path, plots_dir: str | Path, cfg: Any,
-                 kind: str) -> dict[str, Any]:  # fmt: skip
-    """Score every trained head on the evaluation split and write metrics, scores and curves.
+def run_evaluate(
+    features_dir: str | Path,
+    heads_dir: str | Path,
+    metrics_path: str | Path,
+    scores_dir: str | Path,
+    plots_dir: str | Path,
+    cfg: Any,
+    split: str | None = None,
+) -> dict[str, Any]:
+    """Score every trained head on one evaluation set and write metrics, scores and curves.
 
-    Writes `metrics_path` (DESIGN.md's shape), `<scores_dir>/<head>.csv` (per-image scores from
-    which every metric can be recomputed) and `<plots_dir>/{roc,pr}/<head>.csv` for DVC plots.
+    Each head reads the feature kind it was trained on and applies the calibration fitted on
+    val. Writes `metrics_path` (DESIGN.md's shape, plus the metrics at the threshold chosen on
+    val), `<scores_dir>/<head>.csv` (per-image scores from which every metric can be
+    recomputed), `<plots_dir>/{roc,pr}/<head>.csv` and, for attribution heads,
+    `<plots_dir>/confusion/<head>.csv`, for DVC plots.
+
+    Args:
+        split: rows to score; `cfg.split` by default, "all" for every row (other datasets).
     """
     from pipeline.features import load_features
     from pipeline.heads import load_head
-    from pipeline.train import ATTRIBUTION_HEADS, p_generated, trained_heads
+    from pipeline.train import (
+        ATTRIBUTION_HEADS,
+        apply_calibration,
+        p_generated,
+        read_train_info,
+        trained_heads,
+    )
 
-    fs = load_features(features_dir, kind, splits=(cfg.split,))
-    if not len(fs.y):
-        raise ValueError(f"the {cfg.split!r} split of {features_dir} is empty; nothing to score")
+    split = split or cfg.split
     scores_dir, plots_dir = Path(scores_dir), Path(plots_dir)
-    for sub in ("roc", "pr"):
+    for sub in ("roc", "pr", "confusion"):
         (plots_dir / sub).mkdir(parents=True, exist_ok=True)
         for old in (plots_dir / sub).glob("*.csv"):
             old.unlink()
     scores_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
+    by_kind: dict[str, Any] = {}
     for head_dir in trained_heads(heads_dir):
-        name = head_dir.name
+        name, info = head_dir.name, read_train_info(head_dir)
+        kind = info["kind"]
+        if kind not in by_kind:
+            by_kind[kind] = load_features(
+                features_dir, kind, splits=None if split == "all" else (split,)
+            )
+        fs = by_kind[kind]
+        if not len(fs.y):
+            raise ValueError(f"the {split!r} split of {features_dir} is empty; nothing to score")
         head = load_head(head_dir)
+        p = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
+        attribution = name in ATTRIBUTION_HEADS
         scores = Scores(
             ids=fs.ids,
             label=fs.y,
             generator=fs.generator,
             split=fs.split,
-            p_generated=np.clip(p_generated(head, fs.X), 0.0, 1.0),
-            pred_class=np.asarray(head.predict(fs.X), dtype=str)
-            if name in ATTRIBUTION_HEADS
-            else None,
+            p_generated=np.clip(p, 0.0, 1.0),
+            pred_class=np.asarray(head.predict(fs.X), dtype=str) if attribution else None,
         )
         scores.to_csv(scores_dir / f"{name}.csv")
-        metrics[name] = evaluate_scores(scores, cfg.threshold)
+        block = evaluate_scores(scores, cfg.threshold)
+        if "val_threshold" in info:
+            at_val = binary_metrics(scores.label, scores.p_generated, info["val_threshold"])
+            block["overall"]["val_threshold"] = info["val_threshold"]
+            for key in ("acc", "r_acc", "f_acc"):
+                block["overall"][f"{key}_at_val_threshold"] = at_val[key]
+        if info.get("contaminated"):
+            block["contaminated"] = True
+        metrics[name] = block
         if len(np.unique(fs.y)) == 2:
-            for sub, points in (("roc", roc_points(fs.y, scores.p_generated)),
-                                ("pr", pr_points(fs.y, scores.p_generated))):  # fmt: skip
+            for sub, points in (
+                ("roc", roc_points(fs.y, scores.p_generated)),
+                ("pr", pr_points(fs.y, scores.p_generated)),
+            ):
                 _write_points(plots_dir / sub / f"{name}.csv", points)
-        logger.info("%s: %s", name, {k: metrics[name]["overall"].get(k) for k in ("acc", "ap")})
+        if attribution and scores.pred_class is not None:
+            rows = [
+                {"actual": a, "predicted": b} for a, b in zip(scores.true_class, scores.pred_class)
+            ]
+            _write_points(plots_dir / "confusion" / f"{name}.csv", rows)
+        logger.info("%s: %s", name, {k: block["overall"].get(k) for k in ("acc", "ap", "auc")})
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_path, metrics)
     return metrics

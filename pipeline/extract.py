@@ -22,6 +22,7 @@ from pipeline.config import (
     ModelsConfig,
     params_hash,
 )
+from pipeline.features import CLASS_PROMPTS
 from pipeline.runner import Timer, row_hash, run_step
 from pipeline.store import Arrays
 
@@ -35,8 +36,14 @@ class CaptionsMissing(RuntimeError):
 # --------------------------------------------------------------------------------------- ingest
 
 
-def run_ingest(data_path: str | Path, out_dir: str | Path, cfg: IngestConfig, base: BaseConfig,
-               dataset: str) -> datamod.IngestResult:  # fmt: skip
+def run_ingest(
+    data_path: str | Path,
+    out_dir: str | Path,
+    cfg: IngestConfig,
+    base: BaseConfig,
+    dataset: str,
+    layout: str = "auto",
+) -> datamod.IngestResult:
     """Read the dataset, quarantine what does not decode, write ingest shards and CSVs.
 
     Writes `manifest.csv` (resolved, one row per kept image), `quarantine.csv`,
@@ -44,7 +51,7 @@ def run_ingest(data_path: str | Path, out_dir: str | Path, cfg: IngestConfig, ba
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    root, records = datamod.resolve_dataset(data_path)
+    root, records = datamod.resolve_dataset(data_path, layout)
     result = datamod.ingest(
         root, records, fractions=cfg.split_fractions, seed=base.seed, min_side=cfg.min_side
     )
@@ -207,8 +214,14 @@ class CaptionStep:
         }
 
 
-def run_caption(ingest_dir: Path, out_dir: Path, cfg: CaptionConfig, models: ModelsConfig,
-                base: BaseConfig, dataset: str) -> dict[str, Any]:  # fmt: skip
+def run_caption(
+    ingest_dir: Path,
+    out_dir: Path,
+    cfg: CaptionConfig,
+    models: ModelsConfig,
+    base: BaseConfig,
+    dataset: str,
+) -> dict[str, Any]:
     step = CaptionStep(Path(ingest_dir), cfg, models, base, dataset)
     if cfg.source != "dataset":
         preflight(models, ["captioner"])
@@ -233,8 +246,12 @@ class GroundStep:
 
     def params_hash(self) -> str:
         settings = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
-        return params_hash(settings, self.models.preset, asdict(self.models.grounding),
-                           self.base.seed if self.models.preset == "tiny" else "")  # fmt: skip
+        return params_hash(
+            settings,
+            self.models.preset,
+            asdict(self.models.grounding),
+            self.base.seed if self.models.preset == "tiny" else "",
+        )
 
     def attrs(self) -> dict[str, Any]:
         model = "tiny-grounding-dino" if self.models.preset == "tiny" else self.models.grounding.id
@@ -277,8 +294,15 @@ class GroundStep:
         }
 
 
-def run_ground(ingest_dir: Path, captions_dir: Path, out_dir: Path, cfg: GroundConfig,
-               models: ModelsConfig, base: BaseConfig, dataset: str) -> dict[str, Any]:  # fmt: skip
+def run_ground(
+    ingest_dir: Path,
+    captions_dir: Path,
+    out_dir: Path,
+    cfg: GroundConfig,
+    models: ModelsConfig,
+    base: BaseConfig,
+    dataset: str,
+) -> dict[str, Any]:
     step = GroundStep(Path(ingest_dir), Path(captions_dir), cfg, models, base, dataset)
     if cfg.enabled:
         preflight(models, ["grounder"])
@@ -316,10 +340,15 @@ class EncodeStep:
 
     def params_hash(self) -> str:
         settings = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
-        return params_hash(settings, self.crop_padding, self.models.preset,
-                           asdict(self.models.clip), asdict(self.models.bert),
-                           asdict(self.models.dinov2),
-                           self.base.seed if self.models.preset == "tiny" else "")  # fmt: skip
+        return params_hash(
+            settings,
+            self.crop_padding,
+            self.models.preset,
+            asdict(self.models.clip),
+            asdict(self.models.bert),
+            asdict(self.models.dinov2),
+            self.base.seed if self.models.preset == "tiny" else "",
+        )
 
     def attrs(self) -> dict[str, Any]:
         clip = self.models.clip
@@ -329,8 +358,9 @@ class EncodeStep:
     def read(self, index: int) -> Arrays:
         rows = _ingest_rows(self.ingest_dir, index, ["path"])
         rows["caption"] = _aligned(self.captions_dir, index, rows["ids"], ["caption"])["caption"]
-        objs = _aligned(self.objects_dir, index, rows["ids"],
-                        ["obj_offsets", "obj_boxes", "obj_phrase"])  # fmt: skip
+        objs = _aligned(
+            self.objects_dir, index, rows["ids"], ["obj_offsets", "obj_boxes", "obj_phrase"]
+        )
         rows.update({k: objs[k] for k in ("obj_offsets", "obj_boxes", "obj_phrase")})
         off = rows["obj_offsets"]
         rows["input_hash"] = np.array(
@@ -339,7 +369,7 @@ class EncodeStep:
                     rows["caption"][i],
                     rows["obj_boxes"][off[i] : off[i + 1]],
                     list(rows["obj_phrase"][off[i] : off[i + 1]]),
-                )  # fmt: skip
+                )
                 for i in range(len(rows["ids"]))
             ],
             dtype=object,
@@ -369,13 +399,15 @@ class EncodeStep:
             if self.cfg.color_bins:
                 from pipeline.features import color_histograms
 
-                extra["color"].append(np.stack([color_histograms(im, self.cfg.color_bins)
-                                                for im in images]))  # fmt: skip
+                extra["color"].append(
+                    np.stack([color_histograms(im, self.cfg.color_bins) for im in images])
+                )
         phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
+        memo = _TEXT_MEMO.setdefault(self.params_hash(), {})
         with timer("model"):
-            text_emb = encode_texts_once(clip, [str(c) for c in rows["caption"]],
-                                         self.cfg.batch_size)  # fmt: skip
-            obj_text_emb = encode_texts_once(clip, phrases, self.cfg.batch_size)
+            captions = [str(c) for c in rows["caption"]]
+            text_emb = encode_texts_once(clip, captions, self.cfg.batch_size, memo)
+            obj_text_emb = encode_texts_once(clip, phrases, self.cfg.batch_size, memo)
             if self.cfg.bert:
                 bert = _load("bert", self.models, self.base)
                 extra["bert"].append(bert.encode([str(c) for c in rows["caption"]]))
@@ -395,34 +427,83 @@ class EncodeStep:
         return out
 
 
-def encode_texts_once(encoder: Any, texts: Sequence[str], batch_size: int) -> np.ndarray:
-    """Encode each distinct string once and scatter the rows back to `texts`' order."""
-    unique = list(dict.fromkeys(texts))
-    if not unique:
+def encode_texts_once(
+    encoder: Any, texts: Sequence[str], batch_size: int, memo: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Encode each distinct string once and scatter the rows back to `texts`' order.
+
+    With `memo` (kept for a whole run), strings already encoded for an earlier shard are not
+    sent to the encoder again.
+    """
+    memo = {} if memo is None else memo
+    unique = [t for t in dict.fromkeys(texts) if t not in memo]
+    for s in _batches(len(unique), batch_size):
+        for text, row in zip(unique[s], encoder.encode_texts(unique[s])):
+            memo[text] = np.asarray(row, dtype=np.float32)
+    if not texts:
         return np.zeros((0, encoder.dim), np.float32)
-    emb = np.concatenate(
-        [encoder.encode_texts(unique[s]) for s in _batches(len(unique), batch_size)]
+    return np.stack([memo[t] for t in texts]).astype(np.float32)
+
+
+# Text embeddings of the current run, per encoder; cleared when a run starts. Under Dask each
+# worker process keeps its own.
+_TEXT_MEMO: dict[str, dict[str, np.ndarray]] = {}
+
+
+def run_encode(
+    ingest_dir: Path,
+    captions_dir: Path,
+    objects_dir: Path,
+    out_dir: Path,
+    cfg: EncodeConfig,
+    crop_padding: float,
+    models: ModelsConfig,
+    base: BaseConfig,
+    dataset: str,
+) -> dict[str, Any]:
+    step = EncodeStep(
+        Path(ingest_dir),
+        Path(captions_dir),
+        Path(objects_dir),
+        cfg,
+        crop_padding,
+        models,
+        base,
+        dataset,
     )
-    where = {t: i for i, t in enumerate(unique)}
-    return emb[[where[t] for t in texts]].astype(np.float32)
-
-
-def run_encode(ingest_dir: Path, captions_dir: Path, objects_dir: Path, out_dir: Path,
-               cfg: EncodeConfig, crop_padding: float, models: ModelsConfig, base: BaseConfig,
-               dataset: str) -> dict[str, Any]:  # fmt: skip
-    step = EncodeStep(Path(ingest_dir), Path(captions_dir), Path(objects_dir), cfg, crop_padding,
-                      models, base, dataset)  # fmt: skip
     roles = ["clip"] + (["bert"] if cfg.bert else []) + (["dinov2"] if cfg.dinov2 else [])
     preflight(models, roles)
-    return run_step(step, out_dir, **_sched(base))
+    _TEXT_MEMO.clear()
+    try:
+        timings = run_step(step, out_dir, **_sched(base))
+    finally:
+        _TEXT_MEMO.clear()
+    write_class_prompts(Path(out_dir), cfg.class_prompts, _load("clip", models, base))
+    return timings
+
+
+def write_class_prompts(out_dir: Path, prompts: Sequence[str], clip: Any) -> None:
+    """CLIP text embeddings (raw) of the class prompts, row k for class k."""
+    store.write_shard(
+        out_dir / CLASS_PROMPTS,
+        {
+            "ids": np.array([f"class_{k}" for k in range(len(prompts))], dtype=object),
+            "prompt": np.array(list(prompts), dtype=object),
+            "text_emb": clip.encode_texts(list(prompts)) if prompts else np.zeros((0, clip.dim)),
+        },
+        {"stage": "clip", "model": getattr(clip, "weights_id", ""), "preset": ""},
+    )
 
 
 # -------------------------------------------------------------------------------------- helpers
 
 
 def _sched(base: BaseConfig) -> dict[str, Any]:
-    return {"scheduler": base.scheduler, "dask_address": base.dask_address,
-            "n_workers": base.n_workers}  # fmt: skip
+    return {
+        "scheduler": base.scheduler,
+        "dask_address": base.dask_address,
+        "n_workers": base.n_workers,
+    }
 
 
 _LOADED: dict[tuple[str, str], Any] = {}

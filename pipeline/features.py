@@ -12,6 +12,7 @@ All formulas are pure numpy on the raw encoder outputs stored by the encode stag
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "color": ("color_hist",),
     "image_color": ("image", "color_hist"),
 }
+CLASS_PROMPTS = "class_prompts.h5"
 META = ("ids", "label", "generator", "split", "family")
 _PASSTHROUGH = {"bert_text_emb": "bert_text", "dinov2_emb": "dinov2", "color_hist": "color_hist"}
 
@@ -96,8 +98,9 @@ def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
     return out
 
 
-def run_features(ingest_dir: Path, clip_dir: Path, out_dir: Path, cfg: FeaturesConfig,
-                 dataset: str) -> int:  # fmt: skip
+def run_features(
+    ingest_dir: Path, clip_dir: Path, out_dir: Path, cfg: FeaturesConfig, dataset: str
+) -> int:
     """Write one features shard per encode shard. Returns the number of images."""
     if cfg.kind not in KINDS:
         raise ValueError(f"features.kind={cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
@@ -133,6 +136,10 @@ def run_features(ingest_dir: Path, clip_dir: Path, out_dir: Path, cfg: FeaturesC
         total += len(meta["ids"])
     for stale in store.list_shards(out_dir)[len(clip_shards) :]:
         stale.unlink()
+    prompts = Path(clip_dir) / CLASS_PROMPTS
+    if prompts.exists():
+        # Heads with a zero-shot term (Tip-Adapter) read the class prompts next to the features.
+        shutil.copyfile(prompts, out_dir / CLASS_PROMPTS)
     logger.info("features: %d images in %d shards -> %s", total, len(clip_shards), out_dir)
     return total
 
@@ -174,8 +181,9 @@ def load_features(
     blocks: list[dict[str, Any]] = []
     for path in shards:
         data = store.read_shard(path, [*META, *KINDS[kind]])
-        data["X"] = np.concatenate([data[k].reshape(len(data["ids"]), -1) for k in KINDS[kind]],
-                                   axis=1)  # fmt: skip
+        data["X"] = np.concatenate(
+            [data[k].reshape(len(data["ids"]), -1) for k in KINDS[kind]], axis=1
+        )
         blocks.append(data)
     fs = FeatureSet(
         X=np.concatenate([b["X"] for b in blocks]).astype(np.float32),

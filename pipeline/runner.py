@@ -216,7 +216,11 @@ def run_step(
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     logger.info(
         "%s: %d images processed, %d reused from cache, %d shards in %.1fs",
-        step.stage, n_processed, n_reused, n, timings["wall_seconds"],
+        step.stage,
+        n_processed,
+        n_reused,
+        n,
+        timings["wall_seconds"],
     )
     return timings
 

@@ -28,8 +28,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def run(name: str, argv: Sequence[str] | None, ap: argparse.ArgumentParser,
-        body: Callable[[argparse.Namespace, Params], None]) -> int:  # fmt: skip
+def run(
+    name: str,
+    argv: Sequence[str] | None,
+    ap: argparse.ArgumentParser,
+    body: Callable[[argparse.Namespace, Params], None],
+) -> int:
     """Parse args, load params, run `body`; user errors exit 1 with one clear message."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

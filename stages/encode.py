@@ -19,8 +19,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args, params):
         from pipeline.extract import run_encode
 
-        run_encode(args.ingest, args.captions, args.objects, args.out, params.encode,
-                   params.ground.crop_padding, params.models, params.base, args.name)  # fmt: skip
+        run_encode(
+            args.ingest,
+            args.captions,
+            args.objects,
+            args.out,
+            params.encode,
+            params.ground.crop_padding,
+            params.models,
+            params.base,
+            args.name,
+        )
 
     return run("encode", argv, ap, body)
 

@@ -19,8 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args, params):
         from pipeline.evaluate import run_evaluate
 
-        run_evaluate(args.features, args.heads, args.metrics, args.scores, args.plots,
-                     params.evaluate, params.features.kind)  # fmt: skip
+        run_evaluate(
+            args.features, args.heads, args.metrics, args.scores, args.plots, params.evaluate
+        )
 
     return run("evaluate", argv, ap, body)
 

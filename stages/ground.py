@@ -18,8 +18,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args, params):
         from pipeline.extract import run_ground
 
-        run_ground(args.ingest, args.captions, args.out, params.ground, params.models,
-                   params.base, args.name)  # fmt: skip
+        run_ground(
+            args.ingest,
+            args.captions,
+            args.out,
+            params.ground,
+            params.models,
+            params.base,
+            args.name,
+        )
 
     return run("ground", argv, ap, body)
 

@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args, params):
         from pipeline.extract import run_ingest
 
-        run_ingest(args.data, args.out, params.ingest, params.base, args.name)
+        run_ingest(args.data, args.out, params.ingest, params.base, args.name, params.data.layout)
 
     return run("ingest", argv, ap, body)
 

@@ -16,8 +16,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args, params):
         from pipeline.train import train_heads
 
-        train_heads(args.features, args.out, params.train, params.features.kind,
-                    params.base.seed)  # fmt: skip
+        train_heads(
+            args.features,
+            args.out,
+            params.train,
+            params.features.kind,
+            params.base.seed,
+            params.evaluate.split,
+        )
 
     return run("train", argv, ap, body)
 

@@ -21,8 +21,10 @@ def tiny():
 
 def _images():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-            for w, h in ((300, 200), (64, 96))]  # fmt: skip
+    return [
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        for w, h in ((300, 200), (64, 96))
+    ]
 
 
 def test_tiny_embeddings_are_raw_and_deterministic(tiny):
@@ -65,7 +67,11 @@ def test_run_preflight_lists_every_missing_model(tmp_path, monkeypatch):
     with pytest.raises(WeightsMissing) as err:
         check_weights(ModelsConfig(), ["clip", "captioner", "grounder"])
     msg = str(err.value)
-    for name in ("ViT-L-14/openai", "Salesforce/blip2-opt-2.7b", "IDEA-Research/grounding-dino-base"):
+    for name in (
+        "ViT-L-14/openai",
+        "Salesforce/blip2-opt-2.7b",
+        "IDEA-Research/grounding-dino-base",
+    ):
         assert name in msg
     check_weights(ModelsConfig(preset="tiny"), ["clip", "captioner"])  # nothing to check
 
@@ -87,3 +93,71 @@ def test_each_distinct_text_is_encoded_once():
     out = encode_texts_once(enc, texts, batch_size=2)
     assert sorted(enc.seen) == ["a cat", "a dog", "sky"]
     np.testing.assert_array_equal(out, CountingEncoder().encode_texts(texts))
+
+
+def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_path, monkeypatch):
+    """Two shards share captions and phrases; the encode stage must encode each string once."""
+    from pipeline import extract, store
+    from pipeline.config import BaseConfig, EncodeConfig
+    from tests.helpers import make_image
+
+    ingest, caps, objs = tmp_path / "ingest", tmp_path / "captions", tmp_path / "objects"
+    captions = [["a red car", "a dog"], ["a red car", "a cat on a mat"]]
+    phrases = [[["car"], ["dog", "car"]], [["car"], []]]
+    for k in range(2):
+        ids = np.array([f"id{k}{i}" for i in range(2)], dtype=object)
+        paths = [make_image(tmp_path / "img" / f"{k}{i}.png", 10 * k + i).name for i in range(2)]
+        store.write_shard(
+            ingest / store.shard_name(k),
+            {"ids": ids, "path": np.array(paths, dtype=object)},
+            {"data_root": str(tmp_path / "img")},
+        )
+        store.write_shard(
+            caps / store.shard_name(k),
+            {"ids": ids, "caption": np.array(captions[k], dtype=object)},
+            {},
+        )
+        flat = [p for per in phrases[k] for p in per]
+        store.write_shard(
+            objs / store.shard_name(k),
+            {
+                "ids": ids,
+                "obj_offsets": np.cumsum([0] + [len(p) for p in phrases[k]]).astype(np.int64),
+                "obj_boxes": np.tile(np.array([[2, 2, 30, 30]], np.float32), (len(flat), 1)),
+                "obj_phrase": np.array(flat, dtype=object),
+            },
+            {},
+        )
+
+    sent: list[str] = []
+    real_load = extract._load
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.dim = inner, inner.dim
+
+        def encode_images(self, images):
+            return self.inner.encode_images(images)
+
+        def encode_texts(self, texts):
+            sent.extend(texts)
+            return self.inner.encode_texts(texts)
+
+    monkeypatch.setattr(extract, "_load", lambda *a: Counting(real_load(*a)))
+    models = ModelsConfig(preset="tiny")
+    extract.run_encode(
+        ingest,
+        caps,
+        objs,
+        tmp_path / "clip",
+        EncodeConfig(batch_size=2),
+        0.0,
+        models,
+        BaseConfig(),
+        "t",
+    )
+    prompts = list(EncodeConfig().class_prompts)  # encoded once more, at the end of the run
+    assert sorted(sent) == sorted({"a red car", "a dog", "a cat on a mat", "car", "dog", *prompts})
+    out = store.read_shard(tmp_path / "clip" / store.shard_name(1))
+    first = store.read_shard(tmp_path / "clip" / store.shard_name(0))
+    np.testing.assert_array_equal(out["text_emb"][0], first["text_emb"][0])  # same caption

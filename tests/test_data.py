@@ -71,8 +71,10 @@ def test_ids_are_sha256_and_duplicates_kept_once(tmp_path):
 def test_manifest_paths_may_not_escape_root(tmp_path):
     make_image(tmp_path / "outside.png", 0)
     (tmp_path / "ds").mkdir()
-    write_manifest(tmp_path / "ds" / "manifest.csv",
-                   [{"path": "../outside.png", "label": 0, "generator": "real"}])  # fmt: skip
+    write_manifest(
+        tmp_path / "ds" / "manifest.csv",
+        [{"path": "../outside.png", "label": 0, "generator": "real"}],
+    )
     with pytest.raises(datamod.DatasetError, match="escapes the dataset root"):
         datamod.resolve_dataset(tmp_path / "ds")
 

@@ -35,19 +35,50 @@ def _run_all(work, data, params):
     steps = [
         (ingest, ["--data", str(data), "--out", f"{c}/ingest"]),
         (caption, ["--ingest", f"{c}/ingest", "--out", f"{c}/captions"]),
-        (ground, ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions",
-                  "--out", f"{c}/objects"]),
-        (encode, ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions",
-                  "--objects", f"{c}/objects", "--out", f"{c}/clip"]),
+        (
+            ground,
+            ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions", "--out", f"{c}/objects"],
+        ),
+        (
+            encode,
+            [
+                "--ingest",
+                f"{c}/ingest",
+                "--captions",
+                f"{c}/captions",
+                "--objects",
+                f"{c}/objects",
+                "--out",
+                f"{c}/clip",
+            ],
+        ),
         (features, ["--ingest", f"{c}/ingest", "--clip", f"{c}/clip", "--out", f"{c}/features"]),
-    ]  # fmt: skip
+    ]
     for module, args in steps:
         assert module.main(args + common) == 0, module.__name__
-    assert train.main(["--params", params, "--features", f"{c}/features",
-                       "--out", f"{work}/models"]) == 0  # fmt: skip
-    assert evaluate.main(["--params", params, "--features", f"{c}/features",
-                          "--heads", f"{work}/models", "--metrics", f"{work}/metrics/eval.json",
-                          "--scores", f"{c}/scores", "--plots", f"{work}/plots"]) == 0  # fmt: skip
+    assert (
+        train.main(["--params", params, "--features", f"{c}/features", "--out", f"{work}/models"])
+        == 0
+    )
+    assert (
+        evaluate.main(
+            [
+                "--params",
+                params,
+                "--features",
+                f"{c}/features",
+                "--heads",
+                f"{work}/models",
+                "--metrics",
+                f"{work}/metrics/eval.json",
+                "--scores",
+                f"{c}/scores",
+                "--plots",
+                f"{work}/plots",
+            ]
+        )
+        == 0
+    )
     return c
 
 
@@ -108,11 +139,14 @@ def test_features_equal_recomputation_from_stored_embeddings(run):
         feats["D_global"], unit(clip["image_emb"]) - unit(clip["text_emb"]), atol=1e-6
     )
     off = clip["obj_offsets"]
-    local = np.stack([
-        (unit(clip["obj_image_emb"][a:b]) - unit(clip["obj_text_emb"][a:b])).mean(0)
-        if b > a else np.zeros(clip["image_emb"].shape[1])
-        for a, b in zip(off[:-1], off[1:])
-    ])  # fmt: skip
+    local = np.stack(
+        [
+            (unit(clip["obj_image_emb"][a:b]) - unit(clip["obj_text_emb"][a:b])).mean(0)
+            if b > a
+            else np.zeros(clip["image_emb"].shape[1])
+            for a, b in zip(off[:-1], off[1:])
+        ]
+    )
     np.testing.assert_allclose(feats["D_local"], local, atol=1e-6)
     np.testing.assert_allclose(feats["D"], feats["D_global"] + feats["D_local"], atol=1e-6)
     assert list(feats["n_objects"]) == list(np.diff(off))
@@ -123,8 +157,11 @@ def test_metrics_cover_every_head_and_test_generator(run):
     metrics = json.loads((work / "metrics" / "eval.json").read_text())
     assert set(metrics) == {"mlp", "svm"}
     feats = _all(cache / "features", ["ids", "label", "generator", "split"])
-    test_gens = {g for g, s, y in zip(feats["generator"], feats["split"], feats["label"])
-                 if s == "test" and y == 1}  # fmt: skip
+    test_gens = {
+        g
+        for g, s, y in zip(feats["generator"], feats["split"], feats["label"])
+        if s == "test" and y == 1
+    }
     n_test = int(np.sum(feats["split"] == "test"))
     for head in metrics.values():
         assert set(head["per_generator"]) == test_gens
@@ -204,8 +241,23 @@ def test_user_errors_exit_1_with_a_message(tmp_path, capsys, monkeypatch):
         == 0
     )
     assert (
-        encode.main(["--params", params, "--ingest", f"{tmp_path}/i", "--captions", "c",
-                     "--objects", "o", "--out", f"{tmp_path}/clip", "--name", "t"]) == 1
-    )  # fmt: skip
+        encode.main(
+            [
+                "--params",
+                params,
+                "--ingest",
+                f"{tmp_path}/i",
+                "--captions",
+                "c",
+                "--objects",
+                "o",
+                "--out",
+                f"{tmp_path}/clip",
+                "--name",
+                "t",
+            ]
+        )
+        == 1
+    )
     assert "ViT-L-14/openai" in capsys.readouterr().err
     assert not store.list_shards(tmp_path / "clip")

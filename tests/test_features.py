@@ -35,8 +35,10 @@ def test_item_formulas_match_row_by_row(empty_local):
         dg = _unit(clip["image_emb"][i]) - _unit(clip["text_emb"][i])
         objs = range(off[i], off[i + 1])
         if len(objs):
-            dl = np.mean([_unit(clip["obj_image_emb"][j]) - _unit(clip["obj_text_emb"][j])
-                          for j in objs], axis=0)  # fmt: skip
+            dl = np.mean(
+                [_unit(clip["obj_image_emb"][j]) - _unit(clip["obj_text_emb"][j]) for j in objs],
+                axis=0,
+            )
         else:
             dl = np.zeros_like(dg) if empty_local == "zeros" else dg
         np.testing.assert_allclose(out["D_global"][i], dg, rtol=1e-5, atol=1e-6)

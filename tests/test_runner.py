@@ -42,8 +42,7 @@ class Doubler:
             raise KeyboardInterrupt("simulated interruption")
         self.computed.extend(rows["ids"])
         with timer("model"):
-            return {"ids": rows["ids"], "input_hash": rows["input_hash"],
-                    "out": rows["value"] * 2}  # fmt: skip
+            return {"ids": rows["ids"], "input_hash": rows["input_hash"], "out": rows["value"] * 2}
 
 
 SHARDS = [(["a", "b"], [1, 2]), (["c", "d"], [3, 4]), (["e"], [5])]

@@ -120,8 +120,16 @@ def tiny_checkpoint(seed: int) -> Path:
 class ClipEncoder:
     """Raw (unnormalised) CLIP image and text embeddings through open_clip."""
 
-    def __init__(self, model: torch.nn.Module, preprocess, tokenizer, name: str, weights_id: str,
-                 device: str, dtype: torch.dtype) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess,
+        tokenizer,
+        name: str,
+        weights_id: str,
+        device: str,
+        dtype: torch.dtype,
+    ) -> None:
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer

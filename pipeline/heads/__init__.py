@@ -1,0 +1,22 @@
+"""Classification heads on cached CLIP features: scikit-learn estimators saved without pickle."""
+
+from pipeline.heads.io import load_head, save_head
+from pipeline.heads.meta import MetaHead
+from pipeline.heads.mlp import MLPHead
+from pipeline.heads.multitask import MultiTaskHead
+from pipeline.heads.registry import HEADS, make_head, valid_params
+from pipeline.heads.svm import SVMHead
+from pipeline.heads.tip_adapter import TipAdapterHead
+
+__all__ = [
+    "HEADS",
+    "MLPHead",
+    "MetaHead",
+    "MultiTaskHead",
+    "SVMHead",
+    "TipAdapterHead",
+    "load_head",
+    "make_head",
+    "save_head",
+    "valid_params",
+]

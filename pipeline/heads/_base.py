@@ -1,0 +1,254 @@
+"""Shared machinery for heads: validation, standardisation, numerics and torch training helpers."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from scipy.special import expit, log_softmax, softmax
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+State = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+logger = logging.getLogger(__name__)
+
+
+class BaseHead(ClassifierMixin, BaseEstimator):
+    """Common validation, `predict` and (de)serialisation hooks for every head.
+
+    Subclasses implement `fit` and `predict_proba`; `predict` is the argmax of `predict_proba`
+    unless a subclass has a documented decision rule of its own.
+    """
+
+    # --- validation -----------------------------------------------------------------------------
+
+    def _validate_train(self, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validate X, y; return float64 X, the sorted classes and y as indices into them."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 classes in y, got 1 class "
+                f"({classes[0]!r}); pass rows of every class you want to predict"
+            )
+        return X, classes, y_idx.astype(np.int64)
+
+    def _validate_val(
+        self, X_val: Any, y_val: Any, classes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Validate the optional validation pair against the training classes and width."""
+        if X_val is None and y_val is None:
+            return None
+        if X_val is None or y_val is None:
+            raise ValueError(
+                f"{type(self).__name__}.fit got only one of X_val / y_val; pass both or neither"
+            )
+        X_val = check_array(X_val, dtype=np.float64)
+        if X_val.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X_val has {X_val.shape[1]} features but X has {self.n_features_in_}; "
+                "validation rows must come from the same feature extractor"
+            )
+        y_val = np.asarray(y_val).ravel()
+        if len(y_val) != len(X_val):
+            raise ValueError(f"X_val has {len(X_val)} rows but y_val has {len(y_val)} labels")
+        unknown = sorted({str(v) for v in np.setdiff1d(np.unique(y_val), classes)})
+        if unknown:
+            raise ValueError(
+                f"y_val contains labels {unknown} that are not in the training classes "
+                f"{classes.tolist()}; validation labels must be a subset of training labels"
+            )
+        return X_val, np.searchsorted(classes, y_val).astype(np.int64)
+
+    def _validate_predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, dtype=np.float64, reset=False)
+
+    # --- prediction -----------------------------------------------------------------------------
+
+    def predict_proba(self, X: Any) -> np.ndarray:  # pragma: no cover - always overridden
+        raise NotImplementedError
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predict the class with the highest probability."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    # --- (de)serialisation hooks used by pipeline.heads.io ----------------------------------------
+
+    def _get_state(self) -> State:
+        """Return JSON-able metadata and the named arrays that fully describe the fitted head."""
+        raise NotImplementedError
+
+    def _set_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Restore the fitted attributes written by `_get_state`."""
+        raise NotImplementedError
+
+    def _children(self) -> list[tuple[str, BaseHead]]:
+        """Fitted sub-heads saved in their own subdirectories (only the meta head has any)."""
+        return []
+
+    def _set_children(self, children: list[BaseHead]) -> None:
+        """Attach sub-heads loaded from the subdirectories named by `_children`."""
+        if children:
+            raise ValueError(f"{type(self).__name__} has no sub-heads but {len(children)} given")
+
+
+# --- standardisation -----------------------------------------------------------------------------
+
+
+def fit_standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale; constant features get scale 1 so they map to 0, not NaN."""
+    mean = X.mean(axis=0)
+    std = X.std(axis=0)
+    # Relative threshold: CLIP differences can share an offset far larger than their spread.
+    tiny = 1e-10 * np.maximum(1.0, np.abs(mean))
+    scale = np.where(std > tiny, std, 1.0)
+    return mean, scale
+
+
+def standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (X - mean) / scale
+
+
+def l2_normalise(X: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation; all-zero rows stay zero."""
+    norm = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.maximum(norm, 1e-12)
+
+
+def binary_proba(logit: np.ndarray) -> np.ndarray:
+    """Two-column probabilities [P(class 0), P(class 1)] from one logit per row."""
+    p1 = expit(logit)
+    return np.column_stack([1.0 - p1, p1])
+
+
+def softmax_rows(logits: np.ndarray) -> np.ndarray:
+    return np.asarray(softmax(logits, axis=1))
+
+
+def cross_entropy(logits: np.ndarray, y_idx: np.ndarray) -> float:
+    """Mean multiclass cross-entropy of integer targets under row logits."""
+    logp = log_softmax(logits, axis=1)
+    return float(-logp[np.arange(len(y_idx)), y_idx].mean())
+
+
+# --- torch helpers -------------------------------------------------------------------------------
+
+
+def seed_from(random_state: Any) -> int:
+    """An int seed for torch from an sklearn-style random_state (int, None or RandomState)."""
+    return int(check_random_state(random_state).randint(0, 2**31 - 1))
+
+
+@contextmanager
+def torch_seeded(seed: int) -> Iterator[Any]:
+    """Seed torch's global CPU RNG inside the block and restore the caller's state after.
+
+    Layer initialisation draws from the global generator; forking keeps fitting a head from
+    changing the random stream of the code around it.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def minibatches(n: int, batch_size: int, generator: Any) -> list[Any]:
+    """Shuffled index batches covering range(n) once; the last batch may be short."""
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.randperm(n, generator=generator)
+    return list(torch.split(order, batch_size))
+
+
+def check_device(device: str) -> Any:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available; use 'cpu'")
+    return dev
+
+
+def to_numpy_state(module: Any) -> dict[str, np.ndarray]:
+    """Copy a torch module's parameters to float32 numpy arrays keyed by parameter name."""
+    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in module.state_dict().items()}
+
+
+def check_positive(
+    name: str, value: Any, *, integer: bool = False, allow_zero: bool = False
+) -> None:
+    """Raise a ValueError naming the hyperparameter when it is not a positive (int) number."""
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
+    ok_type = ok_type and not isinstance(value, bool)
+    if not ok_type or not (value >= 0 if allow_zero else value > 0):
+        kind = "integer" if integer else "number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a {kind} {bound}, got {value!r}")
+
+
+def train_torch(
+    module: Any,
+    batch_loss: Callable[[Any], Any],
+    *,
+    n_rows: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    generator: Any,
+    val_loss: Callable[[], float] | None = None,
+) -> tuple[int, float | None]:
+    """Train `module` with AdamW on shuffled minibatches; keep the best epoch on validation.
+
+    Args:
+        module: the torch module whose parameters are optimised; on return it holds the
+            weights of the selected epoch.
+        batch_loss: maps a tensor of row indices to a scalar loss.
+        val_loss: evaluated after each epoch; the epoch with the lowest value is kept. Without
+            it the weights after the last epoch are kept.
+
+    Returns:
+        The selected epoch (1-based) and its validation loss (None without validation).
+    """
+    import torch
+
+    optimiser = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    best_epoch, best_loss, best_state = epochs, None, None
+    for epoch in range(1, epochs + 1):
+        module.train()
+        for idx in minibatches(n_rows, batch_size, generator):
+            optimiser.zero_grad(set_to_none=True)
+            loss = batch_loss(idx)
+            loss.backward()
+            optimiser.step()
+        if val_loss is not None:
+            module.eval()
+            with torch.no_grad():
+                current = float(val_loss())
+            logger.debug("epoch %d/%d: validation loss %.5f", epoch, epochs, current)
+            if not np.isfinite(current):
+                continue
+            if best_loss is None or current < best_loss:
+                best_epoch, best_loss = epoch, current
+                best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if best_state is not None:
+        module.load_state_dict(best_state)
+        logger.info("kept epoch %d/%d (validation loss %.5f)", best_epoch, epochs, best_loss)
+    module.eval()
+    return best_epoch, best_loss

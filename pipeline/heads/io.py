@@ -1,0 +1,168 @@
+"""Save and load fitted heads as head.json + weights.safetensors (no pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from sklearn.utils.validation import check_is_fitted
+
+from pipeline.heads._base import BaseHead
+
+FORMAT_VERSION = 1
+META_FILE = "head.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def save_head(head: BaseHead, directory: Path) -> None:
+    """Write a fitted head to `directory` without pickle.
+
+    `head.json` holds the registry name, class, `get_params()` and small learned metadata such
+    as `classes_`; `weights.safetensors` holds every array. Sub-heads of a meta head go to
+    subdirectories named in `head.json`.
+
+    Args:
+        head: a fitted head from `pipeline.heads.HEADS`.
+        directory: created if missing; existing head files in it are overwritten.
+    """
+    from pipeline.heads.registry import name_of
+
+    name = name_of(head)
+    check_is_fitted(head)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    params = {
+        key: _encode(value, f"params.{key}", arrays)
+        for key, value in head.get_params(False).items()
+    }
+    state, state_arrays = head._get_state()
+    for key, value in state_arrays.items():
+        arrays[f"state.{key}"] = value
+    fitted: dict[str, Any] = {
+        "classes_": _encode(head.classes_, "fitted.classes_", arrays),
+        "n_features_in_": int(head.n_features_in_),
+    }
+    if hasattr(head, "feature_names_in_"):
+        fitted["feature_names_in_"] = [str(f) for f in head.feature_names_in_]
+    children = []
+    for subdir, child in head._children():
+        save_head(child, directory / subdir)
+        children.append(subdir)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "head": name,
+        "class": type(head).__name__,
+        "params": params,
+        "fitted": fitted,
+        "state": {k: _encode(v, f"state.{k}", arrays) for k, v in state.items()},
+        "children": children,
+    }
+    text = json.dumps(meta, indent=2, allow_nan=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, directory / WEIGHTS_FILE)
+    (directory / META_FILE).write_text(text + "\n")
+
+
+def load_head(directory: Path) -> BaseHead:
+    """Rebuild a head written by `save_head`; it predicts exactly as the saved one.
+
+    Args:
+        directory: a directory containing head.json and weights.safetensors.
+
+    Returns:
+        The fitted head.
+    """
+    from pipeline.heads.registry import HEADS
+
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"no {META_FILE} in {directory}; point load_head at a directory written by save_head"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path} has format_version {meta.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}; re-save the head with this version of misalign"
+        )
+    name = meta["head"]
+    if name not in HEADS:
+        raise ValueError(f"{meta_path} names head {name!r}; known heads: {sorted(HEADS)}")
+    arrays = load_file(directory / WEIGHTS_FILE)
+    params = {k: _decode(v, arrays) for k, v in meta["params"].items()}
+    head = HEADS[name](**params)
+    fitted = meta["fitted"]
+    head.classes_ = _decode(fitted["classes_"], arrays)
+    head.n_features_in_ = fitted["n_features_in_"]
+    if "feature_names_in_" in fitted:
+        head.feature_names_in_ = np.asarray(fitted["feature_names_in_"], dtype=object)
+    state = {k: _decode(v, arrays) for k, v in meta["state"].items()}
+    prefix = "state."
+    state_arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+    head._set_state(state, state_arrays)
+    head._set_children([load_head(directory / sub) for sub in meta["children"]])
+    return head
+
+
+def _encode(value: Any, key: str, arrays: dict[str, np.ndarray]) -> Any:
+    """JSON form of a parameter or metadata value; arrays go to `arrays` under `key`.
+
+    Tuples and dicts with non-string keys are tagged so that `_decode` restores them exactly
+    (`get_params()` of a loaded head equals the saved one).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.generic):
+        return _encode(value.item(), key, arrays)
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biuf":
+            arrays[key] = value
+            return {"__array__": key}
+        if value.dtype.kind == "U":
+            return {"__str_array__": value.tolist(), "dtype": value.dtype.str}
+        if value.dtype.kind == "O":
+            return {"__object_array__": [_encode(v, key, arrays) for v in value.tolist()]}
+        raise TypeError(f"cannot save array {key} of dtype {value.dtype}")
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{key}.{i}", arrays) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{key}.{i}", arrays) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        items = [(k, _encode(v, f"{key}.{k}", arrays)) for k, v in value.items()]
+        if all(isinstance(k, str) and not k.startswith("__") for k, _ in items):
+            return dict(items)
+        return {"__dict__": [[_encode(k, key, arrays), v] for k, v in items]}
+    raise TypeError(
+        f"cannot save {key}={value!r} of type {type(value).__name__} in head.json; "
+        "use an int random_state and plain numbers, strings, tuples, dicts or arrays"
+    )
+
+
+def _decode(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, arrays) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__array__" in value:
+        return arrays[value["__array__"]]
+    if "__str_array__" in value:
+        return np.asarray(value["__str_array__"], dtype=value["dtype"])
+    if "__object_array__" in value:
+        out = np.empty(len(value["__object_array__"]), dtype=object)
+        out[:] = [_decode(v, arrays) for v in value["__object_array__"]]
+        return out
+    if "__tuple__" in value:
+        return tuple(_decode(v, arrays) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {_hashable(_decode(k, arrays)): _decode(v, arrays) for k, v in value["__dict__"]}
+    return {k: _decode(v, arrays) for k, v in value.items()}
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

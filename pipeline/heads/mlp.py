@@ -1,0 +1,148 @@
+"""Two-layer MLP head trained with AdamW, as in the ITEM detector."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.heads._base import (
+    BaseHead,
+    State,
+    binary_proba,
+    check_device,
+    check_positive,
+    fit_standardiser,
+    seed_from,
+    softmax_rows,
+    standardise,
+    to_numpy_state,
+    torch_seeded,
+    train_torch,
+)
+
+
+class MLPHead(BaseHead):
+    """Linear → ReLU → linear classifier on standardised features.
+
+    Binary problems use one output logit and binary cross-entropy, more classes use softmax
+    cross-entropy over `classes_`. Inputs are standardised with the training mean and standard
+    deviation, because CLIP difference features share a large common offset and have very
+    different spreads per dimension.
+
+    Parameters:
+        hidden: width of the hidden layer.
+        epochs: passes over the training rows (ITEM trains its head for 50).
+        lr: AdamW learning rate (ITEM: 1e-3).
+        weight_decay: AdamW decoupled weight decay (ITEM: 1e-3).
+        batch_size: rows per step; a training set smaller than this is one full batch.
+        random_state: seeds weight initialisation and shuffling; an int makes fit repeatable.
+        device: torch device for training; prediction always runs in numpy float64.
+
+    With `fit(..., X_val=, y_val=)` the weights of the epoch with the lowest validation
+    cross-entropy are kept (`best_epoch_`); without validation the last epoch is kept.
+    """
+
+    def __init__(
+        self,
+        hidden: int = 512,
+        epochs: int = 50,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-3,
+        batch_size: int = 64,
+        random_state: Any = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.hidden = hidden
+        self.epochs = epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.device = device
+
+    def fit(self, X: Any, y: Any, *, X_val: Any = None, y_val: Any = None) -> MLPHead:
+        """Fit on (X, y); optional (X_val, y_val) select the best epoch.
+
+        Returns:
+            self.
+        """
+        import torch
+
+        check_positive("hidden", self.hidden, integer=True)
+        check_positive("epochs", self.epochs, integer=True)
+        check_positive("batch_size", self.batch_size, integer=True)
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        device = check_device(self.device)
+        X, classes, y_idx = self._validate_train(X, y)
+        val = self._validate_val(X_val, y_val, classes)
+        self.classes_ = classes
+        self.mean_, self.scale_ = fit_standardiser(X)
+        n_out = 1 if len(classes) == 2 else len(classes)
+
+        def tensor(a: np.ndarray) -> Any:
+            return torch.as_tensor(standardise(a, self.mean_, self.scale_), dtype=torch.float32)
+
+        Xt = tensor(X).to(device)
+        yt = torch.as_tensor(y_idx).to(device)
+        if n_out == 1:
+            loss_fn: Any = torch.nn.BCEWithLogitsLoss()
+            target = yt.float().unsqueeze(1)
+        else:
+            loss_fn = torch.nn.CrossEntropyLoss()
+            target = yt
+
+        with torch_seeded(seed_from(self.random_state)) as generator:
+            net = torch.nn.Sequential(
+                torch.nn.Linear(X.shape[1], self.hidden),
+                torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden, n_out),
+            ).to(device)
+            val_loss = None
+            if val is not None:
+                Xv = tensor(val[0]).to(device)
+                yv = torch.as_tensor(val[1]).to(device)
+                tv = yv.float().unsqueeze(1) if n_out == 1 else yv
+
+                def val_loss() -> float:
+                    return float(loss_fn(net(Xv), tv))
+
+            self.best_epoch_, self.val_loss_ = train_torch(
+                net,
+                lambda idx: loss_fn(net(Xt[idx]), target[idx]),
+                n_rows=len(X),
+                epochs=self.epochs,
+                lr=self.lr,
+                weight_decay=self.weight_decay,
+                batch_size=self.batch_size,
+                generator=generator,
+                val_loss=val_loss,
+            )
+        self.weights_ = to_numpy_state(net)
+        return self
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        w = {k: v.astype(np.float64) for k, v in self.weights_.items()}
+        h = np.maximum(standardise(X, self.mean_, self.scale_) @ w["0.weight"].T + w["0.bias"], 0)
+        return h @ w["2.weight"].T + w["2.bias"]
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, columns in `classes_` order."""
+        logits = self._logits(self._validate_predict(X))
+        if len(self.classes_) == 2:
+            return binary_proba(logits[:, 0])
+        return softmax_rows(logits)
+
+    def _get_state(self) -> State:
+        meta = {"best_epoch_": self.best_epoch_, "val_loss_": self.val_loss_}
+        arrays = {"mean_": self.mean_, "scale_": self.scale_}
+        arrays.update({f"weights_.{k}": v for k, v in self.weights_.items()})
+        return meta, arrays
+
+    def _set_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.best_epoch_ = meta["best_epoch_"]
+        self.val_loss_ = meta["val_loss_"]
+        self.mean_, self.scale_ = arrays["mean_"], arrays["scale_"]
+        prefix = "weights_."
+        self.weights_ = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}

@@ -1,0 +1,155 @@
+"""Train and evaluate on synthetic feature shards: no test rows read, calibration, pseudo-labels,
+every head wired end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.special import expit, logit
+from sklearn.linear_model import LogisticRegression
+
+from pipeline import store
+from pipeline.config import ConfigError, EvaluateConfig, FeaturesConfig, TrainConfig
+from pipeline.evaluate import run_evaluate
+from pipeline.features import CLASS_PROMPTS, compute_features
+from pipeline.heads import load_head
+from pipeline.train import apply_calibration, fit_calibration, train_heads
+
+GENERATORS = ("ganA", "diffB", "diffC")
+
+
+def write_features(directory, n=240, d=6, seed=0, poison_test=False, splits=None):
+    """Two separable classes in raw-embedding space, three generators, fixed splits."""
+    rng = np.random.default_rng(seed)
+    label = np.tile([0, 1], n // 2)
+    gen = np.where(label == 0, "real", np.array(GENERATORS)[rng.integers(0, 3, n)])
+    shift = np.array([[0.0] * d] + [np.eye(d)[k] * 3 for k in range(3)])
+    which = np.where(label == 0, 0, 1 + np.searchsorted(GENERATORS, gen, sorter=[1, 0, 2]))
+    image = rng.normal(0, 1, (n, d)) + 5.0 + shift[which]
+    image[:, 0] += 6.0 * (2 * label - 1)
+    text = rng.normal(0, 1, (n, d)) - 2.0
+    split = (
+        splits if splits is not None else np.array(["train", "val", "test"])[np.arange(n) % 5 % 3]
+    )
+    if poison_test:
+        test = split == "test"
+        label = np.where(test, 1 - label, label)
+        image = np.where(test[:, None], rng.normal(0, 100, (n, d)), image)
+    clip = {
+        "image_emb": image.astype(np.float32),
+        "text_emb": text.astype(np.float32),
+        "obj_offsets": np.zeros(n + 1, np.int64),
+        "obj_image_emb": np.zeros((0, d), np.float32),
+        "obj_text_emb": np.zeros((0, d), np.float32),
+    }
+    feats = compute_features(clip, FeaturesConfig())
+    meta = {
+        "ids": np.array([f"id{i}" for i in range(n)], dtype=object),
+        "label": label.astype(np.int8),
+        "generator": gen.astype(object),
+        "split": np.asarray(split, dtype=object),
+        "family": np.where(label == 0, "real", "fam").astype(object),
+    }
+    store.write_shard(directory / store.shard_name(0), {**meta, **feats}, {})
+    store.write_shard(
+        directory / CLASS_PROMPTS,
+        {"ids": np.array(["c0", "c1"], dtype=object), "text_emb": rng.normal(size=(2, d))},
+        {},
+    )
+    return directory
+
+
+def test_default_training_never_reads_test_rows(tmp_path):
+    clean = write_features(tmp_path / "clean")
+    poisoned = write_features(tmp_path / "poisoned", poison_test=True)
+    cfg = TrainConfig(heads=["mlp", "svm", "multitask"], mlp={"epochs": 5}, multitask={"epochs": 5})
+    train_heads(clean, tmp_path / "m1", cfg, "item", seed=0)
+    train_heads(poisoned, tmp_path / "m2", cfg, "item", seed=0)
+    X = np.random.default_rng(1).normal(3, 1, (20, 6))
+    for name in cfg.heads:
+        a, b = load_head(tmp_path / "m1" / name), load_head(tmp_path / "m2" / name)
+        np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+        info1 = json.loads((tmp_path / "m1" / name / "train.json").read_text())
+        info2 = json.loads((tmp_path / "m2" / name / "train.json").read_text())
+        assert info1["calibration"] == info2["calibration"]
+        assert info1["val_threshold"] == info2["val_threshold"]
+
+
+def test_every_head_trains_and_is_evaluated(tmp_path):
+    feats = write_features(tmp_path / "f")
+    cfg = TrainConfig(
+        heads=["mlp", "svm", "multitask", "tip_adapter", "meta"],
+        mlp={"epochs": 20},
+        multitask={"epochs": 30},
+        meta={"n_folds": 3},
+    )
+    train_heads(feats, tmp_path / "models", cfg, "item", seed=0)
+    info = json.loads((tmp_path / "models" / "tip_adapter" / "train.json").read_text())
+    assert info["kind"] == "image" and info["zero_shot_prompts"] is True
+    metrics = run_evaluate(
+        feats,
+        tmp_path / "models",
+        tmp_path / "eval.json",
+        tmp_path / "scores",
+        tmp_path / "plots",
+        EvaluateConfig(),
+    )
+    assert set(metrics) == set(cfg.heads)
+    for name, block in metrics.items():
+        assert block["overall"]["acc"] > 0.8, (name, block["overall"])
+        assert set(block["per_generator"]) == set(GENERATORS)
+        assert "acc_at_val_threshold" in block["overall"]
+    mt = metrics["multitask"]["overall"]
+    for key in ("f1", "f1_macro", "f1_weighted"):
+        assert 0 <= mt[key] <= 1
+    assert (tmp_path / "plots" / "confusion" / "multitask.csv").exists()
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["mlp"]["overall"]["acc"] == pytest.approx(metrics["mlp"]["overall"]["acc"])
+
+
+def test_temperature_and_platt_calibration():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < expit(z)).astype(int)
+    overconfident = expit(3 * z)
+    cal = fit_calibration("temperature", overconfident, y)
+    assert cal["temperature"] == pytest.approx(3.0, rel=0.1)
+    np.testing.assert_allclose(apply_calibration(cal, overconfident), expit(z), atol=0.03)
+    shifted = expit(2 * z + 1)
+    platt = fit_calibration("platt", shifted, y)
+    ref = LogisticRegression(C=1e6).fit(logit(shifted)[:, None], y)
+    assert platt["a"] == pytest.approx(ref.coef_[0, 0], rel=0.02)
+    assert platt["b"] == pytest.approx(ref.intercept_[0], abs=0.03)
+    assert fit_calibration("none", shifted, y) == {"a": 1.0, "b": 0.0}
+
+
+def test_pseudo_labels_and_contamination(tmp_path):
+    n = 240
+    splits = np.array(["train", "val", "test", "unlabelled"])[(np.arange(n) // 2) % 4]
+    feats = write_features(tmp_path / "f", n=n, splits=splits)
+    cfg = TrainConfig(heads=["svm", "multitask"], multitask={"epochs": 30}, pseudo_label=True)
+    train_heads(feats, tmp_path / "m", cfg, "item", seed=0)
+    for name in cfg.heads:
+        info = json.loads((tmp_path / "m" / name / "train.json").read_text())
+        pl = info["pseudo_labels"]
+        added = pl["n_added_train"] + pl["n_added_val"]
+        assert pl["n_pool"] == n // 4 and 0 < added <= pl["n_pool"]
+        assert sum(pl["per_class"].values()) == added
+        assert abs(pl["n_added_train"] - 0.8 * added) <= 1
+        assert info["contaminated"] is False
+    bad = TrainConfig(heads=["svm"], pseudo_label=True, pseudo_pool="test")
+    with pytest.raises(ConfigError, match="pseudo_allow_eval_split"):
+        train_heads(feats, tmp_path / "m2", bad, "item", seed=0)
+    allowed = TrainConfig(
+        heads=["svm"], pseudo_label=True, pseudo_pool="test", pseudo_allow_eval_split=True
+    )
+    train_heads(feats, tmp_path / "m3", allowed, "item", seed=0)
+    metrics = run_evaluate(
+        feats,
+        tmp_path / "m3",
+        tmp_path / "e.json",
+        tmp_path / "s",
+        tmp_path / "p",
+        EvaluateConfig(),
+    )
+    assert metrics["svm"]["contaminated"] is True
