@@ -165,6 +165,20 @@ class EvaluateConfig:
     # Split scored into metrics/eval.json. Only evaluate ever reads it.
     split: str = "test"
     threshold: float = 0.5
+    # Perturbed copies of the evaluation split, each scored into metrics/eval_<name>.json
+    # (ITEM's robustness study: Gaussian noise σ on [0,1] pixels, Gaussian blur σ, JPEG quality).
+    perturbations: list[str] = field(
+        default_factory=lambda: [
+            "noise_0.001", "noise_0.005", "noise_0.01",
+            "blur_1", "blur_2", "blur_3",
+            "jpeg_75", "jpeg_50", "jpeg_25",
+        ]
+    )  # fmt: skip
+    # Other datasets to score, name -> path (folder or manifest); metrics/eval_<name>.json.
+    datasets: dict[str, str] = field(default_factory=dict)
+    # JPEG qualities of seed 003's train × test matrix (empty: skip), and the heads it trains.
+    qf_matrix: list[int] = field(default_factory=lambda: [40, 65, 90])
+    qf_heads: list[str] = field(default_factory=lambda: ["svm"])
 
 
 @dataclass
@@ -266,7 +280,34 @@ def params_from_dict(values: dict[str, Any]) -> Params:
             f"ingest.split_fractions must be three fractions (train, val, test) summing to 1, "
             f"got {params.ingest.split_fractions}"
         )
+    _check_names(params)
     return params
+
+
+def _check_names(params: Params) -> None:
+    """Cross-field checks that need the registries (heads, perturbations)."""
+    import re
+
+    from pipeline.heads.registry import HEADS
+    from pipeline.perturb import parse_perturbation
+
+    for key, names in (("train.heads", params.train.heads),
+                       ("evaluate.qf_heads", params.evaluate.qf_heads),
+                       ("train.head_kinds", list(params.train.head_kinds))):  # fmt: skip
+        unknown = [n for n in names if n not in HEADS]
+        if unknown:
+            raise ConfigError(f"{key} names unknown head(s) {unknown}; known: {sorted(HEADS)}")
+    for name in params.evaluate.perturbations:
+        try:
+            parse_perturbation(name)
+        except ValueError as err:
+            raise ConfigError(f"evaluate.perturbations: {err}") from None
+    for name in params.evaluate.datasets:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ConfigError(
+                f"evaluate.datasets name {name!r} must be letters, digits, '_', '-' or '.' "
+                "(it names cache/<name>/ and metrics/eval_<name>.json)"
+            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

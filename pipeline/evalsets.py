@@ -1,0 +1,126 @@
+"""Further evaluation sets: perturbed copies of a dataset, other datasets, the JPEG QF matrix.
+
+Each set is an ordinary dataset under `cache/<name>/` that goes through the same extraction
+(ingest → caption → ground → encode → features, with the same row cache) and is scored by the
+trained heads into `metrics/eval_<name>.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline import data as datamod
+from pipeline import store
+from pipeline.config import Params
+from pipeline.extract import run_caption, run_encode, run_ground, run_ingest
+from pipeline.features import load_features, run_features
+
+logger = logging.getLogger(__name__)
+
+STAGE_DIRS = ("ingest", "captions", "objects", "clip", "features")
+
+
+def extract_dataset(data_path: str | Path, cache: str | Path, name: str, params: Params,
+                    layout: str = "auto") -> Path:  # fmt: skip
+    """Run every extraction stage for one dataset into `cache/<stage>/`; returns the features
+    directory. Rows already in `cache` (same image, inputs and settings) are reused."""
+    c = Path(cache)
+    run_ingest(data_path, c / "ingest", params.ingest, params.base, name, layout)
+    run_caption(c / "ingest", c / "captions", params.caption, params.models, params.base, name)
+    run_ground(c / "ingest", c / "captions", c / "objects", params.ground, params.models,
+               params.base, name)  # fmt: skip
+    run_encode(c / "ingest", c / "captions", c / "objects", c / "clip", params.encode,
+               params.ground.crop_padding, params.models, params.base, name)  # fmt: skip
+    run_features(c / "ingest", c / "clip", c / "features", params.features, name)
+    return c / "features"
+
+
+def perturbed_copy(source_ingest: str | Path, perturbation: str, dest: str | Path, seed: int,
+                   splits: Sequence[str] | None = None) -> Path:  # fmt: skip
+    """Write perturbed copies of a dataset's images (deterministic) plus a manifest.
+
+    The copies keep each image's label, generator, dataset caption, split and group, so the
+    perturbed set is scored exactly like the clean one. Images are saved as PNG (lossless), so
+    what the pipeline reads is exactly what `perturb` produced.
+
+    Args:
+        splits: which splits to copy; None copies all.
+    Returns:
+        The folder holding `manifest.csv` and `images/`.
+    """
+    from pipeline.perturb import parse_perturbation, perturb
+
+    kind, severity = parse_perturbation(perturbation)
+    dest = Path(dest)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shard in store.list_shards(source_ingest):
+        root = Path(str(store.read_attrs(shard)["data_root"]))
+        data = store.read_shard(shard)
+        for i in range(len(data["ids"])):
+            if splits is not None and data["split"][i] not in splits:
+                continue
+            rows.append({k: data[k][i] for k in data} | {"_root": root})
+    if not rows:
+        raise ValueError(f"no images of splits {splits} in {source_ingest} to perturb")
+    written = set()
+    for row in tqdm(rows, desc=f"perturb {perturbation}", unit="img"):
+        rel = f"images/{row['ids'][:16]}_s{seed}.png"
+        target = dest / rel
+        if not target.exists():
+            image = datamod.load_rgb(row["_root"] / row["path"])
+            out = perturb(image, kind, severity, seed=seed, key=str(row["ids"]))
+            tmp = target.with_name(f".{target.name}.tmp")
+            out.save(tmp, format="PNG", compress_level=1)
+            tmp.replace(target)
+        written.add(target.name)
+        row["_rel"] = rel
+    for stale in (dest / "images").glob("*.png"):
+        if stale.name not in written:
+            stale.unlink()
+    columns = ["path", "label", "generator", "caption", "split", "group", "family"]
+    datamod.write_csv(
+        dest / "manifest.csv",
+        columns,
+        ([r["_rel"], int(r["label"]), r["generator"], r["caption"], r["split"], r["group"],
+          r["family"]] for r in rows),
+    )  # fmt: skip
+    logger.info("%s: %d perturbed images in %s", perturbation, len(rows), dest)
+    return dest
+
+
+def qf_matrix(feature_dirs: dict[int, Path], params: Params, eval_split: str = "test",
+              heads: Sequence[str] = ("svm",)) -> dict[str, Any]:  # fmt: skip
+    """Train each head on every JPEG quality's train split, test on every quality's eval split.
+
+    Returns:
+        `{head: {"<train_qf>": {"<test_qf>": {"acc": .., "ap": .., "auc": .., "n": ..}}}}`.
+    """
+    from pipeline.evaluate import binary_metrics
+    from pipeline.heads import make_head
+    from pipeline.train import _fit, head_kind, head_params, p_generated
+
+    out: dict[str, Any] = {}
+    for name in heads:
+        kind = head_kind(params.train, name, params.features.kind)
+        sets = {q: load_features(d, kind) for q, d in feature_dirs.items()}
+        out[name] = {}
+        for q_train, fs in sets.items():
+            tr, va = fs.where("train"), fs.where("val")
+            head = make_head(name, head_params(params.train, name, params.base.seed))
+            _fit(head, tr.X, tr.y, va.X, va.y)
+            row = {}
+            for q_test, ft in sets.items():
+                te = ft.where(eval_split)
+                m = binary_metrics(te.y, np.clip(p_generated(head, te.X), 0, 1))
+                row[str(q_test)] = {k: m[k] for k in ("acc", "ap", "auc", "n")}
+            out[name][str(q_train)] = row
+            logger.info("QF matrix %s, train QF %s: %s", name, q_train,
+                        {k: v["acc"] for k, v in row.items()})  # fmt: skip
+    return out
