@@ -297,6 +297,16 @@ def _check_names(params: Params) -> None:
         unknown = [n for n in names if n not in HEADS]
         if unknown:
             raise ConfigError(f"{key} names unknown head(s) {unknown}; known: {sorted(HEADS)}")
+    from pipeline.features import KINDS
+
+    kinds = {"features.kind": params.features.kind} | {
+        f"train.head_kinds.{h}": k for h, k in params.train.head_kinds.items()
+    }
+    for key, kind in kinds.items():
+        if kind not in KINDS:
+            raise ConfigError(
+                f"{key} = {kind!r} is not a feature kind; choose one of {sorted(KINDS)}"
+            )
     for name in params.evaluate.perturbations:
         try:
             parse_perturbation(name)

@@ -49,15 +49,21 @@ def run_ingest(
     Writes `manifest.csv` (resolved, one row per kept image), `quarantine.csv`,
     `duplicates.csv` and `shard_*.h5` (ids, path, label, generator, split, caption, ...).
     """
+    root, records = datamod.resolve_dataset(data_path, layout)
+    return ingest_records(root, records, out_dir, cfg, base, dataset)
+
+
+def ingest_records(root: Path, records: Sequence[datamod.Record], out_dir: str | Path,
+                   cfg: IngestConfig, base: BaseConfig, dataset: str) -> datamod.IngestResult:  # fmt: skip
+    """`run_ingest` for records already in hand (e.g. the files given to `misalign predict`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    root, records = datamod.resolve_dataset(data_path, layout)
     result = datamod.ingest(
         root, records, fractions=cfg.split_fractions, seed=base.seed, min_side=cfg.min_side
     )
     if not result.items:
         raise datamod.DatasetError(
-            f"no usable image in {data_path}: all {len(records)} were quarantined "
+            f"no usable image in {root}: all {len(records)} were quarantined "
             f"(see {out_dir / 'quarantine.csv'})"
         )
     columns = datamod.item_columns()

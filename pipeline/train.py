@@ -225,8 +225,11 @@ def train_heads(
             "features_dir": str(features_dir),
             "contaminated": contaminated,
         }
-        if pool_split:
-            pool = fs.where(pool_split)
+        pool = fs.where(pool_split) if pool_split else None
+        if pool is not None and not len(pool.y):
+            logger.warning("pseudo-labelling: the %r split is empty; nothing to add", pool_split)
+            info["pseudo_labels"] = {"n_pool": 0}
+        elif pool is not None:
             pl = pseudo_label(head, pool, cfg.pseudo_threshold, seed)
             pred = pl["pred"]
             pseudo_y = (

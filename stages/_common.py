@@ -33,6 +33,7 @@ def run(
     argv: Sequence[str] | None,
     ap: argparse.ArgumentParser,
     body: Callable[[argparse.Namespace, Params], None],
+    needs_models: bool = False,
 ) -> int:
     """Parse args, load params, run `body`; user errors exit 1 with one clear message."""
     logging.basicConfig(
@@ -46,6 +47,12 @@ def run(
                 "models.preset=tiny: every model is small and RANDOM; results are meaningless "
                 "and marked preset=tiny in every output"
             )
+        if needs_models:
+            # Every model of the run is checked up front, so that a missing one is reported
+            # before hours of work by an earlier stage, together with the others.
+            from pipeline.models import check_weights, needed_roles
+
+            check_weights(params.models, needed_roles(params))
         body(args, params)
     except _user_errors() as err:
         print(f"error in stage {name}: {err}", file=sys.stderr)

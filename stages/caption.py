@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_caption(args.ingest, args.out, params.caption, params.models, params.base, args.name)
 
-    return run("caption", argv, ap, body)
+    return run("caption", argv, ap, body, needs_models=True)
 
 
 if __name__ == "__main__":

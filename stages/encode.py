@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.name,
         )
 
-    return run("encode", argv, ap, body)
+    return run("encode", argv, ap, body, needs_models=True)
 
 
 if __name__ == "__main__":

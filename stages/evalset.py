@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=args.split,
         )
 
-    return run("evalset", argv, ap, body)
+    return run("evalset", argv, ap, body, needs_models=True)
 
 
 if __name__ == "__main__":

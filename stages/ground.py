@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.name,
         )
 
-    return run("ground", argv, ap, body)
+    return run("ground", argv, ap, body, needs_models=True)
 
 
 if __name__ == "__main__":

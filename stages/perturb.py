@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             split=split,
         )
 
-    return run("perturb", argv, ap, body)
+    return run("perturb", argv, ap, body, needs_models=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         matrix = qf_matrix(dirs, params, params.evaluate.split, params.evaluate.qf_heads)
         write_json_atomic(args.metrics, matrix)
 
-    return run("qf_matrix", argv, ap, body)
+    return run("qf_matrix", argv, ap, body, needs_models=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ def _params(tmp, **overrides):
     params["models"]["preset"] = "tiny"
     params["ingest"]["shard_size"] = 8
     params["train"]["mlp"]["epochs"] = 20
+    params["train"]["meta"]["n_folds"] = 2  # the smallest test datasets have 3-4 real images
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         params[section][key] = value
@@ -155,7 +157,10 @@ def test_features_equal_recomputation_from_stored_embeddings(run):
 def test_metrics_cover_every_head_and_test_generator(run):
     work, _, _, cache = run
     metrics = json.loads((work / "metrics" / "eval.json").read_text())
-    assert set(metrics) == {"mlp", "svm"}
+    configured = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["heads"]
+    assert set(metrics) == set(configured) and {"mlp", "svm", "multitask"} <= set(metrics)
+    for key in ("f1", "f1_macro", "f1_weighted"):  # CT2's metrics for the multi-task head
+        assert 0.0 <= metrics["multitask"]["overall"][key] <= 1.0
     feats = _all(cache / "features", ["ids", "label", "generator", "split"])
     test_gens = {
         g
@@ -240,24 +245,77 @@ def test_user_errors_exit_1_with_a_message(tmp_path, capsys, monkeypatch):
         )
         == 0
     )
-    assert (
-        encode.main(
-            [
-                "--params",
-                params,
-                "--ingest",
-                f"{tmp_path}/i",
-                "--captions",
-                "c",
-                "--objects",
-                "o",
-                "--out",
-                f"{tmp_path}/clip",
-                "--name",
-                "t",
-            ]
-        )
-        == 1
-    )
+    common = ["--params", params, "--ingest", f"{tmp_path}/i", "--name", "t"]
+    start = time.perf_counter()
+    assert caption.main([*common, "--out", f"{tmp_path}/captions"]) == 1
+    assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    for name in ("ViT-L-14/openai", "Salesforce/blip2-opt-2.7b", "grounding-dino-base"):
+        assert name in err
+    assert "models.preset=tiny" in err
+    assert not store.list_shards(tmp_path / "captions")
+    args = [*common, "--captions", "c", "--objects", "o", "--out", f"{tmp_path}/clip"]
+    assert encode.main(args) == 1
     assert "ViT-L-14/openai" in capsys.readouterr().err
     assert not store.list_shards(tmp_path / "clip")
+
+
+def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    work, data, params, _ = run
+    images = sorted((data / "images").iterdir())[:3]
+    out, cache = tmp_path / "pred.csv", tmp_path / "pcache"
+    args = ["predict", "--head", str(work / "models" / "multitask"), "--out", str(out),
+            "--params", params, "--cache", str(cache), *map(str, images)]  # fmt: skip
+    assert cli(args) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "id", "p_generated", "decision", "generator", "caption"]
+    assert [r["path"] for r in rows] == [str(p) for p in images]
+    for r, p in zip(rows, images):
+        assert r["id"] == hashlib.sha256(p.read_bytes()).hexdigest()
+        assert 0.0 <= float(r["p_generated"]) <= 1.0 and r["decision"] in ("real", "generated")
+        assert r["caption"]
+        assert (r["generator"] == "") == (r["decision"] == "real") or r["generator"] != "real"
+    assert cli(args) == 0  # second time: everything comes from the cache
+    timings = json.loads((cache / "clip" / "timings.json").read_text())
+    assert timings["n_processed"] == 0 and timings["n_reused"] == 3
+    assert cli(["predict", "--head", str(work / "models" / "mlp"), "--out", str(out),
+                "--params", params, str(tmp_path / "nope.png")]) == 1  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_info_describes_shards(run, capsys):
+    from pipeline.cli import main as cli
+
+    cache = run[3]
+    assert cli(["info", str(cache / "clip")]) == 0
+    out = capsys.readouterr().out
+    for word in ("schema_version", "image_emb", "obj_offsets", "preset = tiny", "shards"):
+        assert word in out
+
+
+def test_optional_encoders_give_their_feature_kinds(run, tmp_path):
+    """BERT caption features (CT2), DINOv2 and colour histograms (seed 003) as feature kinds."""
+    from pipeline.features import load_features
+
+    work, _, _, cache = run
+    params = _params(tmp_path, **{"encode.bert": True, "encode.dinov2": True,
+                                  "encode.color_bins": 8})  # fmt: skip
+    common = ["--params", params, "--name", "t"]
+    assert encode.main(["--ingest", f"{cache}/ingest", "--captions", f"{cache}/captions",
+                        "--objects", f"{cache}/objects", "--out", f"{tmp_path}/clip"]
+                       + common) == 0  # fmt: skip
+    assert features.main(["--ingest", f"{cache}/ingest", "--clip", f"{tmp_path}/clip",
+                          "--out", f"{tmp_path}/features"] + common) == 0  # fmt: skip
+    n = len(_all(cache / "ingest", ["ids"])["ids"])
+    image = load_features(tmp_path / "features", "image").X
+    for kind in ("bert_image", "dinov2", "color", "image_color", "image_dinov2"):
+        X = load_features(tmp_path / "features", kind).X
+        assert X.shape[0] == n and np.isfinite(X).all(), kind
+    color = load_features(tmp_path / "features", "color").X
+    assert color.shape[1] == 9 * 8
+    np.testing.assert_allclose(color.reshape(n, 9, 8).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(
+        load_features(tmp_path / "features", "image_color").X[:, : image.shape[1]], image
+    )

@@ -63,6 +63,17 @@ def load_model(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
     )
 
 
+def needed_roles(params: Any) -> list[str]:
+    """Every model a full run with these params loads."""
+    roles = ["clip"]
+    if params.caption.source != "dataset":
+        roles.append("captioner")
+    if params.ground.enabled:
+        roles.append("grounder")
+    roles += [r for r, on in (("bert", params.encode.bert), ("dinov2", params.encode.dinov2)) if on]
+    return roles
+
+
 def check_weights(models: ModelsConfig, roles: list[str] | tuple[str, ...]) -> None:
     """Raise `WeightsMissing` listing every needed model whose weights are absent.
 

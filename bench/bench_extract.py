@@ -1,0 +1,169 @@
+"""Benchmark of the extraction cache, side by side in one run (this machine is noisy).
+
+Runs caption → ground → encode with the tiny preset on the shipped sample three ways and
+prints the ratios: a first run, a rerun with nothing new (every row reused), and a rerun after
+adding a few images (only those computed); plus the encode stage with and without the
+once-per-run text memo, and the local loop against Dask with 2 worker processes.
+
+    python bench/bench_extract.py [--n-new 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import extract  # noqa: E402
+from pipeline.config import params_from_dict  # noqa: E402
+
+
+def _stages(data: Path, cache: Path, params) -> dict[str, float]:
+    t = {}
+    start = time.perf_counter()
+    extract.run_ingest(data, cache / "ingest", params.ingest, params.base, "bench")
+    t["ingest"] = time.perf_counter() - start
+    for name, call in (
+        ("caption", lambda: extract.run_caption(cache / "ingest", cache / "captions",
+                                                params.caption, params.models, params.base,
+                                                "bench")),
+        ("ground", lambda: extract.run_ground(cache / "ingest", cache / "captions",
+                                              cache / "objects", params.ground, params.models,
+                                              params.base, "bench")),
+        ("encode", lambda: extract.run_encode(cache / "ingest", cache / "captions",
+                                              cache / "objects", cache / "clip", params.encode,
+                                              params.ground.crop_padding, params.models,
+                                              params.base, "bench")),
+    ):  # fmt: skip
+        start = time.perf_counter()
+        call()
+        t[name] = time.perf_counter() - start
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n-new", type=int, default=3)
+    ap.add_argument("--n-images", type=int, default=40, help="sample images in the base set")
+    args = ap.parse_args()
+    params = params_from_dict({"models": {"preset": "tiny"}, "ingest": {"shard_size": 16}})
+    work = Path(tempfile.mkdtemp(prefix="misalign-bench-"))
+    src = ROOT / "data" / "sample"
+    rows = list(csv.DictReader((src / "manifest.csv").open()))
+    base, extra = rows[: args.n_images], rows[args.n_images : args.n_images + args.n_new]
+    data = work / "data"
+    for r in base + extra:
+        (data / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / r["file"], data / r["file"])
+
+    def manifest(chosen):
+        with (data / "manifest.csv").open("w", newline="") as fh:
+            w = csv.DictWriter(fh, list(rows[0]))
+            w.writeheader()
+            w.writerows(chosen)
+
+    manifest(base)
+    cache = work / "cache"
+    first = _stages(data, cache, params)
+    again = _stages(data, cache, params)
+    manifest(base + extra)
+    grown = _stages(data, cache, params)
+
+    # Encode without the run-wide text memo: every shard encodes its own strings.
+    original = extract.encode_texts_once
+    sent = {"memo": 0, "no_memo": 0}
+
+    def counting(encoder, texts, batch_size, memo=None, key="memo"):
+        before = len(memo) if memo is not None else 0
+        out = original(encoder, texts, batch_size, memo)
+        sent[key] += (len(memo) - before) if memo is not None else len(set(texts))
+        return out
+
+    extract.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, m, "memo")
+    shutil.rmtree(cache / "clip")
+    t0 = time.perf_counter()
+    extract.run_encode(
+        cache / "ingest",
+        cache / "captions",
+        cache / "objects",
+        cache / "clip",
+        params.encode,
+        params.ground.crop_padding,
+        params.models,
+        params.base,
+        "b",
+    )
+    t_memo = time.perf_counter() - t0
+    extract.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, None, "no_memo")
+    shutil.rmtree(cache / "clip")
+    t0 = time.perf_counter()
+    extract.run_encode(
+        cache / "ingest",
+        cache / "captions",
+        cache / "objects",
+        cache / "clip",
+        params.encode,
+        params.ground.crop_padding,
+        params.models,
+        params.base,
+        "b",
+    )
+    t_no_memo = time.perf_counter() - t0
+    extract.encode_texts_once = original
+
+    dask_params = params_from_dict(
+        {
+            "models": {"preset": "tiny"},
+            "ingest": {"shard_size": 16},
+            "base": {"scheduler": "dask", "n_workers": 2},
+        }
+    )
+    shutil.rmtree(cache / "clip")
+    t0 = time.perf_counter()
+    extract.run_encode(
+        cache / "ingest",
+        cache / "captions",
+        cache / "objects",
+        cache / "clip",
+        params.encode,
+        params.ground.crop_padding,
+        params.models,
+        dask_params.base,
+        "b",
+    )
+    t_dask = time.perf_counter() - t0
+
+    print(f"images: {args.n_images} base + {args.n_new} new, shard size 16, tiny preset")
+    print(
+        f"{'stage':8s} {'first s':>8s} {'rerun s':>8s} {'+new s':>8s} {'rerun/first':>12s} "
+        f"{'+new/first':>11s}"
+    )
+    for s in ("caption", "ground", "encode"):
+        print(
+            f"{s:8s} {first[s]:8.2f} {again[s]:8.2f} {grown[s]:8.2f} "
+            f"{again[s] / first[s]:12.3f} {grown[s] / first[s]:11.3f}"
+        )
+    print(
+        f"encode with run-wide text memo {t_memo:.2f}s ({sent['memo']} strings encoded), "
+        f"per shard only {t_no_memo:.2f}s ({sent['no_memo']} strings); "
+        f"ratio {t_memo / t_no_memo:.3f}"
+    )
+    print(
+        f"encode local {t_memo:.2f}s vs Dask 2 workers {t_dask:.2f}s; "
+        f"ratio dask/local {t_dask / t_memo:.3f}"
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process: {peak:.0f} MiB")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

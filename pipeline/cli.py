@@ -1,0 +1,127 @@
+"""The `misalign` command: predict, report, info, protocol (DVC runs the stages)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_params
+
+logger = logging.getLogger(__name__)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import h5py
+
+    from pipeline import store
+
+    target = Path(args.path)
+    shards = store.list_shards(target) if target.is_dir() else [target]
+    if not shards:
+        raise store.ShardError(f"no shards in {target}")
+    total = 0
+    for shard in shards:
+        with h5py.File(shard, "r") as fh:
+            n = len(fh["ids"]) if "ids" in fh else 0
+            total += n
+            if shard is shards[0] or not target.is_dir():
+                sys.stdout.write(f"{shard}  ({n} images)\n")
+                for key, value in sorted(fh.attrs.items()):
+                    sys.stdout.write(f"  @{key} = {value}\n")
+                for key in sorted(fh.keys()):
+                    ds = fh[key]
+                    sys.stdout.write(f"  {key:16s} {str(ds.shape):14s} {ds.dtype}\n")
+    if target.is_dir():
+        sys.stdout.write(f"{len(shards)} shards, {total} images in {target}\n")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import predict
+
+    params = load_params(args.params)
+    threshold = args.threshold if args.threshold == "val" else float(args.threshold)
+    rows = predict(args.head, args.inputs, args.out, params, args.cache, threshold)
+    sys.stdout.write(f"wrote {len(rows)} predictions to {args.out}\n")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipeline.report import report_for_dataset
+
+    params = load_params(args.params)
+    path = report_for_dataset(
+        Path(args.cache) / params.data.name,
+        Path(args.metrics),
+        Path(args.out),
+        params.features.kind,
+        params.base.seed,
+    )
+    sys.stdout.write(f"report written to {path}\n")
+    return 0
+
+
+def _protocol(args: argparse.Namespace) -> int:
+    from pipeline.protocols import list_protocols, protocol_args
+
+    if args.list or not args.name:
+        for name, description in list_protocols().items():
+            sys.stdout.write(f"{name:8s} {description}\n")
+        return 0
+    sys.stdout.write(" ".join(protocol_args(args.name, args.data_root)) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="misalign", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="score images or folders with a trained head")
+    p.add_argument("--head", required=True, help="trained head folder, e.g. models/mlp")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--params", default="params.yaml", help="models and extraction settings")
+    p.add_argument("--cache", default="cache/predict", help="row cache for these images")
+    p.add_argument("--threshold", default="val",
+                   help="'val' (chosen on val at training) or a number")  # fmt: skip
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.set_defaults(func=_predict)
+
+    r = sub.add_parser("report", help="write the HTML report of the last run")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--cache", default="cache", help="cache root (default: cache)")
+    r.add_argument("--metrics", default="metrics", help="metrics folder")
+    r.add_argument("--out", default="report", help="output folder (index.html)")
+    r.set_defaults(func=_report)
+
+    i = sub.add_parser("info", help="describe a shard or a stage folder")
+    i.add_argument("path")
+    i.set_defaults(func=_info)
+
+    c = sub.add_parser("protocol", help="print the -S arguments of a named protocol")
+    c.add_argument("name", nargs="?")
+    c.add_argument("--data-root", default="", help="folder holding the protocol's datasets")
+    c.add_argument("--list", action="store_true")
+    c.set_defaults(func=_protocol)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from pipeline.data import DatasetError
+    from pipeline.models.hf import ModelWeightsMissing
+    from pipeline.store import ShardError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, DatasetError, ModelWeightsMissing, ShardError, FileNotFoundError,
+            ValueError) as err:  # fmt: skip
+        sys.stderr.write(f"misalign {args.command}: error: {err}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

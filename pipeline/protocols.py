@@ -1,0 +1,53 @@
+"""Named protocols of the seed papers: a file of params overrides per protocol (protocols/).
+
+`misalign protocol item --data-root /data` prints the `-S key=value` arguments, so that
+`eval "dvc exp run $(misalign protocol item --data-root /data)"` runs the protocol as a tracked
+experiment without editing params.yaml.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError
+
+PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "protocols"
+
+
+def _load(name: str) -> dict[str, Any]:
+    path = PROTOCOL_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(list_protocols())) or "none"
+        raise ConfigError(f"unknown protocol {name!r}; known protocols: {known}")
+    data: dict[str, Any] = yaml.safe_load(path.read_text())
+    return data
+
+
+def list_protocols() -> dict[str, str]:
+    """Protocol name -> one-line description."""
+    return {
+        p.stem: " ".join(str(yaml.safe_load(p.read_text()).get("description", "")).split())
+        for p in sorted(PROTOCOL_DIR.glob("*.yaml"))
+    }
+
+
+def protocol_args(name: str, data_root: str = "") -> list[str]:
+    """`-S key=value` arguments of a protocol, with `{data_root}` filled in (shell-quoted)."""
+    params = _load(name).get("params", {})
+    out: list[str] = []
+    for key, value in params.items():
+        text = str(value)
+        if "{data_root}" in text:
+            if not data_root:
+                raise ConfigError(
+                    f"protocol {name!r} reads datasets under --data-root (for {key}); give the "
+                    "folder that holds them"
+                )
+            text = text.replace("{data_root}", data_root.rstrip("/"))
+        # "++" (Hydra syntax, as DVC uses it) sets a key whether or not params.yaml has it yet.
+        out += ["-S", shlex.quote(f"++{key}={text}")]
+    return out

@@ -1,0 +1,43 @@
+"""Protocol presets turn into `dvc exp run -S` arguments that params.yaml accepts."""
+
+import shlex
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, params_from_dict
+from pipeline.protocols import list_protocols, protocol_args
+from tests.helpers import ROOT
+
+
+def _apply(args):
+    """Apply `++key=value` overrides the way DVC does, to the shipped params.yaml."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for flag, item in zip(args[::2], args[1::2]):
+        assert flag == "-S"
+        key, value = shlex.split(item)[0].removeprefix("++").split("=", 1)
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return params
+
+
+@pytest.mark.parametrize("name", ["item", "ct2", "qf"])
+def test_every_protocol_yields_valid_params(name):
+    assert name in list_protocols()
+    params = params_from_dict(_apply(protocol_args(name, "/data")))
+    if name == "qf":
+        assert params.evaluate.qf_matrix == [40, 65, 90] and params.features.kind == "image"
+    if name == "item":
+        assert params.evaluate.datasets == {"ufd_test": "/data/UniversalFakeDetect/test"}
+    if name == "ct2":
+        assert params.train.head_kinds["multitask"] == "bert_image" and params.encode.bert
+
+
+def test_protocol_errors():
+    with pytest.raises(ConfigError, match="known protocols"):
+        protocol_args("nope")
+    with pytest.raises(ConfigError, match="--data-root"):
+        protocol_args("item")

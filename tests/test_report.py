@@ -1,0 +1,501 @@
+"""The HTML report: sections, embedded images, escaping, the tiny banner, and a headless browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import select
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import store
+from pipeline.evaluate import Scores, evaluate_scores, write_json_atomic
+from pipeline.report import build_report
+from tests.helpers import make_image
+
+CHROMIUM = Path("/usr/bin/chromium")
+SECTIONS = ("run", "summary", "curves", "robustness", "qf-matrix", "tsne", "gallery")
+EVIL_CAPTION = '<script>alert("caption")</script> a dog & a "cat"'
+EVIL_PHRASE = "<b>café ☕</b>"
+
+# 12 images, real and generated alternating (so any prefix holds both): 6 real, 6 from three
+# generators; 8 in test (4 real, 4 generated, every generator), 4 in train.
+GENERATORS = ["real", "sd14", "real", "midjourney", "real", "dalle2"] * 2
+SPLITS = ["test"] * 8 + ["train"] * 4
+
+
+def make_run(root: Path, preset: str = "tiny", n_images: int = 12) -> dict[str, Path]:
+    """Every input of the report for `n_images` small images, as the pipeline writes them."""
+    data = root / "data"
+    dirs = {
+        name: root / "cache" / name
+        for name in ("ingest", "captions", "objects", "features", "scores")
+    }
+    dirs["metrics"] = root / "metrics"
+    label = np.array([0 if g == "real" else 1 for g in GENERATORS[:n_images]], dtype=np.int8)
+    generator = np.array(GENERATORS[:n_images], dtype=object)
+    split = np.array(SPLITS[:n_images], dtype=object)
+    ids = np.array([f"{k:064x}" for k in range(n_images)], dtype=object)
+    paths = []
+    for k in range(n_images):
+        size = (64, 48) if k % 2 else (40, 80)
+        make_image(data / generator[k] / f"img_{k}.png", seed=k, size=size)
+        paths.append(f"{generator[k]}/img_{k}.png")
+    rng = np.random.default_rng(0)
+    # Object k of image i: image 0 gets the hostile phrase, odd images none, a reversed box.
+    counts = np.array([2 if i % 2 == 0 else 0 for i in range(n_images)])
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n_obj = int(offsets[-1])
+    boxes = np.tile(np.array([[4.0, 6.0, 30.0, 40.0], [35.0, 70.0, 2.0, 20.0]]), (n_obj // 2, 1))
+    phrases = np.array([EVIL_PHRASE if j == 0 else f"thing {j}" for j in range(n_obj)], object)
+    captions = np.array(
+        [EVIL_CAPTION if i == 0 else f"caption of image {i}" for i in range(n_images)], object
+    )
+    features = rng.normal(size=(n_images, 8)).astype(np.float32) + label[:, None] * 2.0
+    half = (n_images + 1) // 2
+    for s, rows in enumerate((slice(0, half), slice(half, n_images))):
+        base = {"ids": ids[rows]}
+        ingest = {**base, "path": np.array(paths, object)[rows], "label": label[rows]}
+        ingest |= {"generator": generator[rows], "split": split[rows]}
+        common = {"dataset": "fixture", "model": "", "preset": preset}
+        name = store.shard_name(s)
+        store.write_shard(
+            dirs["ingest"] / name,
+            ingest,
+            {**common, "stage": "ingest", "preset": "", "data_root": str(data)},
+        )
+        sources = np.array(["dataset"] * len(base["ids"]), dtype=object)
+        store.write_shard(
+            dirs["captions"] / name,
+            {**base, "caption": captions[rows], "caption_source": sources},
+            {**common, "stage": "captions"},
+        )
+        lo, hi = offsets[rows.start], offsets[rows.stop]
+        store.write_shard(
+            dirs["objects"] / name,
+            {
+                **base,
+                "obj_offsets": offsets[rows.start : rows.stop + 1] - lo,
+                "obj_boxes": boxes[lo:hi],
+                "obj_phrase": phrases[lo:hi],
+                "obj_score": np.linspace(0.3, 0.9, n_obj)[lo:hi],
+            },
+            {**common, "stage": "objects"},
+        )
+        store.write_shard(
+            dirs["features"] / name,
+            {
+                **base,
+                "label": label[rows],
+                "generator": generator[rows],
+                "split": split[rows],
+                "family": generator[rows],
+                "D": features[rows],
+            },
+            {**common, "stage": "features"},
+        )
+    test = split == "test"
+    p = 1 / (1 + np.exp(-(features[:, 0] - 1.0)))
+    true_class = np.where(label == 1, generator, "real")
+    pred_class = true_class.copy()
+    pred_class[:2] = true_class[2:4][::-1]  # a couple of mistakes
+    heads = {
+        "mlp": Scores(ids, label, generator, split, p),
+        "multitask": Scores(ids, label, generator, split, p[::-1].copy(), pred_class),
+    }
+    metrics = {}
+    for head, scores in heads.items():
+        scores = scores.subset(test)
+        scores.to_csv(dirs["scores"] / f"{head}.csv")
+        metrics[head] = evaluate_scores(scores)
+    write_json_atomic(dirs["metrics"] / "eval.json", metrics)
+    for name, shift in (("noise_0.005", 0.9), ("jpeg_75", 0.8), ("jpeg_50", 0.6)):
+        degraded = {h: _scaled(m, shift) for h, m in metrics.items()}
+        write_json_atomic(dirs["metrics"] / f"eval_{name}.json", degraded)
+    write_json_atomic(dirs["metrics"] / "eval_other_ds.json", {"mlp": _scaled(metrics["mlp"], 0.5)})
+    qf = {
+        h: {
+            tr: {te: {"acc": 0.5 + 0.004 * float(te), "ap": None} for te in ("50", "75", "95")}
+            for tr in ("raw", "75")
+        }
+        for h in metrics
+    }
+    write_json_atomic(dirs["metrics"] / "qf_matrix.json", qf)
+    return dirs
+
+
+def _scaled(block: dict[str, Any], factor: float) -> dict[str, Any]:
+    out = {"overall": dict(block["overall"]), "per_generator": {}}
+    for key in ("acc", "ap"):
+        value = block["overall"][key]
+        out["overall"][key] = None if value is None else value * factor
+    return out
+
+
+def build(dirs: dict[str, Path], out: Path, **kwargs: Any) -> Path:
+    return build_report(
+        out,
+        metrics_dir=dirs["metrics"],
+        scores_dir=dirs["scores"],
+        features_dir=dirs["features"],
+        ingest_dir=dirs["ingest"],
+        captions_dir=dirs["captions"],
+        objects_dir=dirs["objects"],
+        **kwargs,
+    )
+
+
+class _Page(HTMLParser):
+    """Image sources, section ids and the text of each section of a report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.sections: dict[str, str] = {}
+        self.notes: dict[str, list[str]] = {}
+        self.tags: set[str] = set()
+        self._section: str | None = None
+        self._in_note = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.tags.add(tag)
+        if tag == "img":
+            self.images.append(a.get("src") or "")
+        if tag == "section":
+            self._section = a["id"]
+            self.sections[self._section or ""] = ""
+        self._in_note = tag == "p" and a.get("class") == "note"
+
+    def handle_data(self, data: str) -> None:
+        if self._section is not None:
+            self.sections[self._section] += data
+            if self._in_note:
+                self.notes.setdefault(self._section, []).append(data)
+
+
+def parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("run")
+    dirs = make_run(root)
+    return build(dirs, root / "report"), dirs
+
+
+def test_report_has_every_section_with_content(report: tuple[Path, dict[str, Path]]) -> None:
+    path, dirs = report
+    assert path == dirs["metrics"].parent / "report" / "index.html" and path.is_file()
+    page = parse(path)
+    assert tuple(page.sections) == SECTIONS
+    assert page.notes == {}, "no section should be skipped when every input is present"
+    metrics = json.loads((dirs["metrics"] / "eval.json").read_text())
+    acc = metrics["mlp"]["overall"]["acc"]
+    assert f"{100 * acc:.1f}%" in page.sections["summary"]
+    for generator in ("sd14", "midjourney", "dalle2"):
+        assert generator in page.sections["summary"]
+    assert "Per generator: multitask" in page.sections["summary"]
+    assert "other_ds" in page.sections["summary"]  # a non-perturbation evaluation set
+    assert "Attribution confusion matrix: multitask" in page.sections["curves"]
+    assert "confusion matrix: mlp" not in page.sections["curves"]  # no pred_class
+    # Robustness: clean first, then increasing damage (JPEG quality decreasing).
+    text = page.sections["robustness"]
+    assert re.search(r"clean\s*σ 0\.005", text) and re.search(r"clean\s*q 75\s*q 50", text)
+    html = path.read_text(encoding="utf-8")
+    assert "<h3>noise</h3>" in html and "<h3>jpeg</h3>" in html
+    assert "<h3>blur</h3>" not in html  # no blur files, no blur block
+    assert "perplexity 3.7" in page.sections["tsne"]  # (12 - 1) / 3
+    assert page.sections["gallery"].count("caption source: dataset") == 12
+
+
+def test_every_image_is_an_embedded_valid_picture(report: tuple[Path, dict[str, Path]]) -> None:
+    path, _ = report
+    page = parse(path)
+    # curves 1 + confusion 1 + robustness 2 kinds + QF 2 heads + t-SNE 1 + gallery 12
+    assert len(page.images) == 19
+    for src in page.images:
+        match = re.fullmatch(r"data:image/(png|jpeg);base64,([A-Za-z0-9+/=]+)", src)
+        assert match, src[:60]
+        with Image.open(io.BytesIO(base64.b64decode(match[2], validate=True))) as img:
+            assert img.format.lower() == match[1]
+            img.load()
+            assert min(img.size) > 10
+    html = path.read_text(encoding="utf-8")
+    assert "<script" not in html.lower() and "<link" not in html.lower()
+    assert not re.search(r"(src|href)=\"(?!data:|#)", html), "only data: URIs and #anchors"
+    assert "http://" not in html and "https://" not in html
+
+
+def test_user_and_model_text_is_escaped(report: tuple[Path, dict[str, Path]]) -> None:
+    path, _ = report
+    html = path.read_text(encoding="utf-8")
+    assert EVIL_CAPTION not in html and "<b>café" not in html
+    assert "&lt;script&gt;alert(&quot;caption&quot;)&lt;/script&gt; a dog &amp; a" in html
+    assert "&lt;b&gt;café ☕&lt;/b&gt;" in html
+    assert parse(path).sections["gallery"].count(EVIL_CAPTION) == 1  # shown, as text
+
+
+def test_tiny_preset_shows_a_banner_and_other_presets_do_not(
+    report: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    html = report[0].read_text(encoding="utf-8")
+    assert 'id="tiny-banner"' in html and "MEANINGLESS" in html
+    dirs = make_run(tmp_path, preset="paper", n_images=4)
+    html = build(dirs, tmp_path / "report").read_text(encoding="utf-8")
+    assert 'id="tiny-banner"' not in html and "MEANINGLESS" not in html
+    assert "paper" in parse(tmp_path / "report" / "index.html").sections["run"]
+
+
+def test_absent_inputs_leave_a_note_per_section(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing"
+    path = build_report(
+        tmp_path / "report",
+        metrics_dir=missing,
+        scores_dir=missing,
+        features_dir=missing,
+        ingest_dir=missing,
+        captions_dir=missing,
+        objects_dir=missing,
+    )
+    page = parse(path)
+    assert tuple(page.sections) == SECTIONS
+    assert set(page.notes) == set(SECTIONS)
+    assert page.images == []
+    assert "eval.json" in " ".join(page.notes["summary"])
+    assert "features stage" in " ".join(page.notes["tsne"])
+
+
+def test_small_runs_skip_tsne_and_gallery_shows_missing_files(tmp_path: Path) -> None:
+    dirs = make_run(tmp_path, n_images=4)
+    (tmp_path / "data" / "real" / "img_2.png").unlink()
+    page = parse(build(dirs, tmp_path / "report"))
+    assert "at least 5 images" in " ".join(page.notes["tsne"])
+    assert "cannot open" in page.sections["gallery"] and "img_2.png" in page.sections["gallery"]
+    assert sum(src.startswith("data:image/jpeg") for src in page.images) == 3
+
+
+def test_report_is_repeatable_byte_for_byte(
+    report: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    path, dirs = report
+    again = build(dirs, tmp_path / "again")
+    assert again.read_bytes() == path.read_bytes(), "same inputs and seed, same report"
+
+
+def test_gallery_is_seeded_mixed_and_prefers_test(tmp_path: Path) -> None:
+    dirs = make_run(tmp_path)
+    # Only the gallery's inputs: the other sections are skipped, which keeps this test fast.
+    dirs |= {
+        "metrics": tmp_path / "none",
+        "scores": tmp_path / "none",
+        "features": tmp_path / "none",
+    }
+    galleries = {}
+    for seed in range(4):
+        html = build(dirs, tmp_path / f"seed{seed}", n_gallery=4, seed=seed).read_text()
+        galleries[seed] = html[html.index('<section id="gallery">') :]
+    gallery = galleries[0]
+    assert gallery.count('class="tag real"') == 2 and gallery.count('class="tag generated"') == 2
+    assert gallery.count("split test") == 4
+    # The two generated test images come from two different generators.
+    assert len(set(re.findall(r"generated · (\w+)", gallery))) == 2
+    picked = {tuple(re.findall(r"img_\d+\.png", g)) for g in galleries.values()}
+    assert len(picked) > 1, "the seed changes the choice"
+    assert all(len(set(p)) == 4 for p in picked)
+
+
+def test_malformed_metrics_name_the_file(tmp_path: Path) -> None:
+    dirs = make_run(tmp_path, n_images=4)
+    (dirs["metrics"] / "eval.json").write_text('{"mlp": [1, 2]}')
+    with pytest.raises(ValueError, match=r"eval\.json is not an evaluate-stage metrics file"):
+        build(dirs, tmp_path / "report")
+    (dirs["metrics"] / "eval.json").write_text("{")
+    with pytest.raises(ValueError, match=r"eval\.json is not valid JSON"):
+        build(dirs, tmp_path / "report")
+
+
+# ------------------------------------------------------------------------- headless Chromium
+
+
+class _Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe).
+
+    Chromium reads NUL-terminated JSON commands on fd 3 and writes replies and events on fd 4;
+    no port, no websocket library, no extra package.
+    """
+
+    def __init__(self, profile: Path) -> None:
+        cmd_r, self._cmd_w = os.pipe()
+        self._res_r, res_w = os.pipe()
+
+        def move_fds() -> None:  # in the child: put the pipe ends on fds 3 and 4
+            a, b = os.dup(cmd_r), os.dup(res_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # belt and braces: nothing resolves
+            f"--user-data-dir={profile}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
+        self._log = (profile.parent / "chromium.log").open("wb")
+        self.proc = subprocess.Popen(
+            [str(CHROMIUM), *flags],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            preexec_fn=move_fds,
+            close_fds=False,  # fds 3 and 4 must survive exec; every other fd is CLOEXEC
+        )
+        os.close(cmd_r)
+        os.close(res_w)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict[str, Any]] = []
+
+    def call(self, method: str, params: dict[str, Any] | None = None, session: str = "") -> Any:
+        self._id += 1
+        msg: dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        ident = self._id
+        reply = self.wait(lambda m: m.get("id") == ident)
+        if "error" in reply:
+            raise RuntimeError(f"{method} failed: {reply['error']}")
+        return reply["result"]
+
+    def wait(self, matches: Any, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buf:
+                raw, self._buf = self._buf.split(b"\0", 1)
+                message = json.loads(raw)
+                if matches(message):
+                    return message
+                self.events.append(message)
+            ready, _, _ = select.select(
+                [self._res_r], [], [], max(0.0, deadline - time.monotonic())
+            )
+            if not ready:
+                raise TimeoutError(f"no answer from Chromium within {timeout} s")
+            chunk = os.read(self._res_r, 1 << 20)
+            if not chunk:
+                raise EOFError("Chromium closed the DevTools pipe (crashed?)")
+            self._buf += chunk
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+            self.proc.wait(timeout=10)
+        except (OSError, RuntimeError, TimeoutError, EOFError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            os.close(self._cmd_w)
+            os.close(self._res_r)
+            self._log.close()
+
+
+def render(page: Path, profile: Path) -> dict[str, Any]:
+    """Load `page` in headless Chromium; return its images, console errors and requests.
+
+    - console errors: `Runtime.consoleAPICalled` of type error/assert, uncaught exceptions
+      (`Runtime.exceptionThrown`) and browser log entries of level error (`Log.entryAdded`:
+      failed loads, CSP violations);
+    - broken images: after the load event, each <img> is decoded with `img.decode()`; those
+      that reject or have naturalWidth 0 are broken;
+    - requests: every URL the page asked for other than the page itself and data: URIs
+      (`Network.requestWillBeSent`), i.e. anything that would need the network or another file.
+    """
+    browser = _Chromium(profile)
+    try:
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        for domain in ("Runtime", "Log", "Page", "Network"):
+            browser.call(f"{domain}.enable", session=session)
+        url = page.resolve().as_uri()
+        browser.call("Page.navigate", {"url": url}, session=session)
+        browser.wait(lambda m: m.get("method") == "Page.loadEventFired")
+        check = """Promise.all([...document.images].map(img => img.decode().then(
+            () => img.naturalWidth > 0 ? null : img.alt, () => img.alt)))
+          .then(r => ({n_images: r.length, broken: r.filter(x => x !== null)}))"""
+        result = browser.call(
+            "Runtime.evaluate",
+            {"expression": check, "awaitPromise": True, "returnByValue": True},
+            session=session,
+        )["result"]["value"]
+    finally:
+        browser.close()
+    errors, requests = [], []
+    for event in browser.events:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
+            errors.append(" ".join(str(a.get("value")) for a in params["args"]))
+        elif method == "Runtime.exceptionThrown":
+            errors.append(params["exceptionDetails"].get("text", "exception"))
+        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+            errors.append(params["entry"]["text"])
+        elif method == "Network.requestWillBeSent":
+            requested = params["request"]["url"]
+            if requested != url and not requested.startswith("data:"):
+                requests.append(requested)
+    return {**result, "errors": errors, "requests": requests}
+
+
+def _require_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    reason = f"{CHROMIUM} is absent; install it with `apt-get install -y chromium`"
+    if os.environ.get("MISALIGN_REQUIRE_CHROMIUM") == "1":
+        pytest.fail(f"MISALIGN_REQUIRE_CHROMIUM=1 but {reason}")
+    pytest.skip(reason)
+
+
+def test_report_renders_offline_in_headless_chromium(
+    report: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    """The report opens in a real browser with no console error, no broken image and no request
+    for anything outside the file (DevTools protocol over a pipe; see `render`)."""
+    _require_chromium()
+    seen = render(report[0], tmp_path / "profile")
+    assert seen == {"n_images": 19, "broken": [], "errors": [], "requests": []}
+
+
+def test_browser_check_catches_broken_pages(tmp_path: Path) -> None:
+    """The browser check can fail: a bad image, a script error and an external image are seen."""
+    _require_chromium()
+    bad = tmp_path / "bad.html"
+    bad.write_text(
+        '<!DOCTYPE html><html><body><img alt="corrupt" src="data:image/png;base64,AAAA">'
+        '<img alt="remote" src="http://example.invalid/x.png">'
+        "<script>console.error('boom')</script></body></html>"
+    )
+    seen = render(bad, tmp_path / "profile")
+    assert seen["n_images"] == 2 and sorted(seen["broken"]) == ["corrupt", "remote"]
+    assert "boom" in seen["errors"]
+    assert seen["requests"] == ["http://example.invalid/x.png"]
