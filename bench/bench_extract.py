@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import random
 import resource
 import shutil
 import sys
@@ -58,6 +59,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="misalign-bench-"))
     src = ROOT / "data" / "sample"
     rows = list(csv.DictReader((src / "manifest.csv").open()))
+    # A seeded mix of real and generated images, some without a dataset caption (BLIP-2 work).
+    rows = [rows[i] for i in random.Random(0).sample(range(len(rows)), len(rows))]
     base, extra = rows[: args.n_images], rows[args.n_images : args.n_images + args.n_new]
     data = work / "data"
     for r in base + extra:

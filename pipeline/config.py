@@ -83,7 +83,7 @@ class IngestConfig:
 class CaptionConfig:
     # "dataset": the manifest's captions; "blip2": always BLIP-2; "dataset_else_blip2": the
     # manifest's caption where present, BLIP-2 for the rest.
-    source: str = "dataset"
+    source: str = "dataset_else_blip2"
     batch_size: int = 8
     # Optional text prompt for BLIP-2 (empty: unconditional captioning, as in ITEM).
     prompt: str = ""
@@ -137,13 +137,17 @@ class FeaturesConfig:
 @dataclass
 class TrainConfig:
     # Heads to train, by registry name (pipeline.heads.HEADS).
-    heads: list[str] = field(default_factory=lambda: ["mlp", "svm"])
-    # Hyperparameters per head; keys are checked against the head's get_params().
-    mlp: dict[str, Any] = field(default_factory=dict)
-    svm: dict[str, Any] = field(default_factory=dict)
-    multitask: dict[str, Any] = field(default_factory=dict)
-    tip_adapter: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
+    heads: list[str] = field(
+        default_factory=lambda: ["mlp", "svm", "multitask", "tip_adapter", "meta"]
+    )
+    # Hyperparameters per head; keys are checked against the head's constructor.
+    mlp: dict[str, Any] = field(
+        default_factory=lambda: {"hidden": 512, "epochs": 50, "lr": 0.001, "weight_decay": 0.001}
+    )
+    svm: dict[str, Any] = field(default_factory=lambda: {"C": 1.0})
+    multitask: dict[str, Any] = field(default_factory=lambda: {"hidden": 512, "epochs": 50})
+    tip_adapter: dict[str, Any] = field(default_factory=lambda: {"finetune": True})
+    meta: dict[str, Any] = field(default_factory=lambda: {"base_heads": ["mlp", "svm"]})
     # Feature kind per head where it differs from features.kind: Tip-Adapter's zero-shot term
     # compares CLIP *image* features with CLIP text embeddings of the class prompts.
     head_kinds: dict[str, str] = field(default_factory=lambda: {"tip_adapter": "image"})
@@ -288,8 +292,17 @@ def _check_names(params: Params) -> None:
     """Cross-field checks that need the registries (heads, perturbations)."""
     import re
 
-    from pipeline.heads.registry import HEADS
+    from pipeline.heads.registry import HEADS, valid_params
     from pipeline.perturb import parse_perturbation
+
+    for head in HEADS:
+        given = getattr(params.train, head, {}) or {}
+        unknown = sorted(set(given) - set(valid_params(head)))
+        if unknown:
+            raise ConfigError(
+                f"unknown key train.{head}.{unknown[0]}; {head} takes: "
+                f"{', '.join(valid_params(head))}"
+            )
 
     for key, names in (("train.heads", params.train.heads),
                        ("evaluate.qf_heads", params.evaluate.qf_heads),

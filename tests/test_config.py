@@ -55,3 +55,15 @@ def test_params_hash_tracks_values():
     b = params_from_dict({"features": {"w2": 0.5}})
     assert params_hash(a.features) != params_hash(b.features)
     assert params_hash(a.features) == params_hash(params_from_dict({}).features)
+
+
+def test_shipped_params_equal_the_library_defaults():
+    """params.yaml and the dataclass defaults must not drift apart (library users get the
+    same run as `dvc repro`), except the dataset, which only the project has."""
+    shipped = load_params(ROOT / "params.yaml")
+    assert shipped == params_from_dict({})
+
+
+def test_head_params_are_checked_at_load():
+    with pytest.raises(ConfigError, match="hiden"):
+        params_from_dict({"train": {"mlp": {"hiden": 3}}})
