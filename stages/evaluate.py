@@ -15,6 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--scores", required=True, help="folder for per-image score CSVs")
     ap.add_argument("--plots", required=True, help="folder for ROC / PR plot data")
+    ap.add_argument("--split", default="", help="split to score: evaluate.split, or all")
 
     def body(args, params):
         from pipeline.evaluate import run_evaluate

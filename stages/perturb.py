@@ -1,4 +1,4 @@
-"""DVC stage perturb@<name>: a perturbed copy of the evaluation split, extracted and scored."""
+"""DVC stage perturb@<name> (and qf_extract@<q>): a perturbed copy of a dataset, extracted."""
 
 from __future__ import annotations
 
@@ -14,30 +14,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--source", required=True, help="ingest shards of the clean dataset")
     ap.add_argument("--perturbation", required=True, help="e.g. noise_0.005, blur_2, jpeg_75")
     ap.add_argument("--cache", required=True, help="cache folder of the perturbed dataset")
-    ap.add_argument("--heads", required=True, help="trained heads folder (models/)")
-    ap.add_argument("--metrics", required=True, help="metrics JSON to write")
-    ap.add_argument("--plots", required=True, help="folder for ROC / PR plot data")
+    ap.add_argument("--splits", default="all", help="comma-separated splits to copy, or all")
 
     def body(args, params):
         from pipeline.evalsets import extract_dataset, perturbed_copy
-        from pipeline.evaluate import run_evaluate
 
         cache = Path(args.cache)
-        name = cache.name
-        split = params.evaluate.split
-        data = perturbed_copy(
-            args.source, args.perturbation, cache / "data", params.base.seed, splits=[split]
-        )
-        features = extract_dataset(data, cache, name, params, layout="manifest")
-        run_evaluate(
-            features,
-            args.heads,
-            args.metrics,
-            cache / "scores",
-            args.plots,
-            params.evaluate,
-            split=split,
-        )
+        splits = None if args.splits == "all" else args.splits.split(",")
+        data = perturbed_copy(args.source, args.perturbation, cache / "data", params.base.seed,
+                              splits=splits)  # fmt: skip
+        extract_dataset(data, cache, cache.name, params, layout="manifest")
 
     return run("perturb", argv, ap, body, needs_models=True)
 
