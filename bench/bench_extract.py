@@ -50,6 +50,24 @@ def _stages(data: Path, cache: Path, params) -> dict[str, float]:
     return t
 
 
+def _encode_again(cache: Path, params, base) -> float:
+    """Seconds of an encode stage run from scratch (captions and objects already cached)."""
+    shutil.rmtree(cache / "clip")
+    start = time.perf_counter()
+    extract.run_encode(
+        cache / "ingest",
+        cache / "captions",
+        cache / "objects",
+        cache / "clip",
+        params.encode,
+        params.ground.crop_padding,
+        params.models,
+        base,
+        "bench",
+    )
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n-new", type=int, default=3)
@@ -91,35 +109,9 @@ def main() -> None:
         return out
 
     extract.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, m, "memo")
-    shutil.rmtree(cache / "clip")
-    t0 = time.perf_counter()
-    extract.run_encode(
-        cache / "ingest",
-        cache / "captions",
-        cache / "objects",
-        cache / "clip",
-        params.encode,
-        params.ground.crop_padding,
-        params.models,
-        params.base,
-        "b",
-    )
-    t_memo = time.perf_counter() - t0
+    t_memo = _encode_again(cache, params, params.base)
     extract.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, None, "no_memo")
-    shutil.rmtree(cache / "clip")
-    t0 = time.perf_counter()
-    extract.run_encode(
-        cache / "ingest",
-        cache / "captions",
-        cache / "objects",
-        cache / "clip",
-        params.encode,
-        params.ground.crop_padding,
-        params.models,
-        params.base,
-        "b",
-    )
-    t_no_memo = time.perf_counter() - t0
+    t_no_memo = _encode_again(cache, params, params.base)
     extract.encode_texts_once = original
 
     dask_params = params_from_dict(
@@ -129,20 +121,7 @@ def main() -> None:
             "base": {"scheduler": "dask", "n_workers": 2},
         }
     )
-    shutil.rmtree(cache / "clip")
-    t0 = time.perf_counter()
-    extract.run_encode(
-        cache / "ingest",
-        cache / "captions",
-        cache / "objects",
-        cache / "clip",
-        params.encode,
-        params.ground.crop_padding,
-        params.models,
-        dask_params.base,
-        "b",
-    )
-    t_dask = time.perf_counter() - t0
+    t_dask = _encode_again(cache, params, dask_params.base)
 
     print(f"images: {args.n_images} base + {args.n_new} new, shard size 16, tiny preset")
     print(

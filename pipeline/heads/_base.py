@@ -105,6 +105,15 @@ class BaseHead(ClassifierMixin, BaseEstimator):
 # --- standardisation -----------------------------------------------------------------------------
 
 
+def check_sgd_params(head: Any) -> None:
+    """Validate the hyperparameters shared by the torch-trained heads (MLP, multi-task)."""
+    check_positive("hidden", head.hidden, integer=True)
+    check_positive("epochs", head.epochs, integer=True)
+    check_positive("batch_size", head.batch_size, integer=True)
+    check_positive("lr", head.lr)
+    check_positive("weight_decay", head.weight_decay, allow_zero=True)
+
+
 def fit_standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and scale; constant features get scale 1 so they map to 0, not NaN."""
     mean = X.mean(axis=0)

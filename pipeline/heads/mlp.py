@@ -11,7 +11,7 @@ from pipeline.heads._base import (
     State,
     binary_proba,
     check_device,
-    check_positive,
+    check_sgd_params,
     fit_standardiser,
     seed_from,
     softmax_rows,
@@ -69,11 +69,7 @@ class MLPHead(BaseHead):
         """
         import torch
 
-        check_positive("hidden", self.hidden, integer=True)
-        check_positive("epochs", self.epochs, integer=True)
-        check_positive("batch_size", self.batch_size, integer=True)
-        check_positive("lr", self.lr)
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_sgd_params(self)
         device = check_device(self.device)
         X, classes, y_idx = self._validate_train(X, y)
         val = self._validate_val(X_val, y_val, classes)
