@@ -44,6 +44,10 @@ _HEADINGS = {
     "n": "n",
     "n_real": "n real",
     "n_generated": "n generated",
+    "val_threshold": "threshold (val)",
+    "acc_at_val_threshold": "acc @ val thr.",
+    "r_acc_at_val_threshold": "real acc @ val thr.",
+    "f_acc_at_val_threshold": "generated acc @ val thr.",
 }
 #: Above this many feature rows t-SNE runs on a seeded subsample (a few seconds on 2 cores).
 TSNE_MAX_POINTS = 2000
@@ -241,7 +245,7 @@ def _fmt(key: str, value: Any) -> str:
             return "—"
         if key in COUNTS or key.startswith("n_"):
             return str(int(value))
-        if key in FRACTIONS or key.startswith("f1"):
+        if key in FRACTIONS or key.startswith("f1") or key.endswith("_at_val_threshold"):
             return f"{100 * value:.1f}%"
         return f"{value:.4g}"
     return str(value)
