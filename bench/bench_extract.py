@@ -33,17 +33,44 @@ def _stages(data: Path, cache: Path, params) -> dict[str, float]:
     extract.run_ingest(data, cache / "ingest", params.ingest, params.base, "bench")
     t["ingest"] = time.perf_counter() - start
     for name, call in (
-        ("caption", lambda: extract.run_caption(cache / "ingest", cache / "captions",
-                                                params.caption, params.models, params.base,
-                                                "bench")),
-        ("ground", lambda: extract.run_ground(cache / "ingest", cache / "captions",
-                                              cache / "objects", params.ground, params.models,
-                                              params.base, "bench")),
-        ("encode", lambda: extract.run_encode(cache / "ingest", cache / "captions",
-                                              cache / "objects", cache / "clip", params.encode,
-                                              params.ground.crop_padding, params.models,
-                                              params.base, "bench")),
-    ):  # fmt: skip
+        (
+            "caption",
+            lambda: extract.run_caption(
+                cache / "ingest",
+                cache / "captions",
+                params.caption,
+                params.models,
+                params.base,
+                "bench",
+            ),
+        ),
+        (
+            "ground",
+            lambda: extract.run_ground(
+                cache / "ingest",
+                cache / "captions",
+                cache / "objects",
+                params.ground,
+                params.models,
+                params.base,
+                "bench",
+            ),
+        ),
+        (
+            "encode",
+            lambda: extract.run_encode(
+                cache / "ingest",
+                cache / "captions",
+                cache / "objects",
+                cache / "clip",
+                params.encode,
+                params.ground.crop_padding,
+                params.models,
+                params.base,
+                "bench",
+            ),
+        ),
+    ):
         start = time.perf_counter()
         call()
         t[name] = time.perf_counter() - start

@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--params", default="params.yaml", help="models and extraction settings")
     p.add_argument("--cache", default="cache/predict", help="row cache for these images")
-    p.add_argument("--threshold", default="val",
-                   help="'val' (chosen on val at training) or a number")  # fmt: skip
+    p.add_argument(
+        "--threshold", default="val", help="'val' (chosen on val at training) or a number"
+    )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.set_defaults(func=_predict)
 
@@ -117,8 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetError, ModelWeightsMissing, ShardError, FileNotFoundError,
-            ValueError) as err:  # fmt: skip
+    except (ConfigError, DatasetError, ModelWeightsMissing, ShardError, OSError, ValueError) as err:
         sys.stderr.write(f"misalign {args.command}: error: {err}\n")
         return 1
 

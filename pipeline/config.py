@@ -173,11 +173,17 @@ class EvaluateConfig:
     # (ITEM's robustness study: Gaussian noise σ on [0,1] pixels, Gaussian blur σ, JPEG quality).
     perturbations: list[str] = field(
         default_factory=lambda: [
-            "noise_0.001", "noise_0.005", "noise_0.01",
-            "blur_1", "blur_2", "blur_3",
-            "jpeg_75", "jpeg_50", "jpeg_25",
+            "noise_0.001",
+            "noise_0.005",
+            "noise_0.01",
+            "blur_1",
+            "blur_2",
+            "blur_3",
+            "jpeg_75",
+            "jpeg_50",
+            "jpeg_25",
         ]
-    )  # fmt: skip
+    )
     # Other datasets to score, name -> path (folder or manifest); metrics/eval_<name>.json.
     datasets: dict[str, str] = field(default_factory=dict)
     # JPEG qualities of seed 003's train × test matrix (empty: skip), and the heads it trains.
@@ -207,7 +213,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "models.preset": ("paper", "tiny"),
     "caption.source": ("dataset", "blip2", "dataset_else_blip2"),
     "features.empty_local": ("zeros", "global"),
-    "evaluate.split": ("train", "val", "test"),
+    # Only test: train and val shape the heads (selection, calibration, threshold), so scoring
+    # them would report optimistic numbers.
+    "evaluate.split": ("test",),
     "train.attribution_target": ("generator", "family"),
     "train.calibration": ("none", "temperature", "platt"),
 }
@@ -304,9 +312,11 @@ def _check_names(params: Params) -> None:
                 f"{', '.join(valid_params(head))}"
             )
 
-    for key, names in (("train.heads", params.train.heads),
-                       ("evaluate.qf_heads", params.evaluate.qf_heads),
-                       ("train.head_kinds", list(params.train.head_kinds))):  # fmt: skip
+    for key, names in (
+        ("train.heads", params.train.heads),
+        ("evaluate.qf_heads", params.evaluate.qf_heads),
+        ("train.head_kinds", list(params.train.head_kinds)),
+    ):
         unknown = [n for n in names if n not in HEADS]
         if unknown:
             raise ConfigError(f"{key} names unknown head(s) {unknown}; known: {sorted(HEADS)}")
@@ -320,6 +330,16 @@ def _check_names(params: Params) -> None:
             raise ConfigError(
                 f"{key} = {kind!r} is not a feature kind; choose one of {sorted(KINDS)}"
             )
+    needs = {
+        "bert_text": ("encode.bert", params.encode.bert),
+        "dinov2": ("encode.dinov2", params.encode.dinov2),
+        "color_hist": ("encode.color_bins", params.encode.color_bins > 0),
+    }
+    for key, kind in kinds.items():
+        for dataset in KINDS[kind]:
+            flag, on = needs.get(dataset, ("", True))
+            if not on:
+                raise ConfigError(f"{key} = {kind!r} needs {flag} to be on in the encode stage")
     for name in params.evaluate.perturbations:
         try:
             parse_perturbation(name)

@@ -26,23 +26,44 @@ logger = logging.getLogger(__name__)
 STAGE_DIRS = ("ingest", "captions", "objects", "clip", "features")
 
 
-def extract_dataset(data_path: str | Path, cache: str | Path, name: str, params: Params,
-                    layout: str = "auto") -> Path:  # fmt: skip
+def extract_dataset(
+    data_path: str | Path, cache: str | Path, name: str, params: Params, layout: str = "auto"
+) -> Path:
     """Run every extraction stage for one dataset into `cache/<stage>/`; returns the features
     directory. Rows already in `cache` (same image, inputs and settings) are reused."""
+    run_ingest(data_path, Path(cache) / "ingest", params.ingest, params.base, name, layout)
+    return extract_ingested(cache, name, params)
+
+
+def extract_ingested(cache: str | Path, name: str, params: Params) -> Path:
+    """The stages after ingest (caption, ground, encode, features) for `cache/ingest`."""
     c = Path(cache)
-    run_ingest(data_path, c / "ingest", params.ingest, params.base, name, layout)
     run_caption(c / "ingest", c / "captions", params.caption, params.models, params.base, name)
-    run_ground(c / "ingest", c / "captions", c / "objects", params.ground, params.models,
-               params.base, name)  # fmt: skip
-    run_encode(c / "ingest", c / "captions", c / "objects", c / "clip", params.encode,
-               params.ground.crop_padding, params.models, params.base, name)  # fmt: skip
+    run_ground(
+        c / "ingest", c / "captions", c / "objects", params.ground, params.models, params.base, name
+    )
+    run_encode(
+        c / "ingest",
+        c / "captions",
+        c / "objects",
+        c / "clip",
+        params.encode,
+        params.ground.crop_padding,
+        params.models,
+        params.base,
+        name,
+    )
     run_features(c / "ingest", c / "clip", c / "features", params.features, name)
     return c / "features"
 
 
-def perturbed_copy(source_ingest: str | Path, perturbation: str, dest: str | Path, seed: int,
-                   splits: Sequence[str] | None = None) -> Path:  # fmt: skip
+def perturbed_copy(
+    source_ingest: str | Path,
+    perturbation: str,
+    dest: str | Path,
+    seed: int,
+    splits: Sequence[str] | None = None,
+) -> Path:
     """Write perturbed copies of a dataset's images (deterministic) plus a manifest.
 
     The copies keep each image's label, generator, dataset caption, split and group, so the
@@ -73,12 +94,13 @@ def perturbed_copy(source_ingest: str | Path, perturbation: str, dest: str | Pat
     for row in tqdm(rows, desc=f"perturb {perturbation}", unit="img"):
         rel = f"images/{row['ids'][:16]}_s{seed}.png"
         target = dest / rel
-        if not target.exists():
-            image = datamod.load_rgb(row["_root"] / row["path"])
-            out = perturb(image, kind, severity, seed=seed, key=str(row["ids"]))
-            tmp = target.with_name(f".{target.name}.tmp")
-            out.save(tmp, format="PNG", compress_level=1)
-            tmp.replace(target)
+        # Always regenerated (deterministic, so the same bytes and ids when nothing changed):
+        # a file kept from an earlier run could come from other perturbation code.
+        image = datamod.load_rgb(row["_root"] / row["path"])
+        out = perturb(image, kind, severity, seed=seed, key=str(row["ids"]))
+        tmp = target.with_name(f".{target.name}.tmp")
+        out.save(tmp, format="PNG", compress_level=1)
+        tmp.replace(target)
         written.add(target.name)
         row["_rel"] = rel
     for stale in (dest / "images").glob("*.png"):
@@ -88,15 +110,29 @@ def perturbed_copy(source_ingest: str | Path, perturbation: str, dest: str | Pat
     datamod.write_csv(
         dest / "manifest.csv",
         columns,
-        ([r["_rel"], int(r["label"]), r["generator"], r["caption"], r["split"], r["group"],
-          r["family"]] for r in rows),
-    )  # fmt: skip
+        (
+            [
+                r["_rel"],
+                int(r["label"]),
+                r["generator"],
+                r["caption"],
+                r["split"],
+                r["group"],
+                r["family"],
+            ]
+            for r in rows
+        ),
+    )
     logger.info("%s: %d perturbed images in %s", perturbation, len(rows), dest)
     return dest
 
 
-def qf_matrix(feature_dirs: dict[int, Path], params: Params, eval_split: str = "test",
-              heads: Sequence[str] = ("svm",)) -> dict[str, Any]:  # fmt: skip
+def qf_matrix(
+    feature_dirs: dict[int, Path],
+    params: Params,
+    eval_split: str = "test",
+    heads: Sequence[str] = ("svm",),
+) -> dict[str, Any]:
     """Train each head on every JPEG quality's train split, test on every quality's eval split.
 
     Returns:
@@ -121,6 +157,10 @@ def qf_matrix(feature_dirs: dict[int, Path], params: Params, eval_split: str = "
                 m = binary_metrics(te.y, np.clip(p_generated(head, te.X), 0, 1))
                 row[str(q_test)] = {k: m[k] for k in ("acc", "ap", "auc", "n")}
             out[name][str(q_train)] = row
-            logger.info("QF matrix %s, train QF %s: %s", name, q_train,
-                        {k: v["acc"] for k, v in row.items()})  # fmt: skip
+            logger.info(
+                "QF matrix %s, train QF %s: %s",
+                name,
+                q_train,
+                {k: v["acc"] for k, v in row.items()},
+            )
     return out

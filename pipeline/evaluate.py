@@ -491,11 +491,14 @@ def run_evaluate(
             raise ValueError(f"the {split!r} split of {features_dir} is empty; nothing to score")
         head = load_head(head_dir)
         p = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
-        attribution = name in ATTRIBUTION_HEADS
+        attribution = info.get("head", name) in ATTRIBUTION_HEADS
+        # A head attributing families is scored against families (per_generator then holds
+        # one block per family), so that its predicted and true classes are comparable.
+        by_family = attribution and info.get("attribution_target") == "family"
         scores = Scores(
             ids=fs.ids,
             label=fs.y,
-            generator=fs.generator,
+            generator=fs.family if by_family else fs.generator,
             split=fs.split,
             p_generated=np.clip(p, 0.0, 1.0),
             pred_class=np.asarray(head.predict(fs.X), dtype=str) if attribution else None,

@@ -53,8 +53,14 @@ def run_ingest(
     return ingest_records(root, records, out_dir, cfg, base, dataset)
 
 
-def ingest_records(root: Path, records: Sequence[datamod.Record], out_dir: str | Path,
-                   cfg: IngestConfig, base: BaseConfig, dataset: str) -> datamod.IngestResult:  # fmt: skip
+def ingest_records(
+    root: Path,
+    records: Sequence[datamod.Record],
+    out_dir: str | Path,
+    cfg: IngestConfig,
+    base: BaseConfig,
+    dataset: str,
+) -> datamod.IngestResult:
     """`run_ingest` for records already in hand (e.g. the files given to `misalign predict`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +97,8 @@ def ingest_records(root: Path, records: Sequence[datamod.Record], out_dir: str |
         }
         for key in ("path", "generator", "split", "caption", "group", "family"):
             shard[key] = np.array([getattr(it, key) for it in chunk], dtype=object)
-        store.write_shard(out_dir / store.shard_name(k), shard, attrs)
+        if not _same_shard(out_dir / store.shard_name(k), shard, attrs):
+            store.write_shard(out_dir / store.shard_name(k), shard, attrs)
     for stale in store.list_shards(out_dir)[n_shards:]:
         stale.unlink()
     for path, reason in result.quarantined:
@@ -111,6 +118,23 @@ def ingest_records(root: Path, records: Sequence[datamod.Record], out_dir: str |
         len(result.duplicates),
     )
     return result
+
+
+def _same_shard(path: Path, data: Arrays, attrs: dict[str, Any]) -> bool:
+    """Whether `path` already holds exactly `data` (then it is left as is, so that DVC sees no
+    change and reruns nothing downstream)."""
+    if not path.exists():
+        return False
+    try:
+        old_attrs = store.read_attrs(path)
+        if any(old_attrs.get(k) != v for k, v in attrs.items()):
+            return False
+        old = store.read_shard(path)
+    except store.ShardError:
+        return False
+    return set(old) == set(data) and all(
+        np.array_equal(np.asarray(old[k]), np.asarray(data[k])) for k in data
+    )
 
 
 def _ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:
@@ -251,7 +275,10 @@ class GroundStep:
         return len(store.list_shards(self.ingest_dir))
 
     def params_hash(self) -> str:
-        settings = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
+        # crop_padding only shapes the encode stage's crops.
+        settings = {
+            k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "crop_padding")
+        }
         return params_hash(
             settings,
             self.models.preset,
@@ -345,14 +372,18 @@ class EncodeStep:
         return len(store.list_shards(self.ingest_dir))
 
     def params_hash(self) -> str:
-        settings = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
+        # Only what shapes the stored rows: not the batch size, not the class prompts (written
+        # to their own file), and the optional encoders' weights only when they are on.
+        settings = {
+            k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "class_prompts")
+        }
         return params_hash(
             settings,
             self.crop_padding,
             self.models.preset,
             asdict(self.models.clip),
-            asdict(self.models.bert),
-            asdict(self.models.dinov2),
+            asdict(self.models.bert) if self.cfg.bert else "",
+            asdict(self.models.dinov2) if self.cfg.dinov2 else "",
             self.base.seed if self.models.preset == "tiny" else "",
         )
 
@@ -484,11 +515,15 @@ def run_encode(
         timings = run_step(step, out_dir, **_sched(base))
     finally:
         _TEXT_MEMO.clear()
-    write_class_prompts(Path(out_dir), cfg.class_prompts, _load("clip", models, base))
+    write_class_prompts(
+        Path(out_dir), cfg.class_prompts, _load("clip", models, base), models.preset, dataset
+    )
     return timings
 
 
-def write_class_prompts(out_dir: Path, prompts: Sequence[str], clip: Any) -> None:
+def write_class_prompts(
+    out_dir: Path, prompts: Sequence[str], clip: Any, preset: str, dataset: str
+) -> None:
     """CLIP text embeddings (raw) of the class prompts, row k for class k."""
     store.write_shard(
         out_dir / CLASS_PROMPTS,
@@ -497,7 +532,13 @@ def write_class_prompts(out_dir: Path, prompts: Sequence[str], clip: Any) -> Non
             "prompt": np.array(list(prompts), dtype=object),
             "text_emb": clip.encode_texts(list(prompts)) if prompts else np.zeros((0, clip.dim)),
         },
-        {"stage": "clip", "model": getattr(clip, "weights_id", ""), "preset": ""},
+        {
+            "stage": "clip",
+            "dataset": dataset,
+            "model": getattr(clip, "weights_id", ""),
+            "preset": preset,
+            "params_hash": params_hash(list(prompts), getattr(clip, "weights_id", "")),
+        },
     )
 
 

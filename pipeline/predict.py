@@ -23,9 +23,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         path = Path(item).expanduser().resolve()
         if path.is_dir():
             files += sorted(
-                p for p in path.rglob("*")
+                p
+                for p in path.rglob("*")
                 if p.is_file() and p.suffix.lower() in datamod.IMAGE_EXTENSIONS
-            )  # fmt: skip
+            )
         elif path.exists():
             files.append(path)
         else:
@@ -35,9 +36,14 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def predict(head_dir: str | Path, inputs: Sequence[str | Path], out_csv: str | Path,
-            params: Params, cache: str | Path = "cache/predict",
-            threshold: str | float = "val") -> list[dict[str, Any]]:  # fmt: skip
+def predict(
+    head_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out_csv: str | Path,
+    params: Params,
+    cache: str | Path = "cache/predict",
+    threshold: str | float = "val",
+) -> list[dict[str, Any]]:
     """Caption, ground, encode and score `inputs` with the head in `head_dir`; write a CSV.
 
     Args:
@@ -46,8 +52,9 @@ def predict(head_dir: str | Path, inputs: Sequence[str | Path], out_csv: str | P
     Returns:
         One dict per scored image with the columns of `COLUMNS`, in input order.
     """
-    from pipeline.extract import ingest_records, run_caption, run_encode, run_ground
-    from pipeline.features import load_features, run_features
+    from pipeline.evalsets import extract_ingested
+    from pipeline.extract import ingest_records
+    from pipeline.features import load_features
     from pipeline.heads import load_head
     from pipeline.train import (
         ATTRIBUTION_HEADS,
@@ -60,26 +67,23 @@ def predict(head_dir: str | Path, inputs: Sequence[str | Path], out_csv: str | P
     head_dir, cache = Path(head_dir), Path(cache)
     info = read_train_info(head_dir)
     files = expand_inputs(inputs)
-    records = [datamod.Record(path=str(f), label=0, generator="unknown", split="test")
-               for f in files]  # fmt: skip
-    result = ingest_records(Path("/"), records, cache / "ingest", params.ingest, params.base,
-                            "predict")  # fmt: skip
+    records = [
+        datamod.Record(path=str(f), label=0, generator="unknown", split="test") for f in files
+    ]
+    result = ingest_records(
+        Path("/"), records, cache / "ingest", params.ingest, params.base, "predict"
+    )
     for path, reason in result.quarantined:
         logger.error("cannot score %s: %s", path, reason)
-    c, p = cache, params
-    run_caption(c / "ingest", c / "captions", p.caption, p.models, p.base, "predict")
-    run_ground(c / "ingest", c / "captions", c / "objects", p.ground, p.models, p.base, "predict")
-    run_encode(c / "ingest", c / "captions", c / "objects", c / "clip", p.encode,
-               p.ground.crop_padding, p.models, p.base, "predict")  # fmt: skip
-    run_features(c / "ingest", c / "clip", c / "features", p.features, "predict")
+    features_dir = extract_ingested(cache, "predict", params)
 
-    fs = load_features(c / "features", info["kind"])
+    fs = load_features(features_dir, info["kind"])
     head = load_head(head_dir)
     prob = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
     cut = float(info.get("val_threshold", 0.5)) if threshold == "val" else float(threshold)
-    pred = head.predict(fs.X) if head_dir.name in ATTRIBUTION_HEADS else None
+    pred = head.predict(fs.X) if info["head"] in ATTRIBUTION_HEADS else None
     captions = store.concat_rows(
-        [store.read_shard(s, ["ids", "caption"]) for s in store.list_shards(c / "captions")]
+        [store.read_shard(s, ["ids", "caption"]) for s in store.list_shards(cache / "captions")]
     )
     caption_of = dict(zip(captions["ids"], captions["caption"]))
     row_of = {cid: i for i, cid in enumerate(fs.ids)}
@@ -87,18 +91,21 @@ def predict(head_dir: str | Path, inputs: Sequence[str | Path], out_csv: str | P
     for item in result.items:
         i = row_of[item.id]
         attributed = "" if pred is None or pred[i] == REAL else str(pred[i])
-        rows.append({
-            "path": item.path,
-            "id": item.id,
-            "p_generated": float(prob[i]),
-            "decision": "generated" if prob[i] > cut else "real",
-            "generator": attributed,
-            "caption": str(caption_of[item.id]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "path": item.path,
+                "id": item.id,
+                "p_generated": float(prob[i]),
+                "decision": "generated" if prob[i] > cut else "real",
+                "generator": attributed,
+                "caption": str(caption_of[item.id]),
+            }
+        )
     by_path = {r["path"]: r for r in rows}
     for dropped, kept in result.duplicates:  # same bytes as an earlier input: same answer
         rows.append({**by_path[kept], "path": dropped})
     datamod.write_csv(Path(out_csv), COLUMNS, ([r[k] for k in COLUMNS] for r in rows))
-    logger.info("scored %d images with %s (threshold %.3f) -> %s", len(rows), head_dir, cut,
-                out_csv)  # fmt: skip
+    logger.info(
+        "scored %d images with %s (threshold %.3f) -> %s", len(rows), head_dir, cut, out_csv
+    )
     return rows

@@ -516,6 +516,8 @@ def _qf_section(path: Path) -> str:
     )
     if not isinstance(data, dict):
         raise bad
+    if not any(data.values()):
+        return _note("the QF matrix is empty (evaluate.qf_matrix is [])")
     parts = [
         "<p>Rows: JPEG quality factor of the training images; columns: of the test images.</p>"
     ]

@@ -95,6 +95,21 @@ def _reuse_index(out_dir: Path, phash: str) -> dict[str, tuple[str, int, str]]:
     return index
 
 
+def _matches(path: Path, phash: str, ids: list[str], hashes: list[str]) -> bool:
+    """Whether the shard at `path` holds exactly these rows made with these params."""
+    if not path.exists():
+        return False
+    try:
+        done = store.read_shard(path, ["ids", "input_hash"])
+        return bool(
+            store.read_attrs(path).get("params_hash") == phash
+            and list(done["ids"]) == ids
+            and list(done["input_hash"]) == hashes
+        )
+    except store.ShardError:
+        return False
+
+
 def process_shard(
     step: Step, index: int, out_dir: str, reuse: dict[str, tuple[str, int, str]]
 ) -> ShardReport:
@@ -107,17 +122,13 @@ def process_shard(
     hashes = [str(x) for x in inputs["input_hash"]]
     phash = step.params_hash()
 
-    if target.exists():
-        try:
-            done = store.read_shard(target, ["ids", "input_hash"])
-            if (
-                store.read_attrs(target).get("params_hash") == phash
-                and list(done["ids"]) == ids
-                and list(done["input_hash"]) == hashes
-            ):
-                return ShardReport(index, 0, len(ids), timer.seconds)
-        except store.ShardError:
-            pass
+    final = Path(out_dir) / store.shard_name(index)
+    if _matches(final, phash, ids, hashes):
+        # Already what this run would write: leave the file (and its DVC hash) untouched.
+        target.unlink(missing_ok=True)
+        return ShardReport(index, 0, len(ids), timer.seconds)
+    if _matches(target, phash, ids, hashes):
+        return ShardReport(index, 0, len(ids), timer.seconds)
 
     parts: list[Arrays] = []
     by_file: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -193,7 +204,9 @@ def run_step(
 
     # Every shard is complete: swap them in, then drop shards the dataset no longer has.
     for i in range(n):
-        os.replace(out_dir / PARTIAL / store.shard_name(i), out_dir / store.shard_name(i))
+        built = out_dir / PARTIAL / store.shard_name(i)
+        if built.exists():  # absent when the existing shard was already right
+            os.replace(built, out_dir / store.shard_name(i))
     for path in store.list_shards(out_dir)[n:]:
         path.unlink()
     shutil.rmtree(out_dir / PARTIAL, ignore_errors=True)

@@ -225,6 +225,8 @@ def train_heads(
             "features_dir": str(features_dir),
             "contaminated": contaminated,
         }
+        if name in ATTRIBUTION_HEADS:
+            info["attribution_target"] = cfg.attribution_target
         pool = fs.where(pool_split) if pool_split else None
         if pool is not None and not len(pool.y):
             logger.warning("pseudo-labelling: the %r split is empty; nothing to add", pool_split)

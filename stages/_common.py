@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 from pipeline.config import ConfigError, Params, load_params
 
 # Errors that mean "bad input or missing weights": report the message, not a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+# ValueError is what the library raises for data that cannot serve (a single-class train
+# split, an empty evaluation split, too few rows for a head's folds): all carry their fix.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

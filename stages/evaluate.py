@@ -21,7 +21,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pipeline.evaluate import run_evaluate
 
         run_evaluate(
-            args.features, args.heads, args.metrics, args.scores, args.plots, params.evaluate
+            args.features,
+            args.heads,
+            args.metrics,
+            args.scores,
+            args.plots,
+            params.evaluate,
+            split=args.split or None,
         )
 
     return run("evaluate", argv, ap, body)

@@ -21,8 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cache = Path(args.cache)
         splits = None if args.splits == "all" else args.splits.split(",")
-        data = perturbed_copy(args.source, args.perturbation, cache / "data", params.base.seed,
-                              splits=splits)  # fmt: skip
+        data = perturbed_copy(
+            args.source, args.perturbation, cache / "data", params.base.seed, splits=splits
+        )
         extract_dataset(data, cache, cache.name, params, layout="manifest")
 
     return run("perturb", argv, ap, body, needs_models=True)

@@ -330,3 +330,18 @@ def test_stale_tiny_build_is_replaced(tiny_dir: Path, tmp_path: Path) -> None:
         encoder = Dinov2ImageEncoder.load(preset="tiny")
     reference = Dinov2ImageEncoder.load(preset="tiny")  # from the module's tiny_dir
     assert _outputs(encoder) == _outputs(reference)
+
+
+def test_tiny_grounder_handles_a_lone_square_image():
+    """Regression: a batch of one square image made the tiny model's deepest feature map 1x1,
+    where GroupNorm fails; the last batch of a shard is often a single image."""
+    from pipeline.models.grounding import GroundingDinoGrounder
+
+    grounder = GroundingDinoGrounder.load(preset="tiny")
+    out = grounder.ground(
+        [Image.new("RGB", (64, 64), "red")],
+        ["a red square."],
+        box_threshold=0.0,
+        text_threshold=0.0,
+    )
+    assert len(out) == 1

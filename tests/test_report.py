@@ -499,3 +499,12 @@ def test_browser_check_catches_broken_pages(tmp_path: Path) -> None:
     assert seen["n_images"] == 2 and sorted(seen["broken"]) == ["corrupt", "remote"]
     assert "boom" in seen["errors"]
     assert seen["requests"] == ["http://example.invalid/x.png"]
+
+
+def test_empty_qf_matrix_is_a_note(tmp_path):
+    """evaluate.qf_matrix: [] makes the stage write {}; the report says so instead of failing."""
+    from pipeline.report import _qf_section
+
+    path = tmp_path / "qf_matrix.json"
+    path.write_text("{}")
+    assert "empty" in _qf_section(path)

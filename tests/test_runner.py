@@ -102,3 +102,13 @@ def test_dask_scheduler_gives_the_local_result(tmp_path):
     for a, b in zip(_read_all(local), _read_all(dist), strict=True):
         assert list(a["ids"]) == list(b["ids"])
         np.testing.assert_array_equal(a["out"], b["out"])
+
+
+def test_rerun_with_nothing_new_leaves_shards_untouched(tmp_path):
+    """DVC hashes the output folder: an unchanged rerun must not rewrite any shard."""
+    run_step(Doubler(SHARDS), tmp_path)
+    before = {p.name: p.read_bytes() for p in store.list_shards(tmp_path)}
+    step = Doubler(SHARDS)
+    run_step(step, tmp_path)
+    assert step.computed == []
+    assert {p.name: p.read_bytes() for p in store.list_shards(tmp_path)} == before

@@ -34,7 +34,7 @@ def write_features(directory, n=240, d=6, seed=0, poison_test=False, splits=None
     if poison_test:
         test = split == "test"
         label = np.where(test, 1 - label, label)
-        image = np.where(test[:, None], rng.normal(0, 100, (n, d)), image)
+        image = np.where(test[:, None], np.random.default_rng(99).normal(0, 100, (n, d)), image)
     clip = {
         "image_emb": image.astype(np.float32),
         "text_emb": text.astype(np.float32),
@@ -62,7 +62,13 @@ def write_features(directory, n=240, d=6, seed=0, poison_test=False, splits=None
 def test_default_training_never_reads_test_rows(tmp_path):
     clean = write_features(tmp_path / "clean")
     poisoned = write_features(tmp_path / "poisoned", poison_test=True)
-    cfg = TrainConfig(heads=["mlp", "svm", "multitask"], mlp={"epochs": 5}, multitask={"epochs": 5})
+    cfg = TrainConfig(
+        heads=["mlp", "svm", "multitask", "tip_adapter", "meta"],
+        mlp={"epochs": 5},
+        multitask={"epochs": 5},
+        tip_adapter={"finetune": True, "epochs": 3},
+        meta={"n_folds": 3},
+    )
     train_heads(clean, tmp_path / "m1", cfg, "item", seed=0)
     train_heads(poisoned, tmp_path / "m2", cfg, "item", seed=0)
     X = np.random.default_rng(1).normal(3, 1, (20, 6))

@@ -164,8 +164,9 @@ class GroundingDinoGrounder(HFWrapper):
             if not phrase:
                 continue
             x0, y0, x1, y1 = box.tolist()
-            x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
-            y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+            # float(): clipping to the int image size must not turn a coordinate into an int.
+            x0, x1 = float(min(max(x0, 0.0), width)), float(min(max(x1, 0.0), width))
+            y0, y1 = float(min(max(y0, 0.0), height)), float(min(max(y1, 0.0), height))
             if x1 <= x0 or y1 <= y0:
                 continue
             objects.append(GroundedObject((x0, y0, x1, y1), phrase, min(max(score, 0.0), 1.0)))
@@ -183,7 +184,9 @@ class GroundingDinoGrounder(HFWrapper):
                 "image_processor_type": "GroundingDinoImageProcessor",
                 "do_convert_rgb": True,
                 "do_resize": True,
-                "size": {"shortest_edge": 64, "longest_edge": 96},  # 800/1333 in the real one
+                # 800/1333 in the real one; 128 keeps the deepest feature level above 1x1 px,
+                # where GroupNorm cannot normalise a lone square image.
+                "size": {"shortest_edge": 128, "longest_edge": 192},
                 "resample": 2,
                 "do_rescale": True,
                 "rescale_factor": 1 / 255,

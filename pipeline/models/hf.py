@@ -22,7 +22,7 @@ PRESETS = ("paper", "tiny")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Bump when a tiny config or tokenizer changes, so tiny models cached by older code are rebuilt.
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 _TINY_MARKER = "misalign_tiny.json"
 
 

@@ -1,0 +1,110 @@
+"""The DVC pipeline itself, on a few sample images with the tiny preset: runs to the end, a
+second `dvc repro` does nothing, and a param reruns exactly the stages it affects."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT, tiny_sample
+
+
+def _dvc(repo: Path, *args: str) -> str:
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def _set(repo: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    node = params[section]
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("dvcrepo")
+    for item in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / item, repo / item)
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    tiny_sample(repo / "data" / "sample", per_generator=1, n_real=14)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "init", "-q")
+    _set(repo, "models", "preset", "tiny")
+    _set(repo, "ingest", "shard_size", 8)
+    _set(repo, "train", "heads", ["mlp", "svm", "multitask"])
+    _set(repo, "train", "mlp.epochs", 10)
+    _set(repo, "evaluate", "perturbations", ["jpeg_50"])
+    _set(repo, "evaluate", "qf_matrix", [])  # the stage then writes an empty matrix
+    first = _dvc(repo, "repro")
+    return repo, first
+
+
+def test_repro_runs_every_stage(repo):
+    path, first = repo
+    ran = _ran(first)
+    for stage in (
+        "ingest",
+        "caption",
+        "ground",
+        "encode",
+        "features",
+        "train",
+        "evaluate",
+        "perturb@jpeg_50",
+        "robustness@jpeg_50",
+        "report",
+    ):
+        assert stage in ran
+    metrics = json.loads((path / "metrics" / "eval.json").read_text())
+    assert set(metrics) == {"mlp", "svm", "multitask"}
+    assert (path / "metrics" / "eval_jpeg_50.json").exists()
+    assert (path / "report" / "index.html").exists()
+    assert "mlp" in _dvc(path, "metrics", "show")
+
+
+def test_second_repro_is_a_no_op(repo):
+    assert _ran(_dvc(repo[0], "repro")) == []
+
+
+def test_a_train_param_reruns_only_training_and_scoring(repo):
+    path = repo[0]
+    _set(path, "train", "mlp.epochs", 5)
+    assert sorted(_ran(_dvc(path, "repro"))) == sorted(
+        ["train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+    )
+
+
+def test_a_batch_size_reruns_nothing(repo):
+    path = repo[0]
+    _set(path, "encode", "batch_size", 4)
+    _set(path, "caption", "batch_size", 2)
+    assert _ran(_dvc(path, "repro")) == []
