@@ -109,16 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or missing weights: stages and commands report the message
+    (which names the fix), not a traceback. ValueError is what the library raises for data
+    that cannot serve (a single-class train split, an empty evaluation split, too few rows for
+    a head's folds)."""
     from pipeline.data import DatasetError
+    from pipeline.extract import CaptionsMissing
     from pipeline.models.hf import ModelWeightsMissing
     from pipeline.store import ShardError
 
+    return (
+        ConfigError,
+        FileNotFoundError,
+        ValueError,
+        DatasetError,
+        CaptionsMissing,
+        ModelWeightsMissing,
+        ShardError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    # OSError too: e.g. `misalign info` on a file that is not HDF5.
+    errors: tuple[type[BaseException], ...] = (*user_errors(), OSError)
     try:
         return int(args.func(args))
-    except (ConfigError, DatasetError, ModelWeightsMissing, ShardError, OSError, ValueError) as err:
+    except errors as err:
         sys.stderr.write(f"misalign {args.command}: error: {err}\n")
         return 1
 

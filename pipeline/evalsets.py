@@ -140,7 +140,7 @@ def qf_matrix(
     """
     from pipeline.evaluate import binary_metrics
     from pipeline.heads import make_head
-    from pipeline.train import _fit, head_kind, head_params, p_generated
+    from pipeline.train import fit_head, head_kind, head_params, p_generated
 
     out: dict[str, Any] = {}
     for name in heads:
@@ -150,7 +150,7 @@ def qf_matrix(
         for q_train, fs in sets.items():
             tr, va = fs.where("train"), fs.where("val")
             head = make_head(name, head_params(params.train, name, params.base.seed))
-            _fit(head, tr.X, tr.y, va.X, va.y)
+            fit_head(head, tr.X, tr.y, va.X, va.y)
             row = {}
             for q_test, ft in sets.items():
                 te = ft.where(eval_split)

@@ -102,7 +102,8 @@ def apply_calibration(cal: dict[str, float], p: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ training
 
 
-def _fit(head: Any, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> Any:
+def fit_head(head: Any, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> Any:
+    """Fit `head`, passing the val rows of known classes when the head selects on val."""
     accepts_val = "X_val" in inspect.signature(head.fit).parameters
     if accepts_val and len(X_val):
         # Validation rows of a class the head never saw in train cannot inform selection.
@@ -214,7 +215,7 @@ def train_heads(
             name_kind,
             train.X.shape[1],
         )
-        _fit(head, train.X, y_train, val.X, y_val)
+        fit_head(head, train.X, y_train, val.X, y_val)
         info: dict[str, Any] = {
             "head": name,
             "kind": name_kind,
@@ -242,7 +243,7 @@ def train_heads(
             X_va = np.concatenate([val.X, pool.X[pl["val"]]])
             y_va = np.concatenate([y_val, pseudo_y[pl["val"]]])
             head = make_head(name, params)
-            _fit(head, X_tr, y_tr, X_va, y_va)
+            fit_head(head, X_tr, y_tr, X_va, y_va)
             info["pseudo_labels"] = pl["report"]
             logger.info("%s pseudo-labels: %s", name, pl["report"])
         cal = {"a": 1.0, "b": 0.0}

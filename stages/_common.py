@@ -7,21 +7,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.config import ConfigError, Params, load_params
-
-# Errors that mean "bad input or missing weights": report the message, not a traceback.
-# ValueError is what the library raises for data that cannot serve (a single-class train
-# split, an empty evaluation split, too few rows for a head's folds): all carry their fix.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.data import DatasetError
-    from pipeline.extract import CaptionsMissing
-    from pipeline.models.hf import ModelWeightsMissing
-    from pipeline.store import ShardError
-
-    return (*_USER_ERRORS, DatasetError, CaptionsMissing, ModelWeightsMissing, ShardError)
+from pipeline.cli import user_errors
+from pipeline.config import Params, load_params
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -56,7 +43,7 @@ def run(
 
             check_weights(params.models, needed_roles(params))
         body(args, params)
-    except _user_errors() as err:
+    except user_errors() as err:
         print(f"error in stage {name}: {err}", file=sys.stderr)
         return 1
     return 0
