@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
 
 logger = logging.getLogger(__name__)
 
@@ -111,23 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or missing weights: stages and commands report the message
-    (which names the fix), not a traceback. ValueError is what the library raises for data
-    that cannot serve (a single-class train split, an empty evaluation split, too few rows for
-    a head's folds)."""
-    from pipeline.data import DatasetError
-    from pipeline.extract import CaptionsMissing
-    from pipeline.models.hf import ModelWeightsMissing
-    from pipeline.store import ShardError
+    (which names the fix), not a traceback. Everything the library raises for such input is a
+    `pipeline.errors.MisalignError`; ValueError and FileNotFoundError stay here only until every
+    raise site names its own error type."""
+    from pipeline.errors import MisalignError
 
-    return (
-        ConfigError,
-        FileNotFoundError,
-        ValueError,
-        DatasetError,
-        CaptionsMissing,
-        ModelWeightsMissing,
-        ShardError,
-    )
+    return (MisalignError, FileNotFoundError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

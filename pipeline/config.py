@@ -13,9 +13,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A `params.yaml` value is missing, unknown or of the wrong type."""
+from pipeline.errors import ConfigError
 
 
 @dataclass

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from pipeline.errors import DatasetError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -28,8 +30,6 @@ _REAL_LABELS = {"0", "real", "nature", "0_real"}
 _FAKE_LABELS = {"1", "fake", "generated", "ai", "synthetic", "1_fake"}
 
 
-class DatasetError(ValueError):
-    """The dataset cannot be read as given (bad layout, bad manifest, path escaping root)."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pipeline.config import (
     ModelsConfig,
     params_hash,
 )
+from pipeline.errors import CaptionsMissing
 from pipeline.features import CLASS_PROMPTS
 from pipeline.runner import Timer, row_hash, run_step
 from pipeline.store import Arrays
@@ -29,8 +30,6 @@ from pipeline.store import Arrays
 logger = logging.getLogger(__name__)
 
 
-class CaptionsMissing(RuntimeError):
-    """caption.source=dataset but some images have no caption in the dataset."""
 
 
 # --------------------------------------------------------------------------------------- ingest

@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
+from pipeline.errors import ShardError
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ _STR = h5py.string_dtype(encoding="utf-8")
 Arrays = dict[str, np.ndarray]
 
 
-class ShardError(RuntimeError):
-    """A shard is missing, unreadable, or does not follow the schema."""
 
 
 def shard_name(index: int) -> str:

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from pipeline.errors import MisalignError
+
 logger = logging.getLogger(__name__)
 
 PRESETS = ("paper", "tiny")
@@ -26,7 +28,7 @@ TINY_FORMAT_VERSION = 2
 _TINY_MARKER = "misalign_tiny.json"
 
 
-class ModelWeightsMissing(RuntimeError):
+class ModelWeightsMissing(MisalignError, RuntimeError):
     """Real weights for a model are neither at the configured path nor in the local HF cache."""
 
     def __init__(self, model_id: str, where: str, role: str, detail: str = "") -> None:

@@ -1,0 +1,57 @@
+"""One way to write a file: into a temporary name beside it, then an atomic rename, so that a
+reader never sees half a file and an interrupted write leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``.
+
+    The caller writes the temporary file by any means (h5py, safetensors, ...). On any error,
+    including KeyboardInterrupt, the temporary file is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)  # mkstemp makes the file private; outputs are meant to be shared
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], text: bool = True, newline: str | None = ""
+) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing (UTF-8 text or binary); rename it over ``path`` when
+    the block ends without error."""
+    with atomic_path(path) as tmp:
+        if text:
+            with tmp.open("w", encoding="utf-8", newline=newline) as fh:
+                yield fh
+        else:
+            with tmp.open("wb") as fh:
+                yield fh
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_open(path) as fh:
+        fh.write(text)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_open(path, text=False) as fh:
+        fh.write(data)

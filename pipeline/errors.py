@@ -1,0 +1,33 @@
+"""The project's own error types: what a user can fix (bad params, bad data, missing or broken
+model files). Stages and the CLI turn exactly these into one-line messages; anything else is a
+bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class MisalignError(Exception):
+    """Base of every error that means bad input, not a bug; its message names the fix."""
+
+
+class ConfigError(MisalignError, ValueError):
+    """A `params.yaml` value is missing, unknown, of the wrong type or out of range."""
+
+
+class DatasetError(MisalignError, ValueError):
+    """The dataset cannot be read as given (bad layout, bad manifest, path escaping root)."""
+
+
+class ShardError(MisalignError, RuntimeError):
+    """A shard is missing, unreadable, does not follow the schema, or disagrees with others."""
+
+
+class CaptionsMissing(MisalignError, RuntimeError):
+    """caption.source=dataset but some images have no caption in the dataset."""
+
+
+class ModelFileError(MisalignError, RuntimeError):
+    """A saved head, checkpoint or model file is broken, tampered with or of a refused kind."""
+
+
+class DataUnusable(MisalignError, ValueError):
+    """The data is readable but cannot serve the step (one class only, an empty split...)."""
