@@ -138,9 +138,9 @@ def qf_matrix(
     Returns:
         `{head: {"<train_qf>": {"<test_qf>": {"acc": .., "ap": .., "auc": .., "n": ..}}}}`.
     """
-    from pipeline.evaluate import binary_metrics
     from pipeline.heads import make_head
-    from pipeline.train import fit_head, head_kind, head_params, p_generated
+    from pipeline.metrics import binary_metrics, p_generated
+    from pipeline.train import fit_head, head_kind, head_params
 
     out: dict[str, Any] = {}
     for name in heads:

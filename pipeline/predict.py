@@ -56,13 +56,8 @@ def predict(
     from pipeline.extract import ingest_records
     from pipeline.features import load_features
     from pipeline.heads import load_head
-    from pipeline.train import (
-        ATTRIBUTION_HEADS,
-        REAL,
-        apply_calibration,
-        p_generated,
-        read_train_info,
-    )
+    from pipeline.metrics import apply_calibration, p_generated
+    from pipeline.train import ATTRIBUTION_HEADS, REAL, read_train_info
 
     head_dir, cache = Path(head_dir), Path(cache)
     info = read_train_info(head_dir)

@@ -23,7 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline import store
 from pipeline.data import load_rgb
-from pipeline.evaluate import REAL_CLASS, Scores, confusion, pr_points, roc_points
+from pipeline.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
 from pipeline.perturb import KINDS as PERTURBATION_KINDS
 from pipeline.perturb import parse_perturbation
 

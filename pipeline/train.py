@@ -15,19 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import expit, logit
 
 from pipeline import store
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.features import CLASS_PROMPTS, FeatureSet, load_features
+from pipeline.metrics import (
+    REAL_CLASS,
+    apply_calibration,
+    fit_calibration,
+    p_generated,
+    threshold_for_balanced_accuracy,
+)
 
 logger = logging.getLogger(__name__)
 
 # Heads whose targets are class names ('real' or a generator/family) rather than 0/1.
 ATTRIBUTION_HEADS = ("multitask",)
 TRAIN_INFO = "train.json"
-REAL = "real"
+REAL = REAL_CLASS
 
 
 def head_params(cfg: TrainConfig, name: str, seed: int) -> dict[str, Any]:
@@ -53,50 +58,6 @@ def targets(fs: FeatureSet, name: str, attribution_target: str = "generator") ->
         source = fs.family if attribution_target == "family" else fs.generator
         return np.where(fs.y == 0, REAL, source).astype(str)
     return fs.y
-
-
-def p_generated(head: Any, X: np.ndarray) -> np.ndarray:
-    """Probability that each row is generated, whatever the head's classes."""
-    if hasattr(head, "p_generated"):
-        return np.asarray(head.p_generated(X), dtype=np.float64)
-    proba = head.predict_proba(X)
-    classes = list(head.classes_)
-    if 1 in classes:
-        return np.asarray(proba[:, classes.index(1)], dtype=np.float64)
-    if REAL in classes:
-        return 1.0 - np.asarray(proba[:, classes.index(REAL)], dtype=np.float64)
-    raise ValueError(f"cannot tell which class of {classes} means 'generated'")
-
-
-# ----------------------------------------------------------------------------- calibration
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    return np.asarray(logit(np.clip(p, 1e-7, 1 - 1e-7)), dtype=np.float64)
-
-
-def fit_calibration(method: str, p: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Fit temperature (p' = σ(logit p / T)) or Platt (p' = σ(a·logit p + b)) on val by NLL."""
-    if method == "none" or len(np.unique(y)) < 2:
-        return {"a": 1.0, "b": 0.0}
-    z = _logit(p)
-
-    def nll(theta: np.ndarray) -> float:
-        a, b = (theta[0], theta[1]) if method == "platt" else (np.exp(-theta[0]), 0.0)
-        q = np.clip(expit(a * z + b), 1e-12, 1 - 1e-12)
-        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
-
-    start = np.array([1.0, 0.0]) if method == "platt" else np.array([0.0])
-    theta = minimize(nll, start, method="Nelder-Mead").x
-    if method == "platt":
-        return {"a": float(theta[0]), "b": float(theta[1])}
-    return {"a": float(np.exp(-theta[0])), "b": 0.0, "temperature": float(np.exp(theta[0]))}
-
-
-def apply_calibration(cal: dict[str, float], p: np.ndarray) -> np.ndarray:
-    if cal.get("a", 1.0) == 1.0 and cal.get("b", 0.0) == 0.0:
-        return np.asarray(p, dtype=np.float64)
-    return np.asarray(expit(cal["a"] * _logit(p) + cal["b"]), dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------ training
@@ -247,14 +208,14 @@ def train_heads(
             info["pseudo_labels"] = pl["report"]
             logger.info("%s pseudo-labels: %s", name, pl["report"])
         cal = {"a": 1.0, "b": 0.0}
+        # A head that calibrates itself on val (the SVM's Platt fit) is not calibrated twice.
+        method = "none" if getattr(head, "calibrates_on_val", False) else cfg.calibration
         if len(val.y) and len(np.unique(val.y)) == 2:
-            from pipeline.evaluate import threshold_for_balanced_accuracy
-
             p_val = p_generated(head, val.X)
-            cal = fit_calibration(cfg.calibration, p_val, val.y)
+            cal = fit_calibration(method, p_val, val.y)
             p_val = apply_calibration(cal, p_val)
             info["val_threshold"] = float(threshold_for_balanced_accuracy(val.y, p_val))
-        info["calibration"] = {"method": cfg.calibration, **cal}
+        info["calibration"] = {"method": method, **cal}
         save_head(head, out_dir / name)
         (out_dir / name / TRAIN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
         report[name] = info

@@ -14,7 +14,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline.evaluate import (
+from pipeline.evaluate import write_json_atomic
+from pipeline.metrics import (
     Scores,
     binary_metrics,
     confusion,
@@ -22,7 +23,6 @@ from pipeline.evaluate import (
     pr_points,
     roc_points,
     threshold_for_balanced_accuracy,
-    write_json_atomic,
 )
 
 GENERATORS = ["progan", "sd14", "midjourney"]

@@ -13,7 +13,8 @@ from pipeline.config import ConfigError, EvaluateConfig, FeaturesConfig, TrainCo
 from pipeline.evaluate import run_evaluate
 from pipeline.features import CLASS_PROMPTS, compute_features
 from pipeline.heads import load_head
-from pipeline.train import apply_calibration, fit_calibration, train_heads
+from pipeline.metrics import apply_calibration, fit_calibration
+from pipeline.train import train_heads
 
 GENERATORS = ("ganA", "diffB", "diffC")
 

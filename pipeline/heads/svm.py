@@ -18,6 +18,7 @@ from pipeline.heads._base import (
     seed_from,
     standardise,
 )
+from pipeline.metrics import fit_platt
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class SVMHead(BaseHead):
     With validation data, the SVM is fitted on the training rows for each C in `C_grid` and the
     sigmoids are fitted on the validation scores of the chosen C.
     """
+
+    #: Its probabilities are already Platt-calibrated on the validation rows `fit` gets, so the
+    #: train stage fits no second calibration on the same rows.
+    calibrates_on_val = True
 
     def __init__(
         self,
@@ -160,45 +165,3 @@ class SVMHead(BaseHead):
         self.C_, self.n_iter_ = meta["C_"], meta["n_iter_"]
         for key in ("mean_", "scale_", "coef_", "intercept_", "platt_"):
             setattr(self, key, arrays[key])
-
-
-def fit_platt(scores: np.ndarray, positive: np.ndarray, max_iter: int = 100) -> np.ndarray:
-    """Platt's sigmoid (a, b) with P(positive | s) = 1 / (1 + exp(a·s + b)).
-
-    Newton's method with backtracking (Lin, Lin and Weng's robust form of Platt's fit), on
-    Platt's smoothed targets (N+ + 1) / (N+ + 2) and 1 / (N- + 2), which keep the fit finite
-    when the scores separate the classes perfectly.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos = float(np.sum(positive))
-    n_neg = float(len(positive) - n_pos)
-    t = np.where(positive, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
-
-    def loss(a: float, b: float) -> float:
-        z = a * s + b  # P(positive) = expit(-z)
-        return float(np.sum(t * np.logaddexp(0.0, z) + (1.0 - t) * np.logaddexp(0.0, -z)))
-
-    a, b = 0.0, float(np.log((n_neg + 1.0) / (n_pos + 1.0)))
-    value = loss(a, b)
-    for _ in range(max_iter):
-        p = expit(-(a * s + b))
-        d1 = t - p  # d loss / d z
-        grad = np.array([np.sum(d1 * s), np.sum(d1)])
-        if np.max(np.abs(grad)) < 1e-5:
-            break
-        w = p * (1.0 - p)
-        hess = np.array(
-            [[np.sum(w * s * s) + 1e-12, np.sum(w * s)], [np.sum(w * s), np.sum(w) + 1e-12]]
-        )
-        step = np.linalg.solve(hess, grad)
-        size = 1.0
-        while size >= 1e-10:
-            new_a, new_b = a - size * step[0], b - size * step[1]
-            new_value = loss(new_a, new_b)
-            if new_value < value + 1e-4 * size * float(grad @ -step):
-                break
-            size /= 2.0
-        else:
-            break  # no decrease along the Newton direction: at the optimum up to rounding
-        a, b, value = new_a, new_b, new_value
-    return np.array([a, b])
