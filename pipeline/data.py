@@ -43,6 +43,10 @@ class Record:
     split: str = ""
     group: str = ""
     family: str = ""
+    # The dataset folder the image came from (a CNNDetection / UniversalFakeDetect / GenImage
+    # generator folder, with its own real images); real rows keep theirs. Empty when the
+    # dataset has no such folders (its real images are shared by every generator).
+    subset: str = ""
 
 
 @dataclass
@@ -89,7 +93,7 @@ def _inside(root: Path, rel: str, where: str) -> str:
 
 def read_manifest(path: str | Path) -> list[Record]:
     """Read a manifest CSV: columns path (or file), label, generator; optional caption, split,
-    group, family. Paths are relative to the CSV's folder and may not leave it."""
+    group, family, subset. Paths are relative to the CSV's folder and may not leave it."""
     path = Path(path)
     root = path.parent
     with path.open(newline="", encoding="utf-8") as fh:
@@ -121,6 +125,7 @@ def read_manifest(path: str | Path) -> list[Record]:
                     split=split,
                     group=(row.get("group") or "").strip(),
                     family=(row.get("family") or "").strip(),
+                    subset=(row.get("subset") or "").strip(),
                 )
             )
     return records
@@ -255,6 +260,7 @@ def read_folder_layout(root: str | Path) -> list[Record]:
                     label=label,
                     generator=REAL if label == 0 else generator,
                     family=generator,
+                    subset=generator,
                 )
             )
     if not records:
@@ -291,6 +297,7 @@ def read_genimage(root: str | Path) -> list[Record]:
                     generator=REAL if label == 0 else generator,
                     split=split,
                     family=generator,
+                    subset=generator,
                 )
             )
     if not records:
@@ -333,6 +340,7 @@ def read_synthbuster(root: str | Path) -> list[Record]:
                     label=label,
                     generator=REAL if label == 0 else top.name,
                     family=top.name,
+                    subset=top.name,
                 )
             )
     loose = [p.name for p in root.iterdir() if p.is_file() and _is_data_file(p.name)]
@@ -665,8 +673,8 @@ def _stable_unit(seed: int, key: str) -> float:
 
 
 def assign_splits(items: Sequence[Record], fractions: Sequence[float], seed: int) -> list[str]:
-    """Seeded train/val/test split that keeps each group on one side and each generator
-    spread over the splits in proportion to `fractions`.
+    """Seeded train/val/test split that keeps each group on one side and each generator (of
+    each subset) spread over the splits in proportion to `fractions`.
 
     Groups come from the `group` column, else the caption/prompt, else the file itself. Each
     group is assigned as a whole to the split with the largest unfilled quota of its main
@@ -678,8 +686,9 @@ def assign_splits(items: Sequence[Record], fractions: Sequence[float], seed: int
         groups[_group_key(item)].append(i)
     by_generator: dict[str, list[str]] = defaultdict(list)
     for key, members in groups.items():
-        main = Counter(items[i].generator for i in members).most_common(1)[0][0]
-        by_generator[main].append(key)
+        # Per subset too, so that each test folder keeps real and generated images of its own.
+        main = Counter(f"{items[i].subset}/{items[i].generator}" for i in members)
+        by_generator[main.most_common(1)[0][0]].append(key)
     out = [""] * len(items)
     for generator, keys in sorted(by_generator.items()):
         keys.sort(key=lambda k: _stable_unit(seed, k))

@@ -106,7 +106,7 @@ def perturbed_copy(
     for stale in (dest / "images").glob("*.png"):
         if stale.name not in written:
             stale.unlink()
-    columns = ["path", "label", "generator", "caption", "split", "group", "family"]
+    columns = ["path", "label", "generator", "caption", "split", "group", "family", "subset"]
     datamod.write_csv(
         dest / "manifest.csv",
         columns,
@@ -119,6 +119,7 @@ def perturbed_copy(
                 r["split"],
                 r["group"],
                 r["family"],
+                r.get("subset", ""),
             ]
             for r in rows
         ),

@@ -129,6 +129,7 @@ def run_evaluate(
             split=fs.split,
             p_generated=np.clip(p, 0.0, 1.0),
             pred_class=np.asarray(head.predict(fs.X), dtype=str) if attribution else None,
+            subset=fs.subset,
         )
         scores.to_csv(scores_dir / f"{name}.csv")
         block = evaluate_scores(scores, cfg.threshold)

@@ -94,7 +94,7 @@ def ingest_records(
             "width": np.array([it.width for it in chunk], dtype=np.int32),
             "height": np.array([it.height for it in chunk], dtype=np.int32),
         }
-        for key in ("path", "generator", "split", "caption", "group", "family"):
+        for key in ("path", "generator", "split", "caption", "group", "family", "subset"):
             shard[key] = np.array([getattr(it, key) for it in chunk], dtype=object)
         if not _same_shard(out_dir / store.shard_name(k), shard, attrs):
             store.write_shard(out_dir / store.shard_name(k), shard, attrs)

@@ -42,7 +42,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "image_color": ("image", "color_hist"),
 }
 CLASS_PROMPTS = "class_prompts.h5"
-META = ("ids", "label", "generator", "split", "family")
+META = ("ids", "label", "generator", "split", "family", "subset")
 _PASSTHROUGH = {"bert_text_emb": "bert_text", "dinov2_emb": "dinov2", "color_hist": "color_hist"}
 
 
@@ -154,12 +154,14 @@ class FeatureSet:
     generator: np.ndarray
     split: np.ndarray
     family: np.ndarray
+    subset: np.ndarray  # dataset folder of each row ("" when the dataset has none)
 
-    def subset(self, mask: np.ndarray) -> FeatureSet:
+    def take(self, mask: np.ndarray) -> FeatureSet:
+        """Rows where `mask` is true (boolean mask or integer indices)."""
         return FeatureSet(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
 
     def where(self, split: str) -> FeatureSet:
-        return self.subset(self.split == split)
+        return self.take(self.split == split)
 
 
 def load_features(
@@ -192,9 +194,10 @@ def load_features(
         generator=np.concatenate([b["generator"] for b in blocks]),
         split=np.concatenate([b["split"] for b in blocks]),
         family=np.concatenate([b["family"] for b in blocks]),
+        subset=np.concatenate([b["subset"] for b in blocks]),
     )
     if splits is not None:
-        fs = fs.subset(np.isin(fs.split, splits))
+        fs = fs.take(np.isin(fs.split, splits))
     return fs
 
 

@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 REAL_CLASS = "real"
 
 #: Column order of the per-image scores CSV (``pred_class`` only for attribution heads).
-SCORE_COLUMNS = ("id", "label", "generator", "split", "p_generated")
+SCORE_COLUMNS = ("id", "label", "generator", "split", "p_generated", "subset")
+#: Metrics averaged over the per-generator blocks into a head's ``mean`` block (the papers'
+#: "Avg.": ITEM's Table I, UniversalFakeDetect's per-folder results).
+MEAN_KEYS = ("acc", "ap", "r_acc", "f_acc")
 
 Metrics = dict[str, float | int | None]
 
@@ -45,7 +48,10 @@ class Scores:
     ``label`` is 0 (real) or 1 (generated); ``p_generated`` is the head's probability that the
     image is generated, in [0, 1]; ``pred_class`` (attribution heads only) is the predicted
     class name: ``"real"`` or a generator name. The ``generator`` of real rows is not used by
-    any metric. Fields are coerced to numpy arrays and validated on construction.
+    any metric. ``subset`` is the dataset folder of each image (``""`` when the dataset has
+    none; ``None`` means none for every row): it decides which real images a generator's
+    block holds (:func:`evaluate_scores`). Fields are coerced to numpy arrays and validated on
+    construction.
     """
 
     ids: np.ndarray
@@ -54,9 +60,13 @@ class Scores:
     split: np.ndarray
     p_generated: np.ndarray
     pred_class: np.ndarray | None = None
+    subset: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=str)
+        if self.subset is None:
+            self.subset = np.full(len(self.ids), "", dtype=str)
+        self.subset = np.asarray(self.subset, dtype=str)
         self.generator = np.asarray(self.generator, dtype=str)
         self.split = np.asarray(self.split, dtype=str)
         self.p_generated = np.asarray(self.p_generated, dtype=np.float64)
@@ -70,6 +80,7 @@ class Scores:
             "generator": self.generator,
             "split": self.split,
             "p_generated": self.p_generated,
+            "subset": self.subset,
         }
         if self.pred_class is not None:
             columns["pred_class"] = self.pred_class
@@ -89,9 +100,10 @@ class Scores:
         """True attribution class: ``"real"`` for real images, the generator name otherwise."""
         return np.where(self.label == 1, self.generator, REAL_CLASS)
 
-    def subset(self, mask: ArrayLike) -> Scores:
+    def take(self, mask: ArrayLike) -> Scores:
         """Rows where ``mask`` is true (boolean mask or integer indices), e.g. one split."""
         index = np.asarray(mask)
+        assert self.subset is not None  # set by __post_init__
         return Scores(
             ids=self.ids[index],
             label=self.label[index],
@@ -99,6 +111,7 @@ class Scores:
             split=self.split[index],
             p_generated=self.p_generated[index],
             pred_class=None if self.pred_class is None else self.pred_class[index],
+            subset=self.subset[index],
         )
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
@@ -122,6 +135,7 @@ class Scores:
                     self.generator[i],
                     self.split[i],
                     repr(float(self.p_generated[i])),
+                    self.subset[i] if self.subset is not None else "",
                 ]
                 if self.pred_class is not None:
                     row.append(self.pred_class[i])
@@ -134,7 +148,8 @@ class Scores:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
-            missing = [c for c in SCORE_COLUMNS if c not in fields]
+            # Files written before the subset column existed are still readable.
+            missing = [c for c in SCORE_COLUMNS if c not in fields and c != "subset"]
             if missing:
                 raise ValueError(
                     f"scores CSV {path} lacks columns {missing}; found {fields}, "
@@ -149,6 +164,7 @@ class Scores:
             split=np.array([r["split"] for r in rows], dtype=str),
             p_generated=np.array([float(r["p_generated"]) for r in rows], dtype=np.float64),
             pred_class=np.array([r["pred_class"] for r in rows], dtype=str) if has_pred else None,
+            subset=np.array([r.get("subset") or "" for r in rows], dtype=str),
         )
 
 
@@ -198,15 +214,26 @@ def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 
 
 
 def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
-    """One head's ``metrics/eval.json`` entry: ``{"overall": ..., "per_generator": {...}}``.
+    """One head's ``metrics/eval.json`` entry: ``{"overall", "per_generator", "mean"}``.
 
     Every row of ``scores`` is scored; select an evaluation set first if needed
-    (``scores.subset(scores.split == "test")``).
+    (``scores.take(scores.split == "test")``).
 
     - ``overall``: :func:`binary_metrics` over all images.
-    - ``per_generator[g]``: :func:`binary_metrics` over the generated images of ``g`` together
-      with all real images, so ``n = n_generated(g) + n_real``. Real images get no block of
-      their own (their accuracy is ``r_acc`` in every block).
+    - ``per_generator[g]``: :func:`binary_metrics` over the generated images of ``g`` and a
+      set of real images, named by the block's ``"reals"``:
+
+      - ``"own"``: the real images of the subsets (dataset folders) that ``g``'s images come
+        from, when every one of them has real images of its own. This is how
+        UniversalFakeDetect's ``validate.py`` and ITEM's Table I score a test folder
+        (``<folder>/0_real`` with ``<folder>/1_fake``).
+      - ``"all"``: every real image of the evaluation set, when ``g``'s images have no subset
+        or a subset without real images (a manifest whose reals are shared).
+
+      Real images get no block of their own.
+    - ``mean``: ``acc``, ``ap``, ``r_acc``, ``f_acc`` averaged, unweighted, over the
+      per-generator blocks (the papers' "Avg."; a metric that is ``None`` in a block is left
+      out of its mean), with ``n_blocks``.
     - When ``scores.pred_class`` is set (attribution heads), ``overall`` adds ``f1_macro`` and
       ``f1_weighted`` of ``pred_class`` against :attr:`Scores.true_class`, over the union of
       true and predicted classes, with 0 for a class that is never predicted or never true
@@ -234,12 +261,19 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
             )
 
     real = scores.label == 0
-    per_generator = {}
+    subset = np.asarray(scores.subset, dtype=str)
+    with_reals = set(subset[real]) - {""}
+    per_generator: dict[str, dict[str, Any]] = {}
     for name in sorted(set(scores.generator[generated])):
-        block = real | (generated & (scores.generator == name))
-        per_generator[name] = binary_metrics(
-            scores.label[block], scores.p_generated[block], threshold
-        )
+        fakes = generated & (scores.generator == name)
+        folders = set(subset[fakes])
+        own = folders <= with_reals
+        reals = real & np.isin(subset, sorted(folders)) if own else real
+        block = fakes | reals
+        per_generator[name] = {
+            **binary_metrics(scores.label[block], scores.p_generated[block], threshold),
+            "reals": "own" if own else "all",
+        }
     logger.info(
         "evaluated %d images (%d real, %d generators, splits %s) at threshold %g",
         len(scores),
@@ -248,7 +282,17 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
         sorted(set(scores.split)),
         threshold,
     )
-    return {"overall": overall, "per_generator": per_generator}
+    return {"overall": overall, "per_generator": per_generator, "mean": mean_block(per_generator)}
+
+
+def mean_block(per_generator: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Unweighted mean of :data:`MEAN_KEYS` over per-generator blocks (``None`` when no block
+    defines a metric), with ``n_blocks``."""
+    out: dict[str, Any] = {"n_blocks": len(per_generator)}
+    for key in MEAN_KEYS:
+        values = [b[key] for b in per_generator.values() if b.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
 
 
 def threshold_for_balanced_accuracy(label: ArrayLike, p: ArrayLike) -> float:
@@ -346,7 +390,6 @@ def confusion(
     return list(labels), matrix
 
 
-
 def _as_binary_label(label: ArrayLike) -> np.ndarray:
     y = np.asarray(label)
     if y.ndim != 1:
@@ -395,7 +438,6 @@ def _thin(rows: list[dict[str, float | None]], max_points: int | None) -> list[d
         raise ValueError(f"max_points must be at least 2 to keep both curve ends, got {max_points}")
     keep = np.unique(np.linspace(0, len(rows) - 1, max_points).round().astype(np.int64))
     return [rows[i] for i in keep]
-
 
 
 # ------------------------------------------------------------------------ probabilities

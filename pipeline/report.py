@@ -367,10 +367,14 @@ def _summary_section(
         parts.append(_metrics_table("head", {h: m["overall"] for h, m in clean.items()}))
         parts.append(
             "<p>Fractions are percentages. A generator's row scores its images together with "
-            "all real images; real acc is the same in every row.</p>"
+            "the real images of its own folder (reals: own, as UniversalFakeDetect and ITEM "
+            "do) or, when its folder has none, with all real images (reals: all). The mean "
+            "row is the unweighted mean over the generators (the papers' Avg.).</p>"
         )
         for head, m in clean.items():
-            per = m.get("per_generator") or {}
+            per = dict(m.get("per_generator") or {})
+            if per and m.get("mean"):
+                per["Avg. (mean)"] = m["mean"]
             parts.append(f"<h3>Per generator: {_esc(head)}</h3>")
             parts.append(_metrics_table("generator", per) if per else _note("no generator"))
     for name, data in others.items():

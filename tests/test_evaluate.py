@@ -176,7 +176,7 @@ def test_csv_round_trip_is_exact(tmp_path):
     for field in ("ids", "label", "generator", "split", "p_generated", "pred_class"):
         np.testing.assert_array_equal(getattr(back, field), getattr(scores, field), err_msg=field)
     header = path.read_text().splitlines()[0]
-    assert header == "id,label,generator,split,p_generated,pred_class"
+    assert header == "id,label,generator,split,p_generated,subset,pred_class"
 
     binary = make_scores(attribution=False)
     binary.to_csv(tmp_path / "svm.csv")
@@ -186,14 +186,22 @@ def test_csv_round_trip_is_exact(tmp_path):
 def test_metrics_recomputed_from_csv_with_pandas_and_sklearn_match_exactly(tmp_path):
     """What a user auditing metrics/eval.json does: read the scores CSV, call scikit-learn."""
     scores = make_scores(3)
-    test = scores.subset(scores.split == "test")
+    test = scores.take(scores.split == "test")
     path = tmp_path / "mlp.csv"
     test.to_csv(path)
     written = evaluate_scores(test)
     write_json_atomic(tmp_path / "eval.json", {"mlp": written})
 
     df = pd.read_csv(path, keep_default_na=False)
-    assert list(df.columns) == ["id", "label", "generator", "split", "p_generated", "pred_class"]
+    assert list(df.columns) == [
+        "id",
+        "label",
+        "generator",
+        "split",
+        "p_generated",
+        "subset",
+        "pred_class",
+    ]
     assert len(df) == len(test)
     y, p = df["label"].to_numpy(), df["p_generated"].to_numpy()
     real, gen = y == 0, y == 1
@@ -305,7 +313,7 @@ def test_confusion_matches_sklearn_with_real_first():
 
 def test_subset_selects_rows_of_every_column():
     scores = make_scores()
-    test = scores.subset(scores.split == "test")
+    test = scores.take(scores.split == "test")
     assert set(test.split) == {"test"}
     assert len(test) == int((scores.split == "test").sum())
     assert test.pred_class is not None

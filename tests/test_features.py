@@ -60,6 +60,7 @@ def test_load_features_reads_kind_and_metadata(tmp_path):
         "generator": np.array(["real", "g1", "g2", "real"], dtype=object),
         "split": np.array(["train", "train", "test", "val"], dtype=object),
         "family": np.array(["real", "f", "f", "real"], dtype=object),
+        "subset": np.array(["a", "a", "b", "b"], dtype=object),
     }
     store.write_shard(tmp_path / store.shard_name(0), {**meta, **feats}, {})
     fs = load_features(tmp_path, "image_text")
@@ -68,6 +69,7 @@ def test_load_features_reads_kind_and_metadata(tmp_path):
     np.testing.assert_allclose(fs.X[:, 8:], feats["text"])
     train = load_features(tmp_path, "item", splits=("train",))
     assert list(train.ids) == ["a", "b"] and list(train.y) == [0, 1]
+    assert list(train.subset) == ["a", "a"]
     np.testing.assert_allclose(train.X, feats["D"][:2])
     with pytest.raises(ValueError, match="unknown feature kind"):
         load_features(tmp_path, "nope")

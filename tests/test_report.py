@@ -101,6 +101,7 @@ def make_run(root: Path, preset: str = "tiny", n_images: int = 12) -> dict[str, 
                 "generator": generator[rows],
                 "split": split[rows],
                 "family": generator[rows],
+                "subset": np.full(len(ids[rows]), "", dtype=object),
                 "D": features[rows],
             },
             {**common, "stage": "features"},
@@ -116,7 +117,7 @@ def make_run(root: Path, preset: str = "tiny", n_images: int = 12) -> dict[str, 
     }
     metrics = {}
     for head, scores in heads.items():
-        scores = scores.subset(test)
+        scores = scores.take(test)
         scores.to_csv(dirs["scores"] / f"{head}.csv")
         metrics[head] = evaluate_scores(scores)
     write_json_atomic(dirs["metrics"] / "eval.json", metrics)

@@ -50,6 +50,7 @@ def write_features(directory, n=240, d=6, seed=0, poison_test=False, splits=None
         "generator": gen.astype(object),
         "split": np.asarray(split, dtype=object),
         "family": np.where(label == 0, "real", "fam").astype(object),
+        "subset": np.full(n, "", dtype=object),
     }
     store.write_shard(directory / store.shard_name(0), {**meta, **feats}, {})
     store.write_shard(
