@@ -139,9 +139,8 @@ def qf_matrix(
     Returns:
         `{head: {"<train_qf>": {"<test_qf>": {"acc": .., "ap": .., "auc": .., "n": ..}}}}`.
     """
-    from pipeline.heads import make_head
     from pipeline.metrics import binary_metrics, p_generated
-    from pipeline.train import fit_head, head_kind, head_params
+    from pipeline.train import fit_configured_head, head_kind
 
     out: dict[str, Any] = {}
     for name in heads:
@@ -149,9 +148,15 @@ def qf_matrix(
         sets = {q: load_features(d, kind) for q, d in feature_dirs.items()}
         out[name] = {}
         for q_train, fs in sets.items():
-            tr, va = fs.where("train"), fs.where("val")
-            head = make_head(name, head_params(params.train, name, params.base.seed))
-            fit_head(head, tr.X, tr.y, va.X, va.y)
+            head, _ = fit_configured_head(
+                name,
+                params.train,
+                fs.where("train"),
+                fs.where("val"),
+                kind=kind,
+                seed=params.base.seed,
+                features_dir=feature_dirs[q_train],
+            )
             row = {}
             for q_test, ft in sets.items():
                 te = ft.where(eval_split)

@@ -74,6 +74,77 @@ def fit_head(head: Any, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: 
     return head.fit(X, y)
 
 
+def fit_configured_head(
+    name: str,
+    cfg: TrainConfig,
+    train: FeatureSet,
+    val: FeatureSet,
+    *,
+    kind: str,
+    seed: int,
+    features_dir: str | Path,
+    extra_train: tuple[np.ndarray, np.ndarray] | None = None,
+    extra_val: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The one way to fit a configured head: the train stage, the QF matrix and any later
+    caller go through it, so every head gets the same inputs wherever it is trained.
+
+    It builds the head from `train.<name>` (seeded), maps labels to the head's targets (0/1,
+    or class names for attribution heads, see `targets`), gives Tip-Adapter the CLIP
+    embeddings of the class prompts stored next to the features (zero-shot term, kind
+    `image` only), and passes val for model selection (`fit_head`).
+
+    Args:
+        train, val: feature rows of kind `kind`; `val` may be empty.
+        features_dir: where the class prompts (`class_prompts.h5`) are.
+        extra_train, extra_val: (X, targets) rows added to train / val, targets already in
+            the head's target space (pseudo-labels).
+
+    Returns:
+        The fitted head and a description of the fit (for `train.json`).
+    """
+    from pipeline.heads import make_head
+
+    params = head_params(cfg, name, seed)
+    if len(np.unique(train.y)) < 2:
+        raise ValueError(
+            f"the train split of {features_dir} has {len(train.y)} rows of a single class; "
+            "a detector needs real and generated images in train"
+        )
+    X_tr, y_tr = train.X, targets(train, name, cfg.attribution_target)
+    X_va, y_va = val.X, targets(val, name, cfg.attribution_target)
+    if extra_train is not None:
+        X_tr, y_tr = np.concatenate([X_tr, extra_train[0]]), np.concatenate([y_tr, extra_train[1]])
+    if extra_val is not None:
+        X_va, y_va = np.concatenate([X_va, extra_val[0]]), np.concatenate([y_va, extra_val[1]])
+    if name == "tip_adapter" and "class_text_emb" not in params:
+        emb = _class_text_emb(Path(features_dir), len(np.unique(y_tr)))
+        if emb is not None and kind == "image":
+            params["class_text_emb"] = emb
+        else:
+            logger.warning(
+                "tip_adapter: no zero-shot term (needs features kind 'image' and the "
+                "class prompts of the encode stage; kind is %r)",
+                kind,
+            )
+    head = make_head(name, params)
+    logger.info(
+        "training %s on %d rows (%s features, dim %d)", name, len(y_tr), kind, X_tr.shape[1]
+    )
+    fit_head(head, X_tr, y_tr, X_va, y_va)
+    info: dict[str, Any] = {
+        "head": name,
+        "kind": kind,
+        "params": {k: v for k, v in params.items() if k != "class_text_emb"},
+        "zero_shot_prompts": "class_text_emb" in params,
+        "n_train": int(len(train.y)),
+        "n_val": int(len(val.y)),
+    }
+    if name in ATTRIBUTION_HEADS:
+        info["attribution_target"] = cfg.attribution_target
+    return head, info
+
+
 def _class_text_emb(features_dir: Path, n_classes: int) -> np.ndarray | None:
     path = Path(features_dir) / CLASS_PROMPTS
     if not path.exists():
@@ -131,7 +202,7 @@ def train_heads(
     Rows of `eval_split` are never loaded, unless pseudo-labelling is explicitly allowed to
     use them as its unlabelled pool (then every head's `train.json` says `contaminated`).
     """
-    from pipeline.heads import make_head, save_head
+    from pipeline.heads import save_head
 
     pool_split = cfg.pseudo_pool if cfg.pseudo_label else None
     contaminated = pool_split == eval_split
@@ -147,48 +218,12 @@ def train_heads(
         shutil.rmtree(out_dir)
     report: dict[str, Any] = {}
     for name in cfg.heads:
-        params = head_params(cfg, name, seed)
         name_kind = head_kind(cfg, name, kind)
         fs = load_features(features_dir, name_kind, splits=splits)
         train, val = fs.where("train"), fs.where("val")
-        if len(np.unique(train.y)) < 2:
-            raise ValueError(
-                f"the train split of {features_dir} has {len(train.y)} rows of a single class; "
-                "a detector needs real and generated images in train"
-            )
-        y_train = targets(train, name, cfg.attribution_target)
-        y_val = targets(val, name, cfg.attribution_target)
-        if name == "tip_adapter" and "class_text_emb" not in params:
-            emb = _class_text_emb(Path(features_dir), len(np.unique(y_train)))
-            if emb is not None and name_kind == "image":
-                params["class_text_emb"] = emb
-            else:
-                logger.warning(
-                    "tip_adapter: no zero-shot term (needs features kind 'image' and the "
-                    "class prompts of the encode stage; kind is %r)",
-                    name_kind,
-                )
-        head = make_head(name, params)
-        logger.info(
-            "training %s on %d rows (%s features, dim %d)",
-            name,
-            len(train.y),
-            name_kind,
-            train.X.shape[1],
-        )
-        fit_head(head, train.X, y_train, val.X, y_val)
-        info: dict[str, Any] = {
-            "head": name,
-            "kind": name_kind,
-            "params": {k: v for k, v in params.items() if k != "class_text_emb"},
-            "zero_shot_prompts": "class_text_emb" in params,
-            "n_train": int(len(train.y)),
-            "n_val": int(len(val.y)),
-            "features_dir": str(features_dir),
-            "contaminated": contaminated,
-        }
-        if name in ATTRIBUTION_HEADS:
-            info["attribution_target"] = cfg.attribution_target
+        fit: dict[str, Any] = {"kind": name_kind, "seed": seed, "features_dir": features_dir}
+        head, info = fit_configured_head(name, cfg, train, val, **fit)
+        info.update({"features_dir": str(features_dir), "contaminated": contaminated})
         pool = fs.where(pool_split) if pool_split else None
         if pool is not None and not len(pool.y):
             logger.warning("pseudo-labelling: the %r split is empty; nothing to add", pool_split)
@@ -199,12 +234,15 @@ def train_heads(
             pseudo_y = (
                 pred.astype(str) if name in ATTRIBUTION_HEADS else (pred != 0).astype(np.int64)
             )
-            X_tr = np.concatenate([train.X, pool.X[pl["train"]]])
-            y_tr = np.concatenate([y_train, pseudo_y[pl["train"]]])
-            X_va = np.concatenate([val.X, pool.X[pl["val"]]])
-            y_va = np.concatenate([y_val, pseudo_y[pl["val"]]])
-            head = make_head(name, params)
-            fit_head(head, X_tr, y_tr, X_va, y_va)
+            head, _ = fit_configured_head(
+                name,
+                cfg,
+                train,
+                val,
+                **fit,
+                extra_train=(pool.X[pl["train"]], pseudo_y[pl["train"]]),
+                extra_val=(pool.X[pl["val"]], pseudo_y[pl["val"]]),
+            )
             info["pseudo_labels"] = pl["report"]
             logger.info("%s pseudo-labels: %s", name, pl["report"])
         cal = {"a": 1.0, "b": 0.0}

@@ -161,3 +161,36 @@ def test_pseudo_labels_and_contamination(tmp_path):
         EvaluateConfig(),
     )
     assert metrics["svm"]["contaminated"] is True
+
+
+def test_qf_matrix_fits_every_head_like_the_train_stage(tmp_path):
+    """QF matrix heads go through the train stage's fit: multitask gets class names (not 0/1,
+    which made every p_generated 1) and tip_adapter its class-prompt embeddings."""
+    from pipeline.config import Params
+    from pipeline.evalsets import qf_matrix
+    from pipeline.features import load_features
+    from pipeline.metrics import p_generated
+    from pipeline.train import fit_configured_head
+
+    params = Params()
+    params.train.multitask = {"hidden": 32, "epochs": 20}
+    dirs = {q: write_features(tmp_path / f"q{q}", seed=k) for k, q in enumerate((40, 65, 90))}
+    heads = ["svm", "multitask", "tip_adapter"]
+    matrix = qf_matrix(dirs, params, "test", heads)
+    for name in heads:
+        for q_train, row in matrix[name].items():
+            for q_test, cell in row.items():
+                # Constant scores have AUC 0.5; these classes are separable.
+                assert cell["auc"] > 0.75, (name, q_train, q_test, cell)
+    fs = load_features(dirs[40], "image")
+    head, info = fit_configured_head(
+        "tip_adapter",
+        params.train,
+        fs.where("train"),
+        fs.where("val"),
+        kind="image",
+        seed=0,
+        features_dir=dirs[40],
+    )
+    assert info["zero_shot_prompts"]
+    assert np.std(p_generated(head, fs.where("test").X)) > 0.01
