@@ -29,6 +29,13 @@ class BaseConfig:
     scheduler: str = "local"
     dask_address: str = ""
     n_workers: int = 2
+    # Processes that decode and preprocess images while the model runs (pipeline.reader):
+    # 0 decodes in the main process; -1 (auto) gives each extraction process on the machine an
+    # equal share of its CPUs, at most 8. Rows do not depend on it.
+    decode_workers: int = -1
+    # On CUDA the caption/ground/encode batch sizes are multiplied by this (the params' sizes
+    # suit a CPU; a GPU wants larger batches). 1 takes them as given. Rows do not depend on it.
+    cuda_batch_scale: int = 4
 
 
 @dataclass

@@ -657,6 +657,20 @@ def check_image(path: Path, min_side: int = 1) -> tuple[int, int] | str:
     return width, height
 
 
+_CHECK_BATCH = 16
+
+
+@dataclass
+class _CheckFile:
+    """`check_image` then, for a usable file, its content id (run in a decode worker)."""
+
+    min_side: int
+
+    def __call__(self, path: str) -> tuple[tuple[int, int] | str, str]:
+        checked = check_image(Path(path), self.min_side)
+        return checked, "" if isinstance(checked, str) else content_id(path)
+
+
 def _group_key(record: Record) -> str:
     if record.group:
         return "group:" + record.group
@@ -724,19 +738,31 @@ def ingest(
     fractions: Sequence[float],
     seed: int,
     min_side: int = 1,
+    workers: int = 0,
 ) -> IngestResult:
-    """Decode-check every record, drop exact duplicates, and fill in missing splits."""
+    """Decode-check every record, drop exact duplicates, and fill in missing splits.
+
+    `workers` processes check and hash the files (0: this process); results do not depend
+    on it.
+    """
     items: list[Item] = []
     quarantined: list[tuple[str, str]] = []
     duplicates: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
-    for record in tqdm(records, desc="ingest", unit="img"):
-        file = root / record.path
-        checked = check_image(file, min_side)
+    from pipeline.reader import read_batches
+
+    # Files are checked and hashed in `workers` processes, one file per process at a time, and
+    # only (size or reason, hash) comes back: memory does not grow with the images' bytes.
+    checks = read_batches(
+        [str(root / r.path) for r in records], _CheckFile(min_side), _CHECK_BATCH, workers
+    )
+    results = (result for batch in checks for result in batch)
+    for record, (checked, cid) in tqdm(
+        zip(records, results), total=len(records), desc="ingest", unit="img"
+    ):
         if isinstance(checked, str):
             quarantined.append((record.path, checked))
             continue
-        cid = content_id(file)
         if cid in seen:
             duplicates.append((record.path, seen[cid]))
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import data as datamod
-from pipeline import store
+from pipeline import reader, store
 from pipeline.config import (
     BaseConfig,
     CaptionConfig,
@@ -64,7 +65,12 @@ def ingest_records(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = datamod.ingest(
-        root, records, fractions=cfg.split_fractions, seed=base.seed, min_side=cfg.min_side
+        root,
+        records,
+        fractions=cfg.split_fractions,
+        seed=base.seed,
+        min_side=cfg.min_side,
+        workers=reader.resolve_workers(base.decode_workers),
     )
     if not result.items:
         raise datamod.DatasetError(
@@ -221,10 +227,17 @@ class CaptionStep:
             )
         if need:
             model = _load("captioner", self.models, self.base)
-            for sl in tqdm(_batches(len(need), self.cfg.batch_size), desc="caption", leave=False):
+            size = _batch_size(self.cfg.batch_size, self.base)
+            batches = reader.read_batches(
+                [str(rows["path"][i]) for i in need],
+                datamod.load_rgb,
+                size,
+                _decode_workers(self.base),
+            )
+            for sl in tqdm(_batches(len(need), size), desc="caption", leave=False):
                 chunk = need[sl]
                 with timer("read"):
-                    images = [datamod.load_rgb(rows["path"][i]) for i in chunk]
+                    images = next(batches)
                 with timer("model"):
                     out = model.caption(
                         images,
@@ -302,9 +315,13 @@ class GroundStep:
         found: list[list[Any]] = [[] for _ in range(n)]
         if self.cfg.enabled and n:
             model = _load("grounder", self.models, self.base)
-            for sl in tqdm(_batches(n, self.cfg.batch_size), desc="ground", leave=False):
+            size = _batch_size(self.cfg.batch_size, self.base)
+            batches = reader.read_batches(
+                [str(p) for p in rows["path"]], datamod.load_rgb, size, _decode_workers(self.base)
+            )
+            for sl in tqdm(_batches(n, size), desc="ground", leave=False):
                 with timer("read"):
-                    images = [datamod.load_rgb(p) for p in rows["path"][sl]]
+                    images = next(batches)
                 with timer("model"):
                     out = model.ground(
                         images,
@@ -353,6 +370,49 @@ def crop_box(image: Any, box: Sequence[float], padding: float) -> Any:
     right, bottom = min(w, int(np.ceil(x1 + pw))), min(h, int(np.ceil(y1 + ph)))
     right, bottom = max(right, left + 1), max(bottom, top + 1)
     return image.crop((left, top, right, bottom))
+
+
+@dataclass
+class EncodeLoad:
+    """The encode stage's CPU work for one image, run in a decode worker: decode once, cut the
+    object crops from that decode, preprocess every view; optional colour histograms and
+    DINOv2 pixels from the same decode."""
+
+    preprocess: Any
+    crop_padding: float
+    color_bins: int = 0
+    dinov2_processor: Any = None
+
+    def __call__(self, item: tuple[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        path, boxes = item
+        image = datamod.load_rgb(path)
+        views = [image, *(crop_box(image, box, self.crop_padding) for box in boxes)]
+        out: dict[str, Any] = {"pixels": torch.stack([self.preprocess(v) for v in views])}
+        if self.color_bins:
+            from pipeline.features import color_histograms
+
+            out["color"] = torch.from_numpy(color_histograms(image, self.color_bins))
+        if self.dinov2_processor is not None:
+            from pipeline.models.dinov2 import Dinov2ImageEncoder
+
+            out["dinov2"] = Dinov2ImageEncoder.pixel_values(self.dinov2_processor, image)
+        return out
+
+
+def collate_views(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch of `EncodeLoad` samples: every view stacked in order, and views per image."""
+    import torch
+
+    batch: dict[str, Any] = {
+        "pixels": torch.cat([s["pixels"] for s in samples]),
+        "n_views": torch.tensor([len(s["pixels"]) for s in samples]),
+    }
+    for key in ("color", "dinov2"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
+    return batch
 
 
 @dataclass
@@ -413,37 +473,63 @@ class EncodeStep:
         return rows
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
-        clip = _load("clip", self.models, self.base)
-        n, off = len(rows["ids"]), rows["obj_offsets"]
-        image_emb = np.zeros((n, clip.dim), np.float32)
-        obj_image_emb = np.zeros((int(off[-1]), clip.dim), np.float32)
-        extra: dict[str, list[np.ndarray]] = {"bert": [], "dinov2": [], "color": []}
-        for sl in tqdm(_batches(n, self.cfg.batch_size), desc="encode", leave=False):
-            with timer("read"):
-                images = [datamod.load_rgb(p) for p in rows["path"][sl]]
-                crops, slots = [], []
-                for k, image in zip(range(sl.start, sl.stop), images):
-                    for j in range(int(off[k]), int(off[k + 1])):
-                        crops.append(crop_box(image, rows["obj_boxes"][j], self.crop_padding))
-                        slots.append(j)
-            with timer("model"):
-                image_emb[sl] = clip.encode_images(images)
-                for s in _batches(len(crops), self.cfg.batch_size):
-                    obj_image_emb[slots[s]] = clip.encode_images(crops[s])
-                if self.cfg.dinov2:
-                    extra["dinov2"].append(_load("dinov2", self.models, self.base).encode(images))
-            if self.cfg.color_bins:
-                from pipeline.features import color_histograms
+        import torch
 
-                extra["color"].append(
-                    np.stack([color_histograms(im, self.cfg.color_bins) for im in images])
-                )
+        clip = _load("clip", self.models, self.base)
+        dino = _load("dinov2", self.models, self.base) if self.cfg.dinov2 else None
+        n, off = len(rows["ids"]), np.asarray(rows["obj_offsets"], dtype=np.int64)
+        counts = np.diff(off)
+        # Each image is decoded once, in a decode worker, and its crops are cut from that decode;
+        # the worker preprocesses them (views: the image, then its crops in object order).
+        load = EncodeLoad(
+            clip.preprocess,
+            self.crop_padding,
+            self.cfg.color_bins,
+            dino.processor if dino is not None else None,
+        )
+        items = [(str(rows["path"][k]), rows["obj_boxes"][off[k] : off[k + 1]]) for k in range(n)]
+        on_cuda = str(clip.device).startswith("cuda")
+        size = _batch_size(self.cfg.batch_size, self.base)
+        batches = reader.read_batches(
+            items, load, size, _decode_workers(self.base), collate_views, pin_memory=on_cuda
+        )
+        # Outputs stay on the device until the shard is done: one synchronisation per shard.
+        view_emb: list[Any] = []
+        dino_emb: list[Any] = []
+        colors: list[np.ndarray] = []
+        with tqdm(total=n, desc="encode", leave=False) as bar:
+            while True:
+                with timer("read"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                with timer("model"):
+                    pixels = batch["pixels"]
+                    for s in _batches(len(pixels), size):
+                        view_emb.append(clip.encode_pixels(pixels[s]))
+                    if dino is not None:
+                        dino_emb.append(dino.encode_pixels(batch["dinov2"]))
+                if "color" in batch:
+                    colors.append(batch["color"].numpy())
+                bar.update(len(batch["n_views"]))
+        with timer("model"):
+            views = (
+                torch.cat(view_emb).float().cpu().numpy()
+                if view_emb
+                else np.zeros((0, clip.dim), np.float32)
+            )
+            owner = np.repeat(np.arange(n), counts)
+            image_emb = views[off[:-1] + np.arange(n)] if n else np.zeros((0, clip.dim), np.float32)
+            obj_image_emb = views[np.arange(int(off[-1])) + owner + 1]
+        extra: dict[str, list[np.ndarray]] = {"bert": [], "dinov2": [], "color": colors}
+        if dino_emb:
+            extra["dinov2"].append(torch.cat(dino_emb).float().cpu().numpy())
         phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
-        memo = _TEXT_MEMO.setdefault(self.params_hash(), {})
+        memo = _TEXT_MEMO.setdefault(self.params_hash(), TextMemo())
         with timer("model"):
             captions = [str(c) for c in rows["caption"]]
-            text_emb = encode_texts_once(clip, captions, self.cfg.batch_size, memo)
-            obj_text_emb = encode_texts_once(clip, phrases, self.cfg.batch_size, memo)
+            text_emb = encode_texts_once(clip, captions, size, memo)
+            obj_text_emb = encode_texts_once(clip, phrases, size, memo)
             if self.cfg.bert:
                 bert = _load("bert", self.models, self.base)
                 extra["bert"].append(bert.encode([str(c) for c in rows["caption"]]))
@@ -463,27 +549,61 @@ class EncodeStep:
         return out
 
 
+class TextMemo:
+    """Text embeddings already computed this run, least recently used dropped beyond
+    `max_items` (a ViT-L/14 row is 3 KB, so the default holds about 300 MB)."""
+
+    def __init__(self, max_items: int = 100_000) -> None:
+        self.max_items = max_items
+        self._rows: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, text: object) -> bool:
+        return text in self._rows
+
+    def get(self, text: str) -> np.ndarray | None:
+        row = self._rows.get(text)
+        if row is not None:
+            self._rows.move_to_end(text)
+        return row
+
+    def put(self, text: str, row: np.ndarray) -> None:
+        self._rows[text] = row
+        self._rows.move_to_end(text)
+        while len(self._rows) > self.max_items:
+            self._rows.popitem(last=False)
+
+
 def encode_texts_once(
-    encoder: Any, texts: Sequence[str], batch_size: int, memo: dict[str, np.ndarray] | None = None
+    encoder: Any, texts: Sequence[str], batch_size: int, memo: TextMemo | None = None
 ) -> np.ndarray:
     """Encode each distinct string once and scatter the rows back to `texts`' order.
 
     With `memo` (kept for a whole run), strings already encoded for an earlier shard are not
     sent to the encoder again.
     """
-    memo = {} if memo is None else memo
-    unique = [t for t in dict.fromkeys(texts) if t not in memo]
-    for s in _batches(len(unique), batch_size):
-        for text, row in zip(unique[s], encoder.encode_texts(unique[s])):
-            memo[text] = np.asarray(row, dtype=np.float32)
     if not texts:
         return np.zeros((0, encoder.dim), np.float32)
-    return np.stack([memo[t] for t in texts]).astype(np.float32)
+    distinct = list(dict.fromkeys(texts))
+    found = {t: memo.get(t) for t in distinct} if memo is not None else {}
+    todo = [t for t in distinct if found.get(t) is None]
+    rows: dict[str, np.ndarray] = {t: r for t, r in found.items() if r is not None}
+    for s in _batches(len(todo), batch_size):
+        for text, row in zip(todo[s], np.asarray(encoder.encode_texts(todo[s]), np.float32)):
+            rows[text] = row
+            if memo is not None:
+                memo.put(text, row)
+    out = np.empty((len(texts), encoder.dim), np.float32)
+    for i, text in enumerate(texts):
+        out[i] = rows[text]
+    return out
 
 
 # Text embeddings of the current run, per encoder; cleared when a run starts. Under Dask each
 # worker process keeps its own.
-_TEXT_MEMO: dict[str, dict[str, np.ndarray]] = {}
+_TEXT_MEMO: dict[str, TextMemo] = {}
 
 
 def run_encode(
@@ -542,6 +662,20 @@ def write_class_prompts(
 
 
 # -------------------------------------------------------------------------------------- helpers
+
+
+def _decode_workers(base: BaseConfig) -> int:
+    """Decode processes for one extraction process (Dask workers share the machine's CPUs)."""
+    sharing = base.n_workers if base.scheduler == "dask" and not base.dask_address else 1
+    return reader.resolve_workers(base.decode_workers, sharing)
+
+
+def _batch_size(configured: int, base: BaseConfig) -> int:
+    """The params' batch size on a CPU, times base.cuda_batch_scale on CUDA."""
+    from pipeline.models import resolve_device
+
+    scale = base.cuda_batch_scale if resolve_device(base.device).startswith("cuda") else 1
+    return max(1, configured * max(1, scale))
 
 
 def _sched(base: BaseConfig) -> dict[str, Any]:

@@ -136,8 +136,8 @@ def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_pat
         def __init__(self, inner):
             self.inner, self.dim = inner, inner.dim
 
-        def encode_images(self, images):
-            return self.inner.encode_images(images)
+        def __getattr__(self, name):  # preprocess, device, encode_pixels, ...
+            return getattr(self.inner, name)
 
         def encode_texts(self, texts):
             sent.extend(texts)

@@ -190,8 +190,18 @@ class ClipEncoder:
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
-        return self.model.encode_image(batch).float().cpu().numpy()  # type: ignore[operator]
+        batch = torch.stack([self.preprocess(im) for im in images])
+        return self.encode_pixels(batch).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embeddings of preprocessed images (N, 3, H, W), left on the model's device.
+
+        A CPU tensor in pinned memory is copied without blocking, so the copy overlaps the
+        previous forward; the caller synchronises once, when it moves the results back.
+        """
+        batch = pixels.to(self.device, self.dtype, non_blocking=True)
+        return self.model.encode_image(batch)  # type: ignore[operator,no-any-return]
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

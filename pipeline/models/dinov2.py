@@ -59,6 +59,18 @@ class Dinov2ImageEncoder(HFWrapper):
         return np.concatenate(chunks, axis=0)
 
     @staticmethod
+    def pixel_values(processor: Any, image: Image.Image) -> torch.Tensor:
+        """Pixel values (3, H, W) of one image as `encode` prepares them; takes the processor,
+        not the model, so that a decode worker can run it."""
+        return processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"][0]
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLS embeddings of `preprocess`ed images (N, 3, H, W), left on the model's device."""
+        batch = pixels.to(self.device, self.dtype, non_blocking=True)
+        return self.model(pixel_values=batch).pooler_output
+
+    @staticmethod
     def _build_tiny(directory: Path) -> None:
         """Save a tiny Dinov2Model and its BitImageProcessor config into `directory`."""
         # Same keys as facebook/dinov2-base's preprocessor_config.json (256 resize, 224 crop).

@@ -1,0 +1,167 @@
+"""The parallel reader: rows do not depend on the number of decode workers, and the encode
+stage's batched, on-device path equals encoding each image and crop on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import data as datamod
+from pipeline import extract, reader, store
+from pipeline.config import params_from_dict
+from tests.helpers import make_image, write_manifest
+
+
+def _square(path: str) -> int:
+    return int(Path(path).stem.split("_")[1]) ** 2
+
+
+def test_batches_keep_item_order_whatever_the_workers():
+    items = [f"x_{i}.png" for i in range(23)]
+    expected = [[_square(p) for p in items[i : i + 5]] for i in range(0, 23, 5)]
+    for workers in (0, 2):
+        assert list(reader.read_batches(items, _square, 5, workers)) == expected
+
+
+def test_auto_workers_share_the_cpus(monkeypatch):
+    monkeypatch.setattr(reader, "available_cpus", lambda: 16)
+    assert reader.resolve_workers(-1) == reader.MAX_AUTO_WORKERS
+    assert reader.resolve_workers(-1, n_processes=4) == 4
+    assert reader.resolve_workers(3, n_processes=4) == 3
+    monkeypatch.setattr(reader, "available_cpus", lambda: 1)
+    assert reader.resolve_workers(-1, n_processes=2) == 0
+
+
+def _dataset(root: Path, n: int) -> Path:
+    rows = []
+    for i in range(n):
+        size = (40 + 7 * (i % 5), 36 + 5 * (i % 3))
+        make_image(root / f"img_{i}.png", seed=i, size=size)
+        # Every third image has no caption, so the tiny BLIP-2 captions it.
+        caption = "" if i % 3 == 0 else f"a red car next to a tree number {i % 4}"
+        rows.append({"path": f"img_{i}.png", "label": i % 2, "generator": "g", "caption": caption})
+    # A broken file and a duplicate go through ingest's parallel check as well.
+    (root / "broken.png").write_bytes(b"not an image")
+    rows.append({"path": "broken.png", "label": 1, "generator": "g", "caption": "x"})
+    (root / "dup.png").write_bytes((root / "img_1.png").read_bytes())
+    rows.append({"path": "dup.png", "label": 1, "generator": "g", "caption": "x"})
+    return write_manifest(root / "manifest.csv", rows)
+
+
+def _extract(data: Path, cache: Path, workers: int, **encode: object):
+    params = params_from_dict(
+        {
+            "models": {"preset": "tiny"},
+            "ingest": {"shard_size": 5},
+            "base": {"decode_workers": workers},
+            "caption": {"batch_size": 3},
+            "ground": {"batch_size": 2, "box_threshold": 0.0, "text_threshold": 0.0},
+            "encode": {"batch_size": 4, **encode},
+        }
+    )
+    p = params
+    extract.run_ingest(data, cache / "ingest", p.ingest, p.base, "t")
+    extract.run_caption(cache / "ingest", cache / "captions", p.caption, p.models, p.base, "t")
+    extract.run_ground(
+        cache / "ingest",
+        cache / "captions",
+        cache / "objects",
+        p.ground,
+        p.models,
+        p.base,
+        "t",
+    )
+    extract.run_encode(
+        cache / "ingest",
+        cache / "captions",
+        cache / "objects",
+        cache / "clip",
+        p.encode,
+        p.ground.crop_padding,
+        p.models,
+        p.base,
+        "t",
+    )
+    return params
+
+
+def _stage(cache: Path, stage: str) -> dict[str, np.ndarray]:
+    return store.concat_rows([store.read_shard(s) for s in store.list_shards(cache / stage)])
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("reader")
+    data = _dataset(work / "data", 11).parent
+    runs = {w: work / f"cache_{w}" for w in (0, 2)}
+    params = {w: _extract(data, cache, w, color_bins=4) for w, cache in runs.items()}
+    return data, runs, params
+
+
+@pytest.mark.parametrize("stage", ["ingest", "captions", "objects", "clip"])
+def test_rows_are_identical_with_0_and_2_decode_workers(extracted, stage):
+    _, runs, _ = extracted
+    zero, two = _stage(runs[0], stage), _stage(runs[2], stage)
+    assert set(zero) == set(two)
+    for key in zero:
+        assert np.array_equal(zero[key], two[key]), key
+    if stage == "objects":  # thresholds at 0: the crops below are really exercised
+        assert len(zero["obj_boxes"]) > 5
+    if stage == "ingest":
+        assert len(zero["ids"]) == 11  # broken file quarantined, duplicate dropped
+
+
+def test_encoded_rows_equal_each_image_and_crop_encoded_alone(extracted):
+    """An independent computation: every image decoded on its own, every crop cut from it and
+    encoded one at a time through the public `encode_images`."""
+    data, runs, params = extracted
+    p = params[2]
+    clip = extract._load("clip", p.models, p.base)
+    ingest, objects, out = (_stage(runs[2], s) for s in ("ingest", "objects", "clip"))
+    off = objects["obj_offsets"]
+    for k, rel in enumerate(ingest["path"]):
+        image = datamod.load_rgb(data / rel)
+        np.testing.assert_allclose(
+            out["image_emb"][k], clip.encode_images([image])[0], rtol=1e-4, atol=1e-5
+        )
+        for j in range(off[k], off[k + 1]):
+            crop = extract.crop_box(image, objects["obj_boxes"][j], p.ground.crop_padding)
+            np.testing.assert_allclose(
+                out["obj_image_emb"][j], clip.encode_images([crop])[0], rtol=1e-4, atol=1e-5
+            )
+        from pipeline.features import color_histograms
+
+        np.testing.assert_allclose(out["color_hist"][k], color_histograms(image, 4))
+
+
+def test_text_memo_is_bounded_and_keeps_recent_strings():
+    memo = extract.TextMemo(max_items=3)
+    for i in range(5):
+        memo.put(f"t{i}", np.full(2, i, np.float32))
+    assert len(memo) == 3 and "t0" not in memo and "t1" not in memo
+    assert memo.get("t2") is not None  # t2 is now the most recent
+    memo.put("t5", np.zeros(2, np.float32))
+    assert "t3" not in memo and "t2" in memo
+
+
+class _Counting:
+    dim = 2
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def encode_texts(self, texts):
+        self.sent += list(texts)
+        return np.array([[len(t), ord(t[0])] for t in texts], np.float32)
+
+
+def test_texts_evicted_from_the_memo_are_encoded_again_with_the_same_values():
+    enc, memo = _Counting(), extract.TextMemo(max_items=2)
+    first = extract.encode_texts_once(enc, ["ab", "c", "ab", "def"], 2, memo)
+    np.testing.assert_array_equal(first, [[2, 97], [1, 99], [2, 97], [3, 100]])
+    assert enc.sent == ["ab", "c", "def"]
+    again = extract.encode_texts_once(enc, ["def", "ab"], 2, memo)
+    np.testing.assert_array_equal(again, [[3, 100], [2, 97]])
+    assert enc.sent == ["ab", "c", "def", "ab"]  # "ab" had been evicted, "def" had not
