@@ -79,9 +79,12 @@ class IngestConfig:
 
 @dataclass
 class CaptionConfig:
-    # "dataset": the manifest's captions; "blip2": always BLIP-2; "dataset_else_blip2": the
+    # "blip2": every image captioned by the same model, as ITEM does (default: a dataset's own
+    # captions are often human COCO captions for real photos and prompts for generated images,
+    # so their style tells the label); "dataset": the manifest's captions (CT2-style data,
+    # where real and generated images share one caption); "dataset_else_blip2": the
     # manifest's caption where present, BLIP-2 for the rest.
-    source: str = "dataset_else_blip2"
+    source: str = "blip2"
     batch_size: int = 8
     # Optional text prompt for BLIP-2 (empty: unconditional captioning, as in ITEM).
     prompt: str = ""
@@ -144,7 +147,10 @@ class TrainConfig:
     )
     svm: dict[str, Any] = field(default_factory=lambda: {"C": 1.0})
     multitask: dict[str, Any] = field(default_factory=lambda: {"hidden": 512, "epochs": 50})
-    tip_adapter: dict[str, Any] = field(default_factory=lambda: {"finetune": True})
+    # Tip-Adapter-F as published: a cache of 16 shots per class (seeded), paper's affinity.
+    tip_adapter: dict[str, Any] = field(
+        default_factory=lambda: {"finetune": True, "n_shots": 16}
+    )
     meta: dict[str, Any] = field(default_factory=lambda: {"base_heads": ["mlp", "svm"]})
     # Feature kind per head where it differs from features.kind: Tip-Adapter's zero-shot term
     # compares CLIP *image* features with CLIP text embeddings of the class prompts.

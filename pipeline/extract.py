@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,8 +29,6 @@ from pipeline.runner import Timer, row_hash, run_step
 from pipeline.store import Arrays
 
 logger = logging.getLogger(__name__)
-
-
 
 
 # --------------------------------------------------------------------------------------- ingest
@@ -254,7 +253,31 @@ def run_caption(
     step = CaptionStep(Path(ingest_dir), cfg, models, base, dataset)
     if cfg.source != "dataset":
         preflight(models, ["captioner"])
-    return run_step(step, out_dir, **_sched(base))
+    timings = run_step(step, out_dir, **_sched(base))
+    write_caption_provenance(Path(ingest_dir), Path(out_dir), cfg.source)
+    return timings
+
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) -> dict[str, Any]:
+    """Count caption sources per class into `<captions_dir>/provenance.json`; warn loudly
+    when they are class-correlated (see `metrics.caption_provenance`)."""
+    from pipeline.atomic import write_text
+    from pipeline.metrics import caption_provenance, warn_if_correlated
+
+    labels, sources = [], []
+    for i, path in enumerate(store.list_shards(ingest_dir)):
+        rows = store.read_shard(path, ["ids", "label"])
+        labels.append(rows["label"])
+        sources.append(_aligned(captions_dir, i, rows["ids"], ["caption_source"])["caption_source"])
+    provenance = caption_provenance(np.concatenate(labels), np.concatenate(sources))
+    provenance["caption.source"] = source
+    write_text(captions_dir / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
+    logger.info("caption provenance: %s", provenance)
+    warn_if_correlated(provenance, str(captions_dir))
+    return provenance
 
 
 # --------------------------------------------------------------------------------------- ground
