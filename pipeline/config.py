@@ -101,8 +101,15 @@ class GroundConfig:
     box_threshold: float = 0.35
     text_threshold: float = 0.25
     max_objects: int = 10
-    # Fraction of the box size added on every side of a crop before CLIP sees it.
-    crop_padding: float = 0.1
+    # Boxes of one phrase overlapping a higher-scoring box of that phrase by more than this IoU
+    # are the same object found twice; only the best is kept (1.0 keeps every box).
+    iou_threshold: float = 0.8
+    # Boxes with a side shorter than this many pixels are dropped: CLIP would see a few
+    # upsampled pixels, not an object.
+    min_box_side: int = 8
+    # Fraction of the box size added on every side of a crop before CLIP sees it; 0 because
+    # ITEM's object image x_i is the grounded region itself.
+    crop_padding: float = 0.0
 
 
 @dataclass

@@ -335,6 +335,8 @@ class GroundStep:
                         box_threshold=self.cfg.box_threshold,
                         text_threshold=self.cfg.text_threshold,
                         max_objects=self.cfg.max_objects,
+                        iou_threshold=self.cfg.iou_threshold,
+                        min_box_side=self.cfg.min_box_side,
                     )
                 found[sl] = out
         counts = np.array([len(f) for f in found], dtype=np.int64)
