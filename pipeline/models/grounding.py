@@ -238,15 +238,15 @@ class GroundingDinoGrounder(HFWrapper):
             if enc is not None and list(enc["input_ids"]) == ids:
                 spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", query)]
                 words = [query[s:e].strip(string.punctuation) for s, e in spans]
-                token_word = [-1] * n
+                owner = [-1] * n
                 for t, (start, end) in enumerate(enc["offset_mapping"]):
                     if end <= start:
                         continue
                     for k, (s, e) in enumerate(spans):
                         if s <= start < e and words[k]:
-                            token_word[t] = k
+                            owner[t] = k
                             break
-                return token_word, words
+                return owner, words
         tokens = tokenizer.convert_ids_to_tokens(input_ids.tolist())
         special = set(tokenizer.all_special_ids)
         token_word: list[int] = [-1] * n
