@@ -75,6 +75,10 @@ class IngestConfig:
     # Images smaller than this on either side are quarantined (CLIP upsamples them to 224 px,
     # which says more about the resampler than about the image).
     min_side: int = 16
+    # Captions/prompts whose word sets have a Jaccard similarity of at least this are one split
+    # group (prompt variants of one scene must not straddle train and test); 1.0 groups
+    # identical word sets only. See pipeline.data.near_duplicate_groups.
+    caption_similarity: float = 0.5
 
 
 @dataclass
@@ -302,6 +306,11 @@ def params_from_dict(values: dict[str, Any]) -> Params:
         raise ConfigError(
             f"ingest.split_fractions must be three fractions (train, val, test) summing to 1, "
             f"got {params.ingest.split_fractions}"
+        )
+    if not 0.0 < params.ingest.caption_similarity <= 1.0:
+        raise ConfigError(
+            f"ingest.caption_similarity = {params.ingest.caption_similarity} must be in (0, 1]: "
+            "the word-set Jaccard similarity at which two captions are one split group"
         )
     _check_names(params)
     return params

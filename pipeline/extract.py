@@ -63,7 +63,12 @@ def ingest_records(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = datamod.ingest(
-        root, records, fractions=cfg.split_fractions, seed=base.seed, min_side=cfg.min_side
+        root,
+        records,
+        fractions=cfg.split_fractions,
+        seed=base.seed,
+        min_side=cfg.min_side,
+        caption_similarity=cfg.caption_similarity,
     )
     if not result.items:
         raise datamod.DatasetError(
