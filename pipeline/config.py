@@ -82,13 +82,20 @@ class IngestConfig:
     # Images smaller than this on either side are quarantined (CLIP upsamples them to 224 px,
     # which says more about the resampler than about the image).
     min_side: int = 16
+    # Captions/prompts whose word sets have a Jaccard similarity of at least this are one split
+    # group (prompt variants of one scene must not straddle train and test); 1.0 groups
+    # identical word sets only. See pipeline.data.near_duplicate_groups.
+    caption_similarity: float = 0.5
 
 
 @dataclass
 class CaptionConfig:
-    # "dataset": the manifest's captions; "blip2": always BLIP-2; "dataset_else_blip2": the
+    # "blip2": every image captioned by the same model, as ITEM does (default: a dataset's own
+    # captions are often human COCO captions for real photos and prompts for generated images,
+    # so their style tells the label); "dataset": the manifest's captions (CT2-style data,
+    # where real and generated images share one caption); "dataset_else_blip2": the
     # manifest's caption where present, BLIP-2 for the rest.
-    source: str = "dataset_else_blip2"
+    source: str = "blip2"
     batch_size: int = 8
     # Optional text prompt for BLIP-2 (empty: unconditional captioning, as in ITEM).
     prompt: str = ""
@@ -105,8 +112,15 @@ class GroundConfig:
     box_threshold: float = 0.35
     text_threshold: float = 0.25
     max_objects: int = 10
-    # Fraction of the box size added on every side of a crop before CLIP sees it.
-    crop_padding: float = 0.1
+    # Boxes of one phrase overlapping a higher-scoring box of that phrase by more than this IoU
+    # are the same object found twice; only the best is kept (1.0 keeps every box).
+    iou_threshold: float = 0.8
+    # Boxes with a side shorter than this many pixels are dropped: CLIP would see a few
+    # upsampled pixels, not an object.
+    min_box_side: int = 8
+    # Fraction of the box size added on every side of a crop before CLIP sees it; 0 because
+    # ITEM's object image x_i is the grounded region itself.
+    crop_padding: float = 0.0
 
 
 @dataclass
@@ -151,7 +165,10 @@ class TrainConfig:
     )
     svm: dict[str, Any] = field(default_factory=lambda: {"C": 1.0})
     multitask: dict[str, Any] = field(default_factory=lambda: {"hidden": 512, "epochs": 50})
-    tip_adapter: dict[str, Any] = field(default_factory=lambda: {"finetune": True})
+    # Tip-Adapter-F as published: a cache of 16 shots per class (seeded), paper's affinity.
+    tip_adapter: dict[str, Any] = field(
+        default_factory=lambda: {"finetune": True, "n_shots": 16}
+    )
     meta: dict[str, Any] = field(default_factory=lambda: {"base_heads": ["mlp", "svm"]})
     # Feature kind per head where it differs from features.kind: Tip-Adapter's zero-shot term
     # compares CLIP *image* features with CLIP text embeddings of the class prompts.
@@ -296,6 +313,11 @@ def params_from_dict(values: dict[str, Any]) -> Params:
         raise ConfigError(
             f"ingest.split_fractions must be three fractions (train, val, test) summing to 1, "
             f"got {params.ingest.split_fractions}"
+        )
+    if not 0.0 < params.ingest.caption_similarity <= 1.0:
+        raise ConfigError(
+            f"ingest.caption_similarity = {params.ingest.caption_similarity} must be in (0, 1]: "
+            "the word-set Jaccard similarity at which two captions are one split group"
         )
     _check_names(params)
     return params

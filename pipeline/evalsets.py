@@ -53,7 +53,9 @@ def extract_ingested(cache: str | Path, name: str, params: Params) -> Path:
         params.base,
         name,
     )
-    run_features(c / "ingest", c / "clip", c / "features", params.features, name)
+    run_features(
+        c / "ingest", c / "clip", c / "features", params.features, name, captions_dir=c / "captions"
+    )
     return c / "features"
 
 

@@ -106,6 +106,12 @@ def run_evaluate(
     scores_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     by_kind: dict[str, Any] = {}
+    from pipeline.features import caption_provenance_of
+    from pipeline.metrics import warn_if_correlated
+
+    provenance = caption_provenance_of(features_dir, split)
+    if provenance is not None:
+        warn_if_correlated(provenance, f"the {split!r} rows of {features_dir}")
     for head_dir in trained_heads(heads_dir):
         name, info = head_dir.name, read_train_info(head_dir)
         kind = info["kind"]
@@ -140,6 +146,8 @@ def run_evaluate(
                 block["overall"][f"{key}_at_val_threshold"] = at_val[key]
         if info.get("contaminated"):
             block["contaminated"] = True
+        if provenance is not None:
+            block["caption_provenance"] = provenance
         metrics[name] = block
         if len(np.unique(fs.y)) == 2:
             for sub, points in (

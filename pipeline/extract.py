@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -29,8 +30,6 @@ from pipeline.runner import Timer, row_hash, run_step
 from pipeline.store import Arrays
 
 logger = logging.getLogger(__name__)
-
-
 
 
 # --------------------------------------------------------------------------------------- ingest
@@ -71,6 +70,7 @@ def ingest_records(
         seed=base.seed,
         min_side=cfg.min_side,
         workers=reader.resolve_workers(base.decode_workers),
+        caption_similarity=cfg.caption_similarity,
     )
     if not result.items:
         raise datamod.DatasetError(
@@ -267,7 +267,31 @@ def run_caption(
     step = CaptionStep(Path(ingest_dir), cfg, models, base, dataset)
     if cfg.source != "dataset":
         preflight(models, ["captioner"])
-    return run_step(step, out_dir, **_sched(base))
+    timings = run_step(step, out_dir, **_sched(base))
+    write_caption_provenance(Path(ingest_dir), Path(out_dir), cfg.source)
+    return timings
+
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) -> dict[str, Any]:
+    """Count caption sources per class into `<captions_dir>/provenance.json`; warn loudly
+    when they are class-correlated (see `metrics.caption_provenance`)."""
+    from pipeline.atomic import write_text
+    from pipeline.metrics import caption_provenance, warn_if_correlated
+
+    labels, sources = [], []
+    for i, path in enumerate(store.list_shards(ingest_dir)):
+        rows = store.read_shard(path, ["ids", "label"])
+        labels.append(rows["label"])
+        sources.append(_aligned(captions_dir, i, rows["ids"], ["caption_source"])["caption_source"])
+    provenance = caption_provenance(np.concatenate(labels), np.concatenate(sources))
+    provenance["caption.source"] = source
+    write_text(captions_dir / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
+    logger.info("caption provenance: %s", provenance)
+    warn_if_correlated(provenance, str(captions_dir))
+    return provenance
 
 
 # --------------------------------------------------------------------------------------- ground
@@ -329,6 +353,8 @@ class GroundStep:
                         box_threshold=self.cfg.box_threshold,
                         text_threshold=self.cfg.text_threshold,
                         max_objects=self.cfg.max_objects,
+                        iou_threshold=self.cfg.iou_threshold,
+                        min_box_side=self.cfg.min_box_side,
                     )
                 found[sl] = out
         counts = np.array([len(f) for f in found], dtype=np.int64)

@@ -99,9 +99,18 @@ def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
 
 
 def run_features(
-    ingest_dir: Path, clip_dir: Path, out_dir: Path, cfg: FeaturesConfig, dataset: str
+    ingest_dir: Path,
+    clip_dir: Path,
+    out_dir: Path,
+    cfg: FeaturesConfig,
+    dataset: str,
+    captions_dir: Path | None = None,
 ) -> int:
-    """Write one features shard per encode shard. Returns the number of images."""
+    """Write one features shard per encode shard. Returns the number of images.
+
+    With `captions_dir`, each row also keeps its `caption_source` (who wrote its caption), so
+    that evaluation can count caption provenance per class on the rows it scores.
+    """
     if cfg.kind not in KINDS:
         raise ValueError(f"features.kind={cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
     out_dir = Path(out_dir)
@@ -113,6 +122,15 @@ def run_features(
     for i, path in enumerate(clip_shards):
         clip = store.read_shard(path)
         meta = store.read_shard(Path(ingest_dir) / store.shard_name(i), list(META))
+        if captions_dir is not None:
+            caps = store.read_shard(
+                Path(captions_dir) / store.shard_name(i), ["ids", "caption_source"]
+            )
+            if not np.array_equal(caps["ids"], meta["ids"]):
+                raise store.ShardError(
+                    f"{captions_dir} is not row-aligned with {ingest_dir}; rerun the caption stage"
+                )
+            meta["caption_source"] = caps["caption_source"]
         feats = compute_features(clip, cfg)
         attrs = store.read_attrs(path)
         missing = [k for k in KINDS[cfg.kind] if k not in feats]
@@ -199,6 +217,27 @@ def load_features(
     if splits is not None:
         fs = fs.take(np.isin(fs.split, splits))
     return fs
+
+
+def caption_provenance_of(features_dir: str | Path, split: str | None) -> dict[str, Any] | None:
+    """Caption sources per class of the rows of `split` ("all" or None: every row), from the
+    features shards (`metrics.caption_provenance`); None when the shards do not record them."""
+    from pipeline.metrics import caption_provenance
+
+    labels, sources = [], []
+    for path in store.list_shards(features_dir):
+        try:
+            data = store.read_shard(path, ["label", "split", "caption_source"])
+        except store.ShardError:
+            return None
+        keep = (
+            np.ones(len(data["label"]), bool) if split in (None, "all") else data["split"] == split
+        )
+        labels.append(data["label"][keep])
+        sources.append(data["caption_source"][keep])
+    if not labels:
+        return None
+    return caption_provenance(np.concatenate(labels), np.concatenate(sources))
 
 
 def color_histograms(image: Any, bins: int) -> np.ndarray:

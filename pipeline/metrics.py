@@ -541,3 +541,55 @@ def apply_calibration(cal: dict[str, float], p: ArrayLike) -> np.ndarray:
     if cal.get("a", 1.0) == 1.0 and cal.get("b", 0.0) == 0.0:
         return np.asarray(p, dtype=np.float64)
     return np.asarray(expit(cal["a"] * _logit(np.asarray(p)) + cal["b"]), dtype=np.float64)
+
+
+# --------------------------------------------------------------------- caption provenance
+
+#: Largest difference, between real and generated images, of the share of any one caption
+#: source before captions count as class-correlated: a caption's *style* (a human COCO caption
+#: for real photos, a generator prompt or a model caption for generated images) then tells the
+#: label, a clue no deployed detector has.
+PROVENANCE_MAX_GAP = 0.1
+
+
+def caption_provenance(label: ArrayLike, source: ArrayLike) -> dict[str, Any]:
+    """Caption sources counted per class, and whether they are class-correlated.
+
+    Returns:
+        ``{"real": {source: n}, "generated": {source: n}, "max_gap": g,
+        "class_correlated": g > PROVENANCE_MAX_GAP}``, where ``g`` is the largest
+        ``|share among real − share among generated|`` over the sources (0 when a class is
+        absent).
+    """
+    y = _as_binary_label(label)
+    src = np.asarray(source, dtype=str)
+    out: dict[str, Any] = {}
+    shares: dict[str, dict[str, float]] = {}
+    for name, cls in (("real", 0), ("generated", 1)):
+        values, counts = np.unique(src[y == cls], return_counts=True)
+        out[name] = {str(v): int(c) for v, c in zip(values, counts)}
+        total = max(1, int(counts.sum()))
+        shares[name] = {str(v): int(c) / total for v, c in zip(values, counts)}
+    gap = 0.0
+    if out["real"] and out["generated"]:
+        for s in set(shares["real"]) | set(shares["generated"]):
+            gap = max(gap, abs(shares["real"].get(s, 0.0) - shares["generated"].get(s, 0.0)))
+    out["max_gap"] = float(gap)
+    out["class_correlated"] = bool(gap > PROVENANCE_MAX_GAP)
+    return out
+
+
+def warn_if_correlated(provenance: dict[str, Any], where: str) -> None:
+    """Log a loud warning when :func:`caption_provenance` found class-correlated captions."""
+    if provenance.get("class_correlated"):
+        logger.warning(
+            "CAPTION SHORTCUT in %s: caption sources differ between real and generated images "
+            "(real %s, generated %s; share gap %.2f > %.2f). The caption's style then tells "
+            "the label, which no deployed detector can rely on; set caption.source=blip2 to "
+            "caption every image with the same model",
+            where,
+            provenance["real"],
+            provenance["generated"],
+            provenance["max_gap"],
+            PROVENANCE_MAX_GAP,
+        )

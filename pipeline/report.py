@@ -257,6 +257,24 @@ def _columns(blocks: Sequence[dict[str, Any]]) -> list[str]:
     return known + sorted(keys - set(known))
 
 
+def _provenance_table(provenance: dict[str, Any]) -> str:
+    """Who wrote the captions of the scored images, per class, and a warning when it differs."""
+    sources = sorted(set(provenance.get("real", {})) | set(provenance.get("generated", {})))
+    rows = [
+        [cls, *(str(provenance.get(cls, {}).get(s, 0)) for s in sources)]
+        for cls in ("real", "generated")
+    ]
+    html = "<h3>Caption provenance (test set)</h3>" + _table(["class", *sources], rows, "metrics")
+    if provenance.get("class_correlated"):
+        html += (
+            '<p class="warning" role="alert"><strong>Caption shortcut:</strong> real and '
+            "generated images got their captions from different sources (share gap "
+            f"{100 * float(provenance.get('max_gap', 0)):.0f} points), so a caption's style "
+            "tells the label. Run with caption.source=blip2 for comparable numbers.</p>"
+        )
+    return html
+
+
 def _metrics_table(first: str, blocks: dict[str, dict[str, Any]]) -> str:
     columns = _columns(list(blocks.values()))
     rows = [[name, *(_fmt(c, block.get(c)) for c in columns)] for name, block in blocks.items()]
@@ -371,6 +389,11 @@ def _summary_section(
             "do) or, when its folder has none, with all real images (reals: all). The mean "
             "row is the unweighted mean over the generators (the papers' Avg.).</p>"
         )
+        provenance = next(
+            (m["caption_provenance"] for m in clean.values() if m.get("caption_provenance")), None
+        )
+        if provenance:
+            parts.append(_provenance_table(provenance))
         for head, m in clean.items():
             per = dict(m.get("per_generator") or {})
             if per and m.get("mean"):

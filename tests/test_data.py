@@ -5,6 +5,7 @@ import hashlib
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from pipeline import data as datamod
@@ -125,3 +126,65 @@ def test_shipped_sample_ingests_cleanly(tmp_path):
         expected = {r["file"]: r["sha256"] for r in csv.DictReader(fh)}
     assert {it.path: it.id for it in result.items} == expected
     assert {it.split for it in result.items} == {"train", "val", "test"}
+
+
+GALAXY = "evening sunset scenery blue sky nature, glass bottle with a galaxy in it"
+FIZZY = (
+    "evening sunset scenery blue sky nature, glass bottle with a fizzy ice cold freezing "
+    "rainbow liquid in it"
+)
+FOX = (
+    "beautiful landscape scenery glass bottle with a galaxy inside cute fennec fox snow HDR sunset"
+)
+
+
+def test_near_duplicate_prompts_are_one_group():
+    from pipeline.data import caption_words, near_duplicate_groups
+
+    a, b, c = (caption_words(t) for t in (GALAXY, FIZZY, FOX))
+    assert len(a & b) / len(a | b) == pytest.approx(12 / 19)
+    assert len(a & c) / len(a | c) == pytest.approx(7 / 21)
+    groups = near_duplicate_groups([GALAXY, FIZZY, FOX, "A CAT on a mat.", "a cat on a mat"], 0.5)
+    assert groups[0] == groups[1] and groups[2] != groups[0] and groups[3] == groups[4]
+    assert len(set(near_duplicate_groups([GALAXY, FIZZY, FOX], 1.0))) == 3
+
+
+def test_near_duplicate_groups_equal_brute_force():
+    """Prefix filtering finds every pair a brute-force all-pairs comparison finds."""
+    from pipeline.data import caption_words, near_duplicate_groups
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(30)]
+    texts = [" ".join(rng.choice(vocab, rng.integers(1, 9))) for _ in range(300)]
+    for t in (0.3, 0.5, 0.75, 1.0):
+        sets = [caption_words(x) for x in texts]
+        parent = list(range(len(texts)))
+
+        def find(i, parent=parent):
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for i in range(len(sets)):
+            for j in range(i):
+                if len(sets[i] & sets[j]) >= t * len(sets[i] | sets[j]):
+                    parent[find(i)] = find(j)
+        expected = [find(i) for i in range(len(texts))]
+        got = near_duplicate_groups(texts, t)
+        same = lambda labels: {
+            (i, j) for i in range(300) for j in range(i) if labels[i] == labels[j]
+        }  # noqa: E731
+        assert same(got) == same(expected), t
+
+
+def test_split_keeps_prompt_variants_together(tmp_path):
+    rows = []
+    for k, prompt in enumerate([GALAXY, FIZZY, GALAXY] + [f"scene number {i}" for i in range(30)]):
+        make_image(tmp_path / f"{k}.png", k, (20, 20))
+        rows.append({"path": f"{k}.png", "label": 1, "generator": f"g{k % 3}", "caption": prompt})
+    records = datamod.read_manifest(write_manifest(tmp_path / "manifest.csv", rows))
+    for seed in range(5):
+        splits = datamod.assign_splits(records, [0.6, 0.2, 0.2], seed)
+        assert splits[0] == splits[1] == splits[2]
+    splits = [datamod.assign_splits(records, [0.6, 0.2, 0.2], s, 1.0) for s in range(10)]
+    assert any(s[0] != s[1] for s in splits)  # exact grouping lets the variants split

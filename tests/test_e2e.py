@@ -54,7 +54,13 @@ def _run_all(work, data, params):
                 f"{c}/clip",
             ],
         ),
-        (features, ["--ingest", f"{c}/ingest", "--clip", f"{c}/clip", "--out", f"{c}/features"]),
+        (
+            features,
+            [
+                *("--ingest", f"{c}/ingest", "--clip", f"{c}/clip"),
+                *("--captions", f"{c}/captions", "--out", f"{c}/features"),
+            ],
+        ),
     ]
     for module, args in steps:
         assert module.main(args + common) == 0, module.__name__
@@ -110,9 +116,17 @@ def test_shards_follow_the_contract(run):
         assert attrs["schema_version"] == 1 and attrs["preset"] == "tiny" and attrs["params_hash"]
     caps = _all(cache / "captions")
     assert all(c.strip() for c in caps["caption"])
-    for rel, cap, src in zip(ing["path"], caps["caption"], caps["caption_source"]):
-        given = manifest[rel]["caption"]
-        assert (src, cap) == ("dataset", given) if given else src == "tiny-blip2"
+    # caption.source: blip2 (the default) captions every image with the model, as ITEM does.
+    assert set(caps["caption_source"]) == {"tiny-blip2"}
+    provenance = json.loads((cache / "captions" / "provenance.json").read_text())
+    n_real = sum(r["generator"] == "real" for r in manifest.values())
+    assert provenance["real"] == {"tiny-blip2": n_real}
+    assert provenance["generated"] == {"tiny-blip2": len(manifest) - n_real}
+    assert not provenance["class_correlated"]
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())
+    for block in metrics.values():
+        assert block["caption_provenance"]["class_correlated"] is False
+        assert set(block["caption_provenance"]["real"]) == {"tiny-blip2"}
 
 
 def test_objects_are_well_formed(run):

@@ -170,8 +170,9 @@ GAUSSIAN_CASES = {
     "svm": (SVMHead(), False, None),
     "svm_val": (SVMHead(), True, None),
     "multitask_val": (MultiTaskHead(hidden=128), True, _as_real_or_generated),
-    "tip_adapter": (TipAdapterHead(), False, None),
-    "tip_adapter_f_val": (TipAdapterHead(finetune=True, n_shots=64), True, None),
+    # A kernel classifier over every training row (not the paper's 16-shot default).
+    "tip_adapter": (TipAdapterHead(n_shots=None, standardize=True), False, None),
+    "tip_adapter_f_val": (TipAdapterHead(finetune=True, n_shots=64, standardize=True), True, None),
     "meta": (MetaHead(base_heads=(("mlp", {"hidden": 64}), "svm"), n_folds=3), False, None),
 }
 
@@ -353,7 +354,9 @@ def test_tip_adapter_standardises_cache_features() -> None:
     X = 30.0 + rng.randn(12, 3) * [0.1, 1.0, 5.0]
     y = np.array([0, 1] * 6)
     text = rng.randn(2, 3)
-    head = TipAdapterHead(alpha=0.7, beta=4.0, class_text_emb=text, clip_logit_scale=100.0)
+    head = TipAdapterHead(
+        alpha=0.7, beta=4.0, class_text_emb=text, clip_logit_scale=100.0, standardize=True
+    )
     head.fit(X, y)
     query = 30.0 + rng.randn(5, 3)
 
@@ -528,3 +531,34 @@ def test_mlp_picks_best_epoch_on_validation(gaussian_data: tuple) -> None:
     assert val_loss == pytest.approx(head.val_loss_, rel=1e-4)
     no_val = MLPHead(hidden=64, epochs=30).fit(X[:1000], y[:1000])
     assert no_val.best_epoch_ == 30 and no_val.val_loss_ is None
+
+
+def test_tip_adapter_defaults_are_the_official_formula() -> None:
+    """TipAdapterHead() on L2-normalised features against Tip-Adapter's main.py, written out:
+    affinity = f·Fᵀ, cache_logits = exp(−(β − β·affinity))·L, clip = 100·f·Wᵀ,
+    tip_logits = clip + α·cache, over a seeded cache of 16 shots per class."""
+    rng = np.random.RandomState(3)
+    n, d = 400, 32
+    y = rng.randint(0, 2, n)
+    X = rng.randn(n, d) + 0.8 * np.outer(2 * y - 1, rng.randn(d))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    text = rng.randn(2, d)
+    query = rng.randn(50, d)
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    head = TipAdapterHead(class_text_emb=text).fit(X, y)
+
+    rows = head.cache_rows_
+    assert len(rows) == 32 and np.bincount(y[rows]).tolist() == [16, 16]
+    again = TipAdapterHead(class_text_emb=text).fit(X, y)
+    np.testing.assert_array_equal(again.cache_rows_, rows)  # seeded
+    # Official Tip-Adapter (torch code in main.py), in numpy:
+    cache_keys = X[rows].T  # (d, n_cache), already L2-normalised
+    cache_values = np.eye(2)[y[rows]]
+    clip_weights = (text / np.linalg.norm(text, axis=1, keepdims=True)).T
+    alpha, beta = 1.0, 5.5
+    affinity = query @ cache_keys
+    cache_logits = np.exp((-1) * (beta - beta * affinity)) @ cache_values
+    clip_logits = 100.0 * query @ clip_weights
+    tip_logits = clip_logits + cache_logits * alpha
+    expected = softmax(tip_logits, axis=1)
+    assert np.max(np.abs(head.predict_proba(query) - expected)) <= 1e-6

@@ -345,3 +345,89 @@ def test_tiny_grounder_handles_a_lone_square_image():
         text_threshold=0.0,
     )
     assert len(out) == 1
+
+
+# --- grounded phrases as whole caption words ------------------------------------------------
+
+SPLIT_CAPTIONS = [
+    "Several plates of food art on a table.",
+    "A zebra grazing near two giraffes",
+    "a dog's bowl",
+]
+
+
+def _caption_words(caption: str) -> set[str]:
+    import string
+
+    return {w.strip(string.punctuation) for w in caption_to_query(caption).split()} - {""}
+
+
+def test_grounded_phrases_are_whole_caption_words(grounder: GroundingDinoGrounder) -> None:
+    tokenize = grounder.processor.tokenizer.tokenize
+    # The tiny WordPiece vocabulary splits these words into pieces.
+    assert any(t.startswith("##") for t in tokenize("several plates of food"))
+    results = grounder.ground(IMAGES, SPLIT_CAPTIONS, box_threshold=0.0, text_threshold=0.0)
+    assert all(results)
+    for caption, objects in zip(SPLIT_CAPTIONS, results, strict=True):
+        for obj in objects:
+            assert "##" not in obj.phrase
+            assert set(obj.phrase.split()) <= _caption_words(caption), (obj.phrase, caption)
+
+
+def test_a_selected_piece_brings_its_whole_word(grounder: GroundingDinoGrounder) -> None:
+    query = caption_to_query("Several plates of food")
+    encoded = grounder.processor.tokenizer([query], return_tensors="pt")
+    ids = encoded["input_ids"][0]
+    tokens = grounder.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    # Select one inner piece of "several" and one of "food", nothing else.
+    probs = torch.zeros((1, 256))
+    probs[0, tokens.index("##v")] = 0.9
+    food = [i for i, t in enumerate(tokens) if t in ("##o", "##d")][-1]
+    probs[0, food] = 0.9
+    detection = {"scores": torch.tensor([0.9]), "boxes": torch.tensor([[1.0, 1.0, 30.0, 30.0]])}
+    for q in (query, None):  # character offsets, and the "##"-grouping fallback
+        (obj,) = grounder._objects(
+            detection, probs, ids, encoded["attention_mask"][0], (40, 60), 0.0, 0.5, 10, query=q
+        )
+        assert obj.phrase == "several food"
+
+
+def test_near_duplicate_and_tiny_boxes_are_dropped(grounder: GroundingDinoGrounder) -> None:
+    encoded = grounder.processor.tokenizer(["a cat. a dog."], return_tensors="pt")
+    ids = encoded["input_ids"][0]
+    tokens = grounder.processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    cat = [i for i, t in enumerate(tokens) if t in ("c", "##a", "##t", "cat")]
+    dog = [i for i, t in enumerate(tokens) if t in ("d", "##o", "##g", "dog")]
+    probs = torch.zeros((5, 256))
+    for row, words in enumerate((cat, cat, dog, cat, cat)):
+        probs[row, words] = 0.9
+    detection = {
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]),
+        "boxes": torch.tensor(
+            [
+                [10.0, 10.0, 50.0, 50.0],
+                [11.0, 10.0, 50.0, 51.0],  # the first cat again (IoU 0.95)
+                [10.0, 10.0, 50.0, 50.0],  # a dog in the same place: kept
+                [0.0, 0.0, 30.0, 30.0],  # another cat, IoU 0.3 with the first: kept
+                [5.0, 5.0, 9.0, 40.0],  # 4 px wide: dropped
+            ]
+        ),
+    }
+    objects = grounder._objects(
+        detection,
+        probs,
+        ids,
+        encoded["attention_mask"][0],
+        (60, 60),
+        0.0,
+        0.5,
+        10,
+        query="a cat. a dog.",
+        iou_threshold=0.8,
+        min_box_side=8,
+    )
+    assert [(o.phrase, o.score) for o in objects] == [
+        ("cat", pytest.approx(0.9)),
+        ("dog", pytest.approx(0.7)),
+        ("cat", pytest.approx(0.6)),
+    ]

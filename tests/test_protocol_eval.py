@@ -131,3 +131,32 @@ def test_shared_reals_score_every_real_and_say_so():
     assert out["mean"]["acc"] == pytest.approx(
         (out["per_generator"]["a"]["acc"] + out["per_generator"]["b"]["acc"]) / 2
     )
+
+
+def test_dataset_captions_on_the_sample_are_flagged_as_a_shortcut(tmp_path, caplog):
+    """dataset_else_blip2 on the shipped sample: human COCO captions for most real photos,
+    prompts or model captions for generated images. The caption stage counts it per class and
+    warns loudly."""
+    import logging
+
+    import yaml
+
+    from stages import caption, ingest
+    from tests.helpers import ROOT, tiny_sample
+
+    data = tiny_sample(tmp_path / "data", per_generator=1, n_real=14)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["caption"]["source"] == "blip2"  # the default has no shortcut
+    params["models"]["preset"] = "tiny"
+    params["caption"]["source"] = "dataset_else_blip2"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    common = ["--params", str(tmp_path / "params.yaml"), "--name", "s"]
+    c = tmp_path / "cache"
+    assert ingest.main(["--data", str(data), "--out", f"{c}/ingest", *common]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert caption.main(["--ingest", f"{c}/ingest", "--out", f"{c}/captions", *common]) == 0
+    provenance = json.loads((c / "captions" / "provenance.json").read_text())
+    assert provenance["class_correlated"] and provenance["max_gap"] > 0.1
+    assert provenance["real"]["dataset"] > provenance["real"].get("tiny-blip2", 0)
+    assert provenance["generated"].get("tiny-blip2", 0) > 0
+    assert any("CAPTION SHORTCUT" in r.getMessage() for r in caplog.records)

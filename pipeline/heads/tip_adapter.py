@@ -40,11 +40,14 @@ class TipAdapterHead(BaseHead):
     (`class_text_emb`, one row per class in `classes_` order). `predict_proba` is the softmax
     of the logits.
 
-    Cache features: with `standardize=True` (default) f is the L2-normalised *standardised*
-    row. CLIP difference features share a large common offset, so raw cosine similarities are
-    all close to 1 and the affinity carries no signal; standardising first restores it. Set
-    `standardize=False` for the paper's exact form (f = x̂), e.g. on raw CLIP image embeddings.
-    The zero-shot term always uses x̂, because W lives in CLIP's raw embedding space.
+    The defaults are the paper's form: f = x̂ (`standardize=False`, for L2-normalised CLIP
+    image features, the train stage's `image` kind), logits `100·zero-shot + alpha·cache`, and
+    a cache of `n_shots=16` training rows per class drawn with `random_state` (Tip-Adapter's
+    16-shot setting), so that fitting and predicting cost time linear in the rows. With
+    `standardize=True` f is the L2-normalised *standardised* row instead: CLIP *difference*
+    features share a large common offset, so their raw cosines are all close to 1 and the
+    affinity carries no signal; standardising first restores it (not the paper's form). The
+    zero-shot term always uses x̂, because W lives in CLIP's raw embedding space.
 
     Without `class_text_emb` the zero-shot term is omitted and the head is the cache model
     alone (the training-free kernel classifier). The train stage passes CLIP text embeddings
@@ -58,8 +61,9 @@ class TipAdapterHead(BaseHead):
             entry is masked out of its affinity while training, because there is no data
             augmentation on cached features and the self-match would teach nothing.
         epochs, lr, batch_size: fine-tuning schedule (Tip-Adapter-F trains 20 epochs).
-        n_shots: cache at most this many random rows per class (the report's cache size is
-            n_shots × n_classes); None caches every training row. Fine-tuning uses all rows.
+        n_shots: cache at most this many random rows per class (the cache size is
+            n_shots × n_classes; Tip-Adapter's default is 16 shots); None caches every training
+            row (quadratic fine-tuning cost). Fine-tuning uses all training rows as queries.
         class_text_emb: array (n_classes, n_features) or None.
         clip_logit_scale: CLIP's logit scale for the zero-shot term (100 for OpenAI CLIP).
         standardize: see above.
@@ -82,10 +86,10 @@ class TipAdapterHead(BaseHead):
         epochs: int = 20,
         lr: float = 1e-3,
         batch_size: int = 256,
-        n_shots: int | None = None,
+        n_shots: int | None = 16,
         class_text_emb: np.ndarray | None = None,
         clip_logit_scale: float = 100.0,
-        standardize: bool = True,
+        standardize: bool = False,
         alpha_grid: tuple[float, ...] | None = (
             1e-4,
             3e-4,
@@ -146,6 +150,7 @@ class TipAdapterHead(BaseHead):
         rng = np.random.RandomState(seed_from(self.random_state))
         cache_rows = self._cache_rows(y_idx, rng)
         feats = self._cache_features(X)
+        self.cache_rows_ = cache_rows
         self.cache_keys_ = feats[cache_rows]
         self.cache_labels_ = y_idx[cache_rows]
         self.alpha_, self.beta_ = float(self.alpha), float(self.beta)
@@ -311,6 +316,7 @@ class TipAdapterHead(BaseHead):
             "scale_": self.scale_,
             "cache_keys_": self.cache_keys_,
             "cache_labels_": self.cache_labels_,
+            "cache_rows_": self.cache_rows_,
         }
         if self.text_weights_ is not None:
             arrays["text_weights_"] = self.text_weights_
@@ -323,6 +329,8 @@ class TipAdapterHead(BaseHead):
         self.text_weights_ = arrays["text_weights_"] if meta["has_text_weights"] else None
         for key in ("mean_", "scale_", "cache_keys_", "cache_labels_"):
             setattr(self, key, arrays[key])
+        # Heads saved before cache_rows_ existed cached every training row.
+        self.cache_rows_ = arrays.get("cache_rows_", np.arange(len(self.cache_keys_)))
 
 
 def _score(logits: np.ndarray, y_idx: np.ndarray) -> tuple[float, float]:

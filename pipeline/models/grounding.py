@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,25 @@ class GroundedObject:
     score: float
 
 
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two xyxy boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def merge_duplicates(objects: list[GroundedObject], iou_threshold: float) -> list[GroundedObject]:
+    """Keep each phrase's boxes that no higher-scoring box of the same phrase overlaps by more
+    than `iou_threshold` (per-phrase non-maximum suppression); `objects` sorted by score."""
+    kept: list[GroundedObject] = []
+    for obj in objects:
+        if all(o.phrase != obj.phrase or box_iou(o.box, obj.box) <= iou_threshold for o in kept):
+            kept.append(obj)
+    return kept
+
+
 def caption_to_query(caption: str) -> str:
     """Turn a caption into a GroundingDINO text query: lowercase, single spaces, ending in ".".
 
@@ -71,6 +92,8 @@ class GroundingDinoGrounder(HFWrapper):
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         max_objects: int = 10,
+        iou_threshold: float = 0.8,
+        min_box_side: float = 0.0,
     ) -> list[list[GroundedObject]]:
         """Ground each caption in its image.
 
@@ -78,12 +101,19 @@ class GroundingDinoGrounder(HFWrapper):
             images: PIL images, any sizes and modes (converted to RGB).
             captions: One caption per image; see `caption_to_query`.
             box_threshold: Keep a box when its best token probability exceeds this.
-            text_threshold: A token joins a box's phrase when its probability exceeds this.
+            text_threshold: A caption word joins a box's phrase when one of its tokens has a
+                probability above this.
             max_objects: Keep at most this many boxes per image, highest score first.
+            iou_threshold: Boxes of the same phrase overlapping a higher-scoring one by more
+                than this IoU are near-duplicates and dropped (1 keeps them all).
+            min_box_side: Boxes with a side shorter than this (pixels, after clipping) are
+                dropped.
 
         Returns:
-            Per image, objects sorted by descending score. Boxes are clipped to the image;
-            boxes with no area after clipping, and boxes whose phrase is empty, are dropped.
+            Per image, objects sorted by descending score. A phrase is whole words of the
+            caption, in caption order (a selected WordPiece `##` piece brings its whole word).
+            Boxes are clipped to the image; boxes with no area after clipping, boxes whose
+            phrase is empty, small boxes and near-duplicates are dropped.
         """
         if len(images) != len(captions):
             raise ValueError(f"got {len(images)} images but {len(captions)} captions")
@@ -124,6 +154,9 @@ class GroundingDinoGrounder(HFWrapper):
                 box_threshold,
                 text_threshold,
                 max_objects,
+                query=queries[index],
+                iou_threshold=iou_threshold,
+                min_box_side=min_box_side,
             )
         return results
 
@@ -137,6 +170,9 @@ class GroundingDinoGrounder(HFWrapper):
         box_threshold: float,
         text_threshold: float,
         max_objects: int,
+        query: str | None = None,
+        iou_threshold: float = 1.0,
+        min_box_side: float = 0.0,
     ) -> list[GroundedObject]:
         # Same selection as the upstream post-processing, so rows line up with its boxes.
         kept = probs[probs.max(dim=-1).values > box_threshold]
@@ -156,22 +192,74 @@ class GroundingDinoGrounder(HFWrapper):
             ],
             dtype=torch.bool,
         )
+        token_word, words = self._token_words(input_ids, attention_mask, query)
         height, width = size
         objects: list[GroundedObject] = []
         for score, box, prob in zip(scores.tolist(), boxes, kept.cpu(), strict=True):
             token_mask = (prob[:n_tokens] > text_threshold) & usable
-            phrase = self.processor.tokenizer.decode(input_ids[token_mask].tolist()).strip()
+            picked = sorted({token_word[t] for t in torch.nonzero(token_mask).flatten().tolist()})
+            phrase = " ".join(words[k] for k in picked if k >= 0).strip()
             if not phrase:
                 continue
             x0, y0, x1, y1 = box.tolist()
             # float(): clipping to the int image size must not turn a coordinate into an int.
             x0, x1 = float(min(max(x0, 0.0), width)), float(min(max(x1, 0.0), width))
             y0, y1 = float(min(max(y0, 0.0), height)), float(min(max(y1, 0.0), height))
-            if x1 <= x0 or y1 <= y0:
+            if x1 <= x0 or y1 <= y0 or min(x1 - x0, y1 - y0) < min_box_side:
                 continue
             objects.append(GroundedObject((x0, y0, x1, y1), phrase, min(max(score, 0.0), 1.0)))
         objects.sort(key=lambda obj: obj.score, reverse=True)
-        return objects[:max_objects]
+        return merge_duplicates(objects, iou_threshold)[:max_objects]
+
+    def _token_words(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: str | None
+    ) -> tuple[list[int], list[str]]:
+        """The caption word each token position belongs to (-1: none), and those words.
+
+        Words are the query's whitespace-separated words without surrounding punctuation, found
+        through the fast tokenizer's character offsets, so a phrase is made of caption words
+        even when the tokenizer splits a word into `##` pieces. Without offsets (a slow
+        tokenizer, or a query that does not reproduce the ids) a word is a token and the `##`
+        pieces that follow it.
+        """
+        tokenizer = self.processor.tokenizer
+        ids = [int(t) for t, m in zip(input_ids, attention_mask, strict=True) if bool(m)]
+        n = int(input_ids.shape[0])
+        if query is not None:
+            try:
+                enc = tokenizer(
+                    query,
+                    return_offsets_mapping=True,
+                    truncation=True,
+                    max_length=len(ids),
+                )
+            except (NotImplementedError, ValueError, TypeError):
+                enc = None
+            if enc is not None and list(enc["input_ids"]) == ids:
+                spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", query)]
+                words = [query[s:e].strip(string.punctuation) for s, e in spans]
+                owner = [-1] * n
+                for t, (start, end) in enumerate(enc["offset_mapping"]):
+                    if end <= start:
+                        continue
+                    for k, (s, e) in enumerate(spans):
+                        if s <= start < e and words[k]:
+                            owner[t] = k
+                            break
+                return owner, words
+        tokens = tokenizer.convert_ids_to_tokens(input_ids.tolist())
+        special = set(tokenizer.all_special_ids)
+        token_word: list[int] = [-1] * n
+        pieces: list[list[int]] = []
+        for t, (token, tid) in enumerate(zip(tokens, input_ids.tolist(), strict=True)):
+            if not bool(attention_mask[t]) or tid in special:
+                continue
+            if token.startswith("##") and pieces:
+                pieces[-1].append(tid)
+            else:
+                pieces.append([tid])
+            token_word[t] = len(pieces) - 1
+        return token_word, [tokenizer.decode(p).strip() for p in pieces]
 
     @staticmethod
     def _build_tiny(directory: Path) -> None:
