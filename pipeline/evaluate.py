@@ -25,6 +25,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from pipeline.errors import DataUnusable
+
 logger = logging.getLogger(__name__)
 
 #: True class of real images in attribution metrics; a generator may not use this name.
@@ -136,7 +138,7 @@ class Scores:
             fields = reader.fieldnames or []
             missing = [c for c in SCORE_COLUMNS if c not in fields]
             if missing:
-                raise ValueError(
+                raise DataUnusable(
                     f"scores CSV {path} lacks columns {missing}; found {fields}, "
                     f"expected {list(SCORE_COLUMNS)} (+ pred_class for attribution heads)"
                 )
@@ -220,7 +222,7 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
     generated = scores.label == 1
     bad = sorted(set(scores.generator[generated]) & {"", REAL_CLASS})
     if bad:
-        raise ValueError(
+        raise DataUnusable(
             f"generated images have generator name(s) {bad}; every generated image needs a "
             f"generator name other than '' and {REAL_CLASS!r} (use e.g. 'unknown')"
         )
@@ -488,7 +490,7 @@ def run_evaluate(
             )
         fs = by_kind[kind]
         if not len(fs.y):
-            raise ValueError(f"the {split!r} split of {features_dir} is empty; nothing to score")
+            raise DataUnusable(f"the {split!r} split of {features_dir} is empty; nothing to score")
         head = load_head(head_dir)
         p = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
         attribution = info.get("head", name) in ATTRIBUTION_HEADS

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from pipeline import data as datamod
 from pipeline import store
+from pipeline.atomic import writable_dir
 from pipeline.config import (
     BaseConfig,
     CaptionConfig,
@@ -61,8 +62,7 @@ def ingest_records(
     dataset: str,
 ) -> datamod.IngestResult:
     """`run_ingest` for records already in hand (e.g. the files given to `misalign predict`)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(out_dir)
     result = datamod.ingest(
         root, records, fractions=cfg.split_fractions, seed=base.seed, min_side=cfg.min_side
     )

@@ -20,6 +20,7 @@ from scipy.special import expit, logit
 
 from pipeline import store
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.errors import DataUnusable, ModelFileError
 from pipeline.features import CLASS_PROMPTS, FeatureSet, load_features
 
 logger = logging.getLogger(__name__)
@@ -191,7 +192,7 @@ def train_heads(
         fs = load_features(features_dir, name_kind, splits=splits)
         train, val = fs.where("train"), fs.where("val")
         if len(np.unique(train.y)) < 2:
-            raise ValueError(
+            raise DataUnusable(
                 f"the train split of {features_dir} has {len(train.y)} rows of a single class; "
                 "a detector needs real and generated images in train"
             )
@@ -264,7 +265,7 @@ def train_heads(
 def trained_heads(heads_dir: str | Path) -> list[Path]:
     found = sorted(p.parent for p in Path(heads_dir).glob(f"*/{TRAIN_INFO}"))
     if not found:
-        raise FileNotFoundError(f"no trained heads in {heads_dir}; run the train stage first")
+        raise ModelFileError(f"no trained heads in {heads_dir}; run the train stage first")
     return found
 
 

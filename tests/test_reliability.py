@@ -246,3 +246,100 @@ def test_params_check_imports_nothing_heavy_and_is_fast(tmp_path):
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------ user errors versus bugs
+
+
+def _tiny_params(tmp: Path, **overrides) -> str:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"]["preset"] = "tiny"
+    params["ingest"]["shard_size"] = 8
+    for dotted, value in overrides.items():
+        _with(params, dotted, value)
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """A ValueError from deep code is a bug, not bad input: it is not turned into a message."""
+    from pipeline import data as datamod
+    from stages import ingest
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug deep in the library")
+
+    monkeypatch.setattr(datamod, "assign_splits", broken)
+    from tests.helpers import tiny_sample
+
+    data = tiny_sample(tmp_path / "data", per_generator=1, n_real=2)
+    params = _tiny_params(tmp_path)
+    with pytest.raises(ValueError, match="a bug deep in the library"):
+        ingest.main(
+            ["--params", params, "--data", str(data), "--out", str(tmp_path / "i"), "--name", "t"]
+        )
+
+
+def test_user_errors_are_one_line_with_exit_1(tmp_path):
+    """Run as DVC does (a process): one line on stderr, exit status 1, no traceback."""
+    params = _tiny_params(tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.ingest",
+            "--params",
+            params,
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "i"),
+            "--name",
+            "t",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "does not exist" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_read_only_output_folder_is_a_clear_error(tmp_path, capsys):
+    from stages import ingest
+
+    from tests.helpers import tiny_sample
+
+    data = tiny_sample(tmp_path / "data", per_generator=1, n_real=2)
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    # root ignores permission bits; the immutable attribute stops root too.
+    immutable = os.geteuid() == 0
+    if immutable and subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+        pytest.skip("running as root without chattr: a read-only folder cannot be made")
+    try:
+        code = ingest.main(
+            [
+                "--params",
+                _tiny_params(tmp_path),
+                "--data",
+                str(data),
+                "--out",
+                str(out / "ingest"),
+                "--name",
+                "t",
+            ]
+        )
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(out)], check=True)
+        out.chmod(0o700)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot write to the output folder" in err and str(out) in err

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
-from pipeline.errors import MisalignError
+from pipeline.errors import ConfigError, MisalignError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if str(device).startswith("cuda") else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {['auto', *DTYPES]}")
+        raise ConfigError(f"dtype {dtype!r} is not one of {['auto', *DTYPES]}")
     return DTYPES[dtype]
 
 
@@ -330,7 +330,7 @@ class HFWrapper:
             ModelWeightsMissing: `paper` weights are not available locally.
         """
         if preset not in PRESETS:
-            raise ValueError(f"preset {preset!r} is not one of {list(PRESETS)}")
+            raise ConfigError(f"preset {preset!r} is not one of {list(PRESETS)}")
         role = role or cls.default_role
         torch_dtype = resolve_dtype(dtype, device)
         if preset == "tiny":
