@@ -64,19 +64,22 @@ def ingest_records(
     """`run_ingest` for records already in hand (e.g. the files given to `misalign predict`)."""
     out_dir = writable_dir(out_dir)
     result = datamod.ingest(
-        root, records, fractions=cfg.split_fractions, seed=base.seed, min_side=cfg.min_side
+        root,
+        records,
+        fractions=cfg.split_fractions,
+        seed=base.seed,
+        min_side=cfg.min_side,
+        max_aspect_ratio=cfg.max_aspect_ratio,
+        exif_transpose=cfg.exif_transpose,
     )
+    if not records:
+        raise datamod.DatasetError(f"the dataset at {root} lists no images; nothing to ingest")
     if not result.items:
+        shown = "; ".join(f"{p}: {r}" for p, r in result.quarantined[:3])
         raise datamod.DatasetError(
-            f"no usable image in {root}: all {len(records)} were quarantined "
-            f"(see {out_dir / 'quarantine.csv'})"
+            f"no usable image in {root}: all {len(records)} were quarantined or duplicates "
+            f"(e.g. {shown or 'none'}); nothing was written to {out_dir}"
         )
-    columns = datamod.item_columns()
-    datamod.write_csv(out_dir / "quarantine.csv", ["path", "reason"], result.quarantined)
-    datamod.write_csv(out_dir / "duplicates.csv", ["path", "duplicate_of"], result.duplicates)
-    datamod.write_csv(
-        out_dir / "manifest.csv", columns, ([asdict(it)[c] for c in columns] for it in result.items)
-    )
     attrs = {
         "stage": "ingest",
         "dataset": dataset,
@@ -84,10 +87,14 @@ def ingest_records(
         "model": "",
         "preset": "",
         "params_hash": params_hash(cfg, base.seed),
+        # How every later stage decodes these files (pipeline.data.decode_image).
+        "exif_transpose": cfg.exif_transpose,
     }
-    n_shards = (len(result.items) + cfg.shard_size - 1) // cfg.shard_size
-    for k in range(n_shards):
-        chunk = result.items[k * cfg.shard_size : (k + 1) * cfg.shard_size]
+    # Every shard is built (and every value checked) before the first file is written, so a
+    # bad row fails the stage with the old outputs untouched.
+    shards: list[Arrays] = []
+    for start in range(0, len(result.items), cfg.shard_size):
+        chunk = result.items[start : start + cfg.shard_size]
         shard: Arrays = {
             "ids": np.array([it.id for it in chunk], dtype=object),
             "label": np.array([it.label for it in chunk], dtype=np.int8),
@@ -96,10 +103,19 @@ def ingest_records(
         }
         for key in ("path", "generator", "split", "caption", "group", "family"):
             shard[key] = np.array([getattr(it, key) for it in chunk], dtype=object)
+        shards.append(shard)
+    n_shards = len(shards)
+    for k, shard in enumerate(shards):
         if not _same_shard(out_dir / store.shard_name(k), shard, attrs):
             store.write_shard(out_dir / store.shard_name(k), shard, attrs)
     for stale in store.list_shards(out_dir)[n_shards:]:
         stale.unlink()
+    columns = datamod.item_columns()
+    datamod.write_csv(out_dir / "quarantine.csv", ["path", "reason"], result.quarantined)
+    datamod.write_csv(out_dir / "duplicates.csv", ["path", "duplicate_of"], result.duplicates)
+    datamod.write_csv(
+        out_dir / "manifest.csv", columns, ([asdict(it)[c] for c in columns] for it in result.items)
+    )
     for path, reason in result.quarantined:
         logger.warning("quarantined %s: %s", path, reason)
     if result.duplicates:
@@ -140,9 +156,25 @@ def _ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:
     path = ingest_dir / store.shard_name(index)
     rows = store.read_shard(path, ["ids", *keys])
     if "path" in rows:
-        root = Path(str(store.read_attrs(path)["data_root"]))
+        attrs = store.read_attrs(path)
+        root = Path(str(attrs["data_root"]))
         rows["path"] = np.array([str(root / p) for p in rows["path"]], dtype=object)
+        rows["exif_transpose"] = np.full(
+            len(rows["ids"]), bool(attrs.get("exif_transpose", True)), dtype=bool
+        )
     return rows
+
+
+def _decoding_hash(rows: Arrays) -> np.ndarray:
+    """Row input hashes that also change when the pixels are decoded differently (EXIF
+    orientation off); with the default decoding they are the hashes as computed."""
+    flags = rows.get("exif_transpose")
+    if flags is None:
+        return rows["input_hash"]
+    return np.array(
+        [h if f else row_hash(h, "exif_transpose=false") for h, f in zip(rows["input_hash"], flags)],
+        dtype=object,
+    )
 
 
 def _aligned(upstream: Path, index: int, ids: np.ndarray, keys: Sequence[str]) -> Arrays:
@@ -205,6 +237,7 @@ class CaptionStep:
             [row_hash(c if self.cfg.source != "blip2" else "") for c in rows["caption"]],
             dtype=object,
         )
+        rows["input_hash"] = _decoding_hash(rows)
         return rows
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
@@ -224,7 +257,10 @@ class CaptionStep:
             for sl in tqdm(_batches(len(need), self.cfg.batch_size), desc="caption", leave=False):
                 chunk = need[sl]
                 with timer("read"):
-                    images = [datamod.load_rgb(rows["path"][i]) for i in chunk]
+                    images = [
+                        datamod.load_rgb(rows["path"][i], bool(rows["exif_transpose"][i]))
+                        for i in chunk
+                    ]
                 with timer("model"):
                     out = model.caption(
                         images,
@@ -295,6 +331,7 @@ class GroundStep:
         rows = _ingest_rows(self.ingest_dir, index, ["path", "width", "height"])
         rows["caption"] = _aligned(self.captions_dir, index, rows["ids"], ["caption"])["caption"]
         rows["input_hash"] = np.array([row_hash(c) for c in rows["caption"]], dtype=object)
+        rows["input_hash"] = _decoding_hash(rows)
         return rows
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
@@ -304,7 +341,10 @@ class GroundStep:
             model = _load("grounder", self.models, self.base)
             for sl in tqdm(_batches(n, self.cfg.batch_size), desc="ground", leave=False):
                 with timer("read"):
-                    images = [datamod.load_rgb(p) for p in rows["path"][sl]]
+                    images = [
+                        datamod.load_rgb(p, bool(e))
+                        for p, e in zip(rows["path"][sl], rows["exif_transpose"][sl])
+                    ]
                 with timer("model"):
                     out = model.ground(
                         images,
@@ -410,6 +450,7 @@ class EncodeStep:
             ],
             dtype=object,
         )
+        rows["input_hash"] = _decoding_hash(rows)
         return rows
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
@@ -420,7 +461,10 @@ class EncodeStep:
         extra: dict[str, list[np.ndarray]] = {"bert": [], "dinov2": [], "color": []}
         for sl in tqdm(_batches(n, self.cfg.batch_size), desc="encode", leave=False):
             with timer("read"):
-                images = [datamod.load_rgb(p) for p in rows["path"][sl]]
+                images = [
+                    datamod.load_rgb(p, bool(e))
+                    for p, e in zip(rows["path"][sl], rows["exif_transpose"][sl])
+                ]
                 crops, slots = [], []
                 for k, image in zip(range(sl.start, sl.stop), images):
                     for j in range(int(off[k]), int(off[k + 1])):

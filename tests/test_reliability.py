@@ -312,7 +312,6 @@ def test_user_errors_are_one_line_with_exit_1(tmp_path):
 
 def test_read_only_output_folder_is_a_clear_error(tmp_path, capsys):
     from stages import ingest
-
     from tests.helpers import tiny_sample
 
     data = tiny_sample(tmp_path / "data", per_generator=1, n_real=2)
@@ -343,3 +342,288 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "cannot write to the output folder" in err and str(out) in err
+
+
+# ----------------------------------------------------------------- odd and broken files
+
+
+def _rng_rgb(seed: int, w: int, h: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def build_corpus(root: Path, outside: Path) -> dict[str, tuple[str, float | None]]:
+    """Write 24 good images and 30 kinds of odd or broken files under `root`.
+
+    Returns path -> (expected outcome, expected mean pixel of the decoded RGB or None):
+    outcome is "used", "quarantined:<words of the reason>" or "duplicate".
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    expect: dict[str, tuple[str, float | None]] = {}
+
+    def save(name: str, img, outcome: str = "used", mean: float | None = None, **kw) -> Path:
+        path = images / name
+        img.save(path, **kw)
+        expect[f"images/{name}"] = (outcome, mean)
+        return path
+
+    for i in range(24):
+        arr = _rng_rgb(i, 48 + i, 40)
+        save(f"good_{i:02d}.png", Image.fromarray(arr), mean=float(arr.mean()))
+
+    ramp16 = np.tile(np.linspace(0, 65535, 64), (32, 1)).astype(np.uint16)
+    save("deep16.png", Image.fromarray(ramp16), mean=float(ramp16.mean() / 257))
+    ramp32 = np.tile(np.linspace(0, 2**31 - 1, 64), (32, 1)).astype(np.int32)
+    save("int32.tif", Image.fromarray(ramp32, mode="I"), mean=127.5)
+    ramp_f = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (32, 1))
+    save("float01.tif", Image.fromarray(ramp_f, mode="F"), mean=127.5)
+    wide_f = np.tile(np.linspace(-1000, 1000, 64, dtype=np.float32), (32, 1))
+    save("float_wide.tif", Image.fromarray(wide_f, mode="F"), mean=127.5)
+    nan_f = ramp_f.copy()
+    nan_f[0, 0] = np.nan
+    save("float_nan.tif", Image.fromarray(nan_f, mode="F"), "quarantined:NaN")
+
+    # EXIF orientation 6 (rotate 90° clockwise to view): stored 64x32, seen 32x64.
+    rotated = Image.fromarray(_rng_rgb(100, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save("exif_rotated.jpg", rotated, mean=None, exif=exif, quality=95)
+
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (200, 10, 90)]
+    save(
+        "animated.gif",
+        frames[0],
+        mean=200.0,
+        save_all=True,
+        append_images=frames[1:],
+        duration=100,
+        loop=0,
+    )
+    pages = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (60, 250)]
+    save("pages.tif", pages[0], mean=60.0, save_all=True, append_images=pages[1:])
+
+    # A decompression bomb: tiny file, 30000 x 30000 pixels declared.
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")
+    (images / "bomb.png").write_bytes(bomb.getvalue())
+    expect["images/bomb.png"] = ("quarantined:too large", None)
+
+    strip = Image.fromarray(_rng_rgb(7, 8000, 16))
+    save("strip_8000x16.png", strip, "quarantined:aspect ratio")
+    save("strip_16x8000.png", Image.fromarray(_rng_rgb(8, 16, 8000)), "quarantined:aspect ratio")
+    save("tiny_8x8.png", Image.fromarray(_rng_rgb(9, 8, 8)), "quarantined:smaller than")
+    wide_ok = _rng_rgb(10, 400, 40)  # ratio 10: allowed, and must get through every model
+    save("wide_10to1.png", Image.fromarray(wide_ok), mean=float(wide_ok.mean()))
+
+    outside.mkdir(parents=True, exist_ok=True)
+    target = _rng_rgb(11, 50, 50)
+    Image.fromarray(target).save(outside / "elsewhere.png")
+    (images / "link_out.png").symlink_to(outside / "elsewhere.png")
+    expect["images/link_out.png"] = ("used", float(target.mean()))
+    (images / "dangling.png").symlink_to(outside / "gone.png")
+    expect["images/dangling.png"] = ("quarantined:cannot read", None)
+
+    (images / "z_duplicate_of_good_00.png").write_bytes((images / "good_00.png").read_bytes())
+    expect["images/z_duplicate_of_good_00.png"] = ("duplicate", None)
+
+    jpeg = io.BytesIO()
+    Image.fromarray(_rng_rgb(12, 64, 64)).save(jpeg, format="JPEG")
+    (images / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    expect["images/truncated.jpg"] = ("quarantined:truncated", None)
+    (images / "jpeg_named.png").write_bytes(jpeg.getvalue())
+    expect["images/jpeg_named.png"] = ("used", None)
+    (images / "zero.jpg").write_bytes(b"")
+    expect["images/zero.jpg"] = ("quarantined:empty", None)
+    (images / "text.jpg").write_text("not a picture at all\n")
+    expect["images/text.jpg"] = ("quarantined:not an image", None)
+    (images / "page.png").write_text("<html><body>404</body></html>\n")
+    expect["images/page.png"] = ("quarantined:not an image", None)
+    (images / "noise.webp").write_bytes(os.urandom(2048))
+    expect["images/noise.webp"] = ("quarantined:not an image", None)
+    png = io.BytesIO()
+    Image.fromarray(_rng_rgb(13, 64, 64)).save(png, format="PNG")
+    broken = bytearray(png.getvalue())
+    broken[len(broken) // 2] ^= 0xFF  # inside IDAT: a CRC / zlib error
+    (images / "bitflip.png").write_bytes(bytes(broken))
+    expect["images/bitflip.png"] = ("quarantined:corrupt", None)
+
+    cmyk = Image.new("CMYK", (40, 40), (0, 0, 0, 0))  # no ink: white
+    save("cmyk.jpg", cmyk, mean=255.0, quality=95)
+    palette = Image.new("P", (40, 40), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 20, 40))  # left half red, right half index 0 = transparent black
+    # red (mean 85) on the left, transparent shown on white (255) on the right
+    save("palette_transparent.png", palette, mean=170.0, transparency=0)
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (32, 1))
+    save("gray.png", Image.fromarray(gray, mode="L"), mean=float(gray.mean()))
+    onebit = Image.fromarray(np.tile(np.array([0, 255], np.uint8), (32, 16))).convert("1")
+    save("onebit.png", onebit, mean=127.5)
+    la = Image.fromarray(
+        np.stack([np.full((32, 32), 100, np.uint8), np.zeros((32, 32), np.uint8)], -1), mode="LA"
+    )
+    save("la_transparent.png", la, mean=255.0)
+    rgba = np.concatenate([_rng_rgb(14, 32, 32), np.full((32, 32, 1), 255, np.uint8)], -1)
+    save("rgba_opaque.png", Image.fromarray(rgba, mode="RGBA"), mean=float(rgba[..., :3].mean()))
+    bmp = _rng_rgb(15, 33, 31)
+    save("odd_size.bmp", Image.fromarray(bmp), mean=float(bmp.mean()))
+    webp = _rng_rgb(16, 32, 32)
+    save("lossless.webp", Image.fromarray(webp), mean=float(webp.mean()), lossless=True)
+    return expect
+
+
+def _corpus_manifest(root: Path, expect: dict) -> None:
+    from tests.helpers import write_manifest
+
+    rows = []
+    for i, path in enumerate(sorted(expect)):
+        caption = f"a picture number {i}" if i % 2 else ""
+        rows.append(
+            {"path": path, "label": i % 2, "generator": "g1" if i % 2 else "", "caption": caption}
+        )
+    write_manifest(root / "manifest.csv", rows)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_odd_files_are_used_intact_or_quarantined_with_a_reason(tmp_path):
+    """24 good images and 30 kinds of odd files run through ingest, caption, ground and encode
+    (tiny models): each file is used with its content intact, or quarantined with a reason."""
+    import numpy as np
+
+    from pipeline import data as datamod
+    from pipeline import store
+    from stages import caption, encode, ground, ingest
+
+    data = tmp_path / "data"
+    expect = build_corpus(data, tmp_path / "outside")
+    assert len(expect) - 24 >= 25
+    _corpus_manifest(data, expect)
+    params = _tiny_params(tmp_path)
+    c = tmp_path / "cache"
+    common = ["--params", params, "--name", "t"]
+    assert ingest.main([*common, "--data", str(data), "--out", f"{c}/ingest"]) == 0
+    up = ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions"]
+    assert caption.main([*common, "--ingest", f"{c}/ingest", "--out", f"{c}/captions"]) == 0
+    assert ground.main([*common, *up, "--out", f"{c}/objects"]) == 0
+    assert encode.main([*common, *up, "--objects", f"{c}/objects", "--out", f"{c}/clip"]) == 0
+
+    kept = {r["path"]: r for r in _read_csv(c / "ingest" / "manifest.csv")}
+    quarantined = {r["path"]: r["reason"] for r in _read_csv(c / "ingest" / "quarantine.csv")}
+    duplicates = {r["path"]: r["duplicate_of"] for r in _read_csv(c / "ingest" / "duplicates.csv")}
+    for path, (outcome, mean) in expect.items():
+        if outcome == "used":
+            assert path in kept, (path, quarantined.get(path))
+            if mean is not None:
+                got = np.asarray(datamod.load_rgb(data / path), dtype=np.float64).mean()
+                assert abs(got - mean) < 2.0, (path, got, mean)
+        elif outcome == "duplicate":
+            assert duplicates.get(path) == "images/good_00.png"
+        else:
+            words = outcome.split(":", 1)[1]
+            assert words in quarantined.get(path, ""), (path, quarantined.get(path), kept.get(path))
+    assert set(kept) | set(quarantined) | set(duplicates) == set(expect)
+
+    # Decoding facts a user would notice.
+    assert (
+        kept["images/exif_rotated.jpg"]["width"],
+        kept["images/exif_rotated.jpg"]["height"],
+    ) == ("32", "64")
+    assert kept["images/animated.gif"]["n_frames"] == "3"
+    assert kept["images/pages.tif"]["n_frames"] == "2"
+    assert kept["images/good_03.png"]["n_frames"] == "1"
+    # 16-bit, float and 32-bit images are not blank.
+    for path in ("images/deep16.png", "images/float01.tif", "images/int32.tif"):
+        arr = np.asarray(datamod.load_rgb(data / path))
+        assert arr.min() < 10 and arr.max() > 245, path
+
+    # Every kept image has a row in every stage, and its embeddings are finite.
+    ids = [
+        str(i) for s in store.list_shards(c / "ingest") for i in store.read_shard(s, ["ids"])["ids"]
+    ]
+    assert sorted(ids) == sorted(r["id"] for r in kept.values())
+    for stage in ("captions", "objects", "clip"):
+        got = [
+            str(i)
+            for s in store.list_shards(c / stage)
+            for i in store.read_shard(s, ["ids"])["ids"]
+        ]
+        assert got == ids, stage
+    for shard in store.list_shards(c / "clip"):
+        emb = store.read_shard(shard, ["image_emb"])["image_emb"]
+        assert np.isfinite(emb).all()
+
+
+# ------------------------------------------------------------------------------- manifests
+
+
+def _manifest_dataset(tmp_path: Path, body: bytes) -> Path:
+    from tests.helpers import make_image
+
+    for i in range(3):
+        make_image(tmp_path / "data" / f"img{i}.png", i)
+    (tmp_path / "data" / "manifest.csv").write_bytes(body)
+    return tmp_path / "data"
+
+
+GOOD_ROWS = b"img0.png,0,,a cat\nimg1.png,1,sdxl,a dog\nimg2.png,1,sdxl,a cow\n"
+
+
+@pytest.mark.parametrize(
+    "body, fragments",
+    [
+        (
+            b"file,label,generator,caption\n" + GOOD_ROWS + b"img1.png,0,,a dog\n",
+            ["img1.png is listed twice", "line 3", "line 5"],
+        ),
+        (
+            b"file,label,generator,caption\nimg0.png,0,,a c\x00t\n" + GOOD_ROWS[17:],
+            ["manifest.csv:2", "NUL"],
+        ),
+        (
+            "file,label,generator,caption\nimg0.png,0,,un caf\u00e9\n".encode("latin-1")
+            + GOOD_ROWS[17:],
+            ["manifest.csv:2", "not UTF-8", "latin-1", "iconv"],
+        ),
+        (b"", ["manifest.csv is empty"]),
+        (b"file,label,generator,caption\n", ["no rows"]),
+        (b"file,label\nimg0.png,0,extra,cells\n", ["more cells than the header"]),
+    ],
+    ids=["conflicting-labels", "nul", "latin-1", "empty", "header-only", "extra-cells"],
+)
+def test_bad_manifests_are_refused_naming_file_and_row(tmp_path, capsys, body, fragments):
+    from stages import ingest
+
+    data = _manifest_dataset(tmp_path, body)
+    out = tmp_path / "cache" / "ingest"
+    out.mkdir(parents=True)
+    (out / "shard_00000.h5").write_bytes(b"old shard")
+    (out / "manifest.csv").write_text("old manifest")
+    before = _tree_state(out)
+    args = ["--params", _tiny_params(tmp_path), "--data", str(data), "--out", str(out)]
+    assert ingest.main([*args, "--name", "t"]) == 1
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert "Traceback" not in err
+    assert _tree_state(out) == before
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    from pipeline import data as datamod
+
+    data = _manifest_dataset(tmp_path, b"\xef\xbb\xbffile,label,generator,caption\n" + GOOD_ROWS)
+    root, records = datamod.resolve_dataset(data)
+    assert [r.path for r in records] == ["img0.png", "img1.png", "img2.png"]
+    assert records[1].generator == "sdxl" and records[0].caption == "a cat"
