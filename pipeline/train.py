@@ -270,5 +270,16 @@ def trained_heads(heads_dir: str | Path) -> list[Path]:
 
 
 def read_train_info(head_dir: str | Path) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads((Path(head_dir) / TRAIN_INFO).read_text())
-    return info
+    path = Path(head_dir) / TRAIN_INFO
+    if not path.is_file():
+        raise ModelFileError(
+            f"no {TRAIN_INFO} in {head_dir}; point at a head folder written by the train stage "
+            "(e.g. models/mlp)"
+        )
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path} is not valid JSON ({err}); retrain the head") from None
+    if not isinstance(info, dict) or not isinstance(info.get("kind"), str):
+        raise ModelFileError(f"{path} lacks the feature kind the head was trained on; retrain it")
+    return dict(info)

@@ -8,6 +8,7 @@ keep their traceback, and kill -9 during the extraction stages.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -627,3 +628,174 @@ def test_a_utf8_bom_is_accepted(tmp_path):
     root, records = datamod.resolve_dataset(data)
     assert [r.path for r in records] == ["img0.png", "img1.png", "img2.png"]
     assert records[1].generator == "sdxl" and records[0].caption == "a cat"
+
+
+# ------------------------------------------------------------- tampered heads and weights
+
+
+class _Plant:
+    """A pickle that creates a marker file when unpickled: proof of code execution."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _saved_head(tmp_path: Path, name: str = "svm") -> Path:
+    import numpy as np
+
+    from pipeline.heads import make_head, save_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 6))
+    y = (X[:, 0] > 0).astype(int)
+    params = {"epochs": 2, "hidden": 4} if name == "mlp" else {}
+    head = make_head(name, params).fit(X, y, X_val=X[:10], y_val=y[:10])
+    save_head(head, tmp_path / name)
+    (tmp_path / name / "train.json").write_text(json.dumps({"head": name, "kind": "item"}))
+    return tmp_path / name
+
+
+def _rewrite_weights(directory: Path, change) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    arrays = load_file(directory / "weights.safetensors")
+    change(arrays)
+    save_file(arrays, directory / "weights.safetensors")
+
+
+def _edit_meta(directory: Path, change) -> None:
+    import json
+
+    meta = json.loads((directory / "head.json").read_text())
+    change(meta)
+    (directory / "head.json").write_text(json.dumps(meta))
+
+
+def _torchscript(path: Path) -> None:
+    import torch
+
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+
+
+TAMPERS = {
+    "json-garbage": lambda d, m: (d / "head.json").write_text("{not json"),
+    "json-list": lambda d, m: (d / "head.json").write_text("[1, 2]"),
+    "format-version": lambda d, m: _edit_meta(d, lambda j: j.update(format_version=99)),
+    "unknown-head": lambda d, m: _edit_meta(d, lambda j: j.update(head="xgboost")),
+    "class-mismatch": lambda d, m: _edit_meta(d, lambda j: j.update({"class": "EvilHead"})),
+    "no-state": lambda d, m: _edit_meta(d, lambda j: j.pop("state")),
+    "children-escape": lambda d, m: _edit_meta(d, lambda j: j.update(children=["../../x"])),
+    "head-json-missing": lambda d, m: (d / "head.json").unlink(),
+    "weights-missing": lambda d, m: (d / "weights.safetensors").unlink(),
+    "weights-empty": lambda d, m: (d / "weights.safetensors").write_bytes(b""),
+    "weights-truncated": lambda d, m: (d / "weights.safetensors").write_bytes(
+        (d / "weights.safetensors").read_bytes()[:-40]
+    ),
+    "weights-pickle": lambda d, m: (d / "weights.safetensors").write_bytes(
+        __import__("pickle").dumps(_Plant(m))
+    ),
+    "weights-torchscript": lambda d, m: _torchscript(d / "weights.safetensors"),
+    "weights-nan": lambda d, m: _rewrite_weights(
+        d, lambda a: [v.fill(float("nan")) for v in a.values() if v.dtype.kind == "f"]
+    ),
+    "weights-shape": lambda d, m: _rewrite_weights(
+        d, lambda a: a.update({k: v[..., :1].copy() for k, v in a.items() if v.ndim == 2})
+    ),
+    "weights-dropped": lambda d, m: _rewrite_weights(
+        d, lambda a: [a.pop(k) for k in [k for k in a if k.startswith("state.")][:1]]
+    ),
+    "train-json-garbage": lambda d, m: (d / "train.json").write_text("\x00\x01"),
+    "train-json-missing": lambda d, m: (d / "train.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("head_name", ["svm", "mlp"])
+@pytest.mark.parametrize("tamper", list(TAMPERS))
+def test_tampered_head_is_a_one_line_error_naming_the_file(tmp_path, capsys, tamper, head_name):
+    from pipeline.cli import main as cli
+
+    directory = _saved_head(tmp_path, head_name)
+    marker = tmp_path / "code-ran"
+    TAMPERS[tamper](directory, marker)
+    image = tmp_path / "x.png"
+    from tests.helpers import make_image
+
+    make_image(image, 0)
+    args = [
+        "predict",
+        "--head",
+        str(directory),
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--params",
+        _tiny_params(tmp_path),
+        "--cache",
+        str(tmp_path / "c"),
+        str(image),
+    ]
+    start = time.perf_counter()
+    code = cli(args)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert time.perf_counter() - start < 30  # refused before any extraction
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and str(directory) in lines[0], err
+    assert "Traceback" not in err
+    assert not marker.exists(), "the pickle ran code"
+    assert not (tmp_path / "c").exists()
+
+
+def test_untampered_head_loads_and_predicts(tmp_path):
+    import numpy as np
+
+    from pipeline.heads import load_head
+
+    head = load_head(_saved_head(tmp_path, "mlp"))
+    proba = head.predict_proba(np.ones((3, 6)))
+    assert proba.shape == (3, 2) and np.isfinite(proba).all()
+
+
+def test_refused_clip_checkpoints(tmp_path, monkeypatch):
+    """A pickle as models.clip.path, a TorchScript at ~/.cache/clip/ViT-L-14.pt (where OpenAI's
+    `clip` package puts it) and a pickle planted in the tiny-model cache are all refused by the
+    up-front weights check or at load, naming the file; none runs code."""
+    import pickle
+
+    from pipeline.config import params_from_dict
+    from pipeline.errors import ModelFileError
+    from pipeline.models import check_weights, load_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "ckpt.pt"
+    planted.write_bytes(pickle.dumps(_Plant(marker)))
+    params = params_from_dict({"models": {"clip": {"path": str(planted)}}})
+    with pytest.raises(ModelFileError, match=f"{planted}.*raw pickle"):
+        check_weights(params.models, ["clip"])
+
+    from pipeline.models.clip import _find_checkpoint
+
+    jit = tmp_path / ".cache" / "clip" / "ViT-L-14.pt"
+    jit.parent.mkdir(parents=True)
+    _torchscript(jit)
+    assert _find_checkpoint("ViT-L-14", "openai") == jit  # where the weights check looks
+    with pytest.raises(ModelFileError, match=f"{jit}.*TorchScript"):
+        check_weights(params_from_dict({}).models, ["clip"])
+    from pipeline.models.files import check_weights_file
+
+    with pytest.raises(ModelFileError, match=f"{jit}.*TorchScript"):
+        check_weights_file(jit, "CLIP")
+
+    tiny = params_from_dict({"models": {"preset": "tiny"}})
+    monkeypatch.setenv("MISALIGN_TINY_DIR", str(tmp_path / "tinycache"))
+    from pipeline.models.clip import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tiny.base.seed)
+    ckpt.write_bytes(pickle.dumps(_Plant(marker)))
+    with pytest.raises(ModelFileError, match=f"{ckpt}.*raw pickle"):
+        load_model("clip", tiny.models, tiny.base)
+    assert not marker.exists()
