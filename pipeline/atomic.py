@@ -10,6 +10,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.errors import OutputError
+
+
+def writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create folder `path` if needed and check that files can be written in it.
+
+    Raises:
+        OutputError: naming the folder and the reason (read-only, not permitted, disk full),
+            before any work whose results could not be kept.
+    """
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(
+            f"cannot write to the output folder {folder}: {err.strerror or err}; make it "
+            "writable (or point the stage at another folder) and rerun"
+        ) from err
+    return folder
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Path]:
@@ -19,8 +42,16 @@ def atomic_path(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Pat
     including KeyboardInterrupt, the temporary file is removed and ``path`` is untouched.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
+        )
+    except OSError as err:
+        raise OutputError(
+            f"cannot write {target}: {err.strerror or err}; make {target.parent} writable "
+            "and rerun"
+        ) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -112,11 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or missing weights: stages and commands report the message
     (which names the fix), not a traceback. Everything the library raises for such input is a
-    `pipeline.errors.MisalignError`; ValueError and FileNotFoundError stay here only until every
-    raise site names its own error type."""
+    `pipeline.errors.MisalignError`; any other exception (a ValueError deep in numpy, a
+    KeyError) is a bug and keeps its traceback."""
     from pipeline.errors import MisalignError
 
-    return (MisalignError, FileNotFoundError, ValueError)
+    return (MisalignError,)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

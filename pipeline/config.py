@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -86,6 +88,13 @@ class IngestConfig:
     # group (prompt variants of one scene must not straddle train and test); 1.0 groups
     # identical word sets only. See pipeline.data.near_duplicate_groups.
     caption_similarity: float = 0.5
+    # Images whose long side exceeds this many times the short side are quarantined: the
+    # models' processors resize the short side to their input size, so an 8000x16 strip would
+    # become a 0-pixel-high tensor (GroundingDINO) or a 224x0.4 px smear (CLIP).
+    max_aspect_ratio: float = 20.0
+    # Apply the EXIF orientation tag before anything sees the pixels, as every photo viewer
+    # does; false keeps the stored pixel order.
+    exif_transpose: bool = True
 
 
 @dataclass
@@ -240,6 +249,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "evaluate.split": ("test",),
     "train.attribution_target": ("generator", "family"),
     "train.calibration": ("none", "temperature", "platt"),
+    # train and val already feed the heads; the pool is the manifest's unlabelled rows (or,
+    # with train.pseudo_allow_eval_split, the test split).
+    "train.pseudo_pool": ("unlabelled", "test"),
 }
 
 
@@ -249,36 +261,42 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {value!r}. Fix: {_fix(where)}")
         return _build(hint, value, where)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {value!r}. Fix: {_fix(where)}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {value!r}. Fix: {_fix(where)}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {value!r}. Fix: {_fix(where)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(
+                f"{where} must be an integer, got {value!r} (numbers are written without "
+                f"quotes; true/false are not numbers). Fix: {_fix(where)}"
+            )
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(
+                f"{where} must be a number, got {value!r} (numbers are written without "
+                f"quotes). Fix: {_fix(where)}"
+            )
         return float(value)
     if hint is str:
         if value is None:
             return ""
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {value!r}. Fix: {_fix(where)}")
         return value
     return value
 
@@ -299,34 +317,285 @@ def _build(cls: Any, values: dict[str, Any], where: str) -> Any:
             kwargs[name] = _check_type(values[name], hints[name], key)
             choices = _CHOICES.get(key)
             if choices and kwargs[name] not in choices:
-                raise ConfigError(f"{key} = {kwargs[name]!r} is not one of: {', '.join(choices)}")
+                raise ConfigError(
+                    f"{key} = {kwargs[name]!r} is not one of: {', '.join(choices)}. "
+                    f"Fix: {_fix(key)}"
+                )
     return cls(**kwargs)
 
 
-def params_from_dict(values: dict[str, Any]) -> Params:
-    """Build `Params` from a parsed params mapping, rejecting unknown keys and wrong types."""
-    params: Params = _build(Params, values or {}, "")
-    if (
-        len(params.ingest.split_fractions) != 3
-        or abs(sum(params.ingest.split_fractions) - 1) > 1e-6
+@dataclass(frozen=True)
+class _Range:
+    """What a numeric param may be: an integer or a finite number within bounds."""
+
+    integer: bool
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+    why: str = ""
+    optional: bool = False  # null (None) is allowed too
+
+    def allowed(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        bounds = []
+        if self.lo is not None:
+            bounds.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            bounds.append(f"<= {self.hi:g}")
+        text = kind + (" " + " and ".join(bounds) if bounds else "")
+        if self.optional:
+            text += " (or null)"
+        return text + (f" ({self.why})" if self.why else "")
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+
+def _positive_int(why: str) -> _Range:
+    return _Range(True, 1, why=why)
+
+
+def _count(why: str) -> _Range:
+    return _Range(True, 0, why=why)
+
+
+def _fraction(why: str) -> _Range:
+    return _Range(False, 0, 1, why=why)
+
+
+# Every numeric param of params.yaml (typed fields) and its allowed range. Types were already
+# checked by _build; these are the values that would crash a stage hours in, or worse, run and
+# write something meaningless (an empty caption batch, deleted shards, NaN features).
+_RANGES: dict[str, _Range] = {
+    "base.seed": _Range(True, 0, 2**32 - 1, why="numpy and torch seeds"),
+    "base.n_workers": _positive_int("Dask workers"),
+    "ingest.shard_size": _positive_int("images per shard"),
+    "ingest.min_side": _positive_int("pixels"),
+    "ingest.caption_similarity": _Range(
+        False, 0, 1, lo_open=True, why="word-set Jaccard at which captions are one split group"
+    ),
+    "ingest.max_aspect_ratio": _Range(
+        False, 1, 50, why="long side / short side; past 50 the models' resizers lose the image"
+    ),
+    "caption.batch_size": _positive_int("images per batch"),
+    "caption.num_beams": _positive_int("beam search width"),
+    "caption.max_new_tokens": _positive_int("tokens"),
+    "ground.batch_size": _positive_int("images per batch"),
+    "ground.box_threshold": _fraction("a score"),
+    "ground.text_threshold": _fraction("a score"),
+    "ground.max_objects": _count("objects kept per image"),
+    "ground.crop_padding": _Range(False, 0, 10, why="fraction of the box size"),
+    "encode.batch_size": _positive_int("images per batch"),
+    "encode.color_bins": _Range(True, 0, 256, why="bins per channel, 0 = off"),
+    "features.w1": _Range(False, why="weight of D_global"),
+    "features.w2": _Range(False, why="weight of D_local"),
+    "train.pseudo_threshold": _Range(False, 0.5, 1, why="confidence of a pseudo-label"),
+    "evaluate.threshold": _fraction("a probability"),
+}
+# Hyperparameters of the heads (train.<head>.<name>), by name: they are free-form mappings in
+# params.yaml, so their types are checked here too ("50" is not an integer).
+_HEAD_RANGES: dict[str, _Range] = {
+    "hidden": _positive_int("hidden units"),
+    "epochs": _positive_int("passes over train"),
+    "batch_size": _positive_int("rows per step"),
+    "lr": _Range(False, 0, 10, lo_open=True, why="learning rate"),
+    "weight_decay": _Range(False, 0, why="AdamW weight decay"),
+    "C": _Range(False, 0, lo_open=True, why="SVM regularisation"),
+    "n_calibration_folds": _Range(True, 2, why="folds"),
+    "max_iter": _positive_int("iterations"),
+    "n_folds": _Range(True, 2, why="out-of-fold stacking"),
+    "alpha": _Range(False, 0, why="Tip-Adapter residual ratio"),
+    "beta": _Range(False, 0, why="Tip-Adapter sharpness"),
+    "n_shots": _Range(True, 1, optional=True, why="shots per class"),
+    "clip_logit_scale": _Range(False, 0, lo_open=True, why="CLIP's logit scale"),
+    "random_state": _Range(True, 0, 2**32 - 1, optional=True, why="seed"),
+}
+_HEAD_BOOLS = ("finetune", "standardize")
+_HEAD_GRIDS = {"C_grid": "C", "alpha_grid": "alpha", "beta_grid": "beta"}
+# A plain folder name: it becomes cache/<name>/ and is interpolated into dvc.yaml paths.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _lookup(node: Any, key: str) -> Any:
+    """The value of a dotted key in a config dataclass, or None where there is no such key."""
+    for part in key.split("."):
+        if not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def _fix(key: str, example: Any = None) -> str:
+    example = _lookup(Params(), key) if example is None else example
+    if example is None:
+        shown = "<value>"
+    elif isinstance(example, str) and example:
+        shown = example
+    else:
+        shown = json.dumps(example, separators=(",", ":"))
+    return f"set {key} in params.yaml (or dvc exp run -S {key}={shown})" + (
+        f", e.g. the default {shown}" if example is not None else ""
+    )
+
+
+def _refuse(key: str, value: Any, allowed: str, example: Any = None) -> ConfigError:
+    return ConfigError(
+        f"{key} = {value!r} is not allowed: it must be {allowed}. Fix: {_fix(key, example)}"
+    )
+
+
+def _check_plain_name(key: str, name: str) -> None:
+    if not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise _refuse(
+            key,
+            name,
+            "a plain name of letters, digits, '_', '-' or '.' (no '/', '\\', '..' or leading "
+            "'.'), since it names a folder under cache/",
+            "sample" if key == "data.name" else "other",
+        )
+
+
+def _check_head_params(train: TrainConfig) -> None:
+    for head in ("mlp", "svm", "multitask", "tip_adapter", "meta"):
+        given = getattr(train, head, None)
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            raise _refuse(f"train.{head}", given, "a mapping of hyperparameters", {})
+        for name, value in given.items():
+            key = f"train.{head}.{name}"
+            rule = _HEAD_RANGES.get(name)
+            if rule is not None and not rule.ok(value):
+                raise _refuse(key, value, rule.allowed(), _HEAD_EXAMPLES.get(name))
+            if name in _HEAD_BOOLS and not isinstance(value, bool):
+                raise _refuse(key, value, "true or false", True)
+            if name in _HEAD_GRIDS:
+                item = _HEAD_RANGES[_HEAD_GRIDS[name]]
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise _refuse(key, value, f"a non-empty list of {item.allowed()}", [1.0])
+                for v in value:
+                    if not item.ok(v):
+                        raise _refuse(key, value, f"a non-empty list of {item.allowed()}", [1.0])
+            if name == "base_heads":
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise _refuse(key, value, "a non-empty list of head names", ["mlp", "svm"])
+
+
+_HEAD_EXAMPLES: dict[str, Any] = {
+    "hidden": 512,
+    "epochs": 50,
+    "batch_size": 64,
+    "lr": 0.001,
+    "weight_decay": 0.001,
+    "C": 1.0,
+    "n_calibration_folds": 3,
+    "max_iter": 10000,
+    "n_folds": 5,
+    "alpha": 1.0,
+    "beta": 5.5,
+    "n_shots": 16,
+    "clip_logit_scale": 100.0,
+    "random_state": 0,
+}
+
+
+def check_ranges(params: Params) -> None:
+    """Range and consistency checks of every param, in pure Python (nothing heavy imported),
+    so that a bad value is reported in well under a second, before any stage does any work.
+
+    Raises:
+        ConfigError: naming the key, the value, what is allowed and the fix.
+    """
+    for key, rule in _RANGES.items():
+        value = _lookup(params, key)
+        if not rule.ok(value):
+            raise _refuse(key, value, rule.allowed())
+    fractions = params.ingest.split_fractions
+    key = "ingest.split_fractions"
+    if len(fractions) != 3 or not all(math.isfinite(f) and 0 <= f <= 1 for f in fractions):
+        raise _refuse(key, fractions, "three fractions (train, val, test), each in [0, 1]")
+    if abs(sum(fractions) - 1) > 1e-6:
+        raise _refuse(
+            key, fractions, f"three fractions summing to 1 (these sum to {sum(fractions):g})"
+        )
+    if fractions[0] == 0:
+        raise _refuse(key, fractions, "fractions with a non-empty train split (train > 0)")
+    if params.features.w1 == 0 and params.features.w2 == 0:
+        raise ConfigError(
+            "features.w1 = 0 and features.w2 = 0 make every ITEM feature zero; at least one "
+            "weight must be non-zero. Fix: set features.w1 and/or features.w2 (ITEM: 1.0 each)"
+        )
+    _check_plain_name("data.name", params.data.name)
+    if not params.data.path.strip():
+        raise _refuse("data.path", params.data.path, "a dataset folder or manifest CSV")
+    for role in ("clip", "blip2", "grounding", "bert", "dinov2"):
+        spec = getattr(params.models, role)
+        if not spec.id.strip() and not spec.path.strip():
+            raise _refuse(f"models.{role}.id", spec.id, "a model name (or set models.{role}.path)")
+    template = params.encode.phrase_template
+    try:
+        ok = "\x00" in template.format("\x00")
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise _refuse(
+            "encode.phrase_template",
+            template,
+            "a text with one '{}' where the phrase goes (other braces doubled: '{{' '}}')",
+        )
+    prompts = params.encode.class_prompts
+    if len(prompts) != 2 or not all(p.strip() for p in prompts):
+        raise _refuse(
+            "encode.class_prompts", prompts, "two non-empty prompts: class 0 (real), class 1"
+        )
+    for key, names in (
+        ("train.heads", params.train.heads),
+        ("evaluate.qf_heads", params.evaluate.qf_heads),
     ):
-        raise ConfigError(
-            f"ingest.split_fractions must be three fractions (train, val, test) summing to 1, "
-            f"got {params.ingest.split_fractions}"
-        )
-    if not 0.0 < params.ingest.caption_similarity <= 1.0:
-        raise ConfigError(
-            f"ingest.caption_similarity = {params.ingest.caption_similarity} must be in (0, 1]: "
-            "the word-set Jaccard similarity at which two captions are one split group"
-        )
+        if len(set(names)) != len(names):
+            raise _refuse(key, names, "a list of head names without repeats")
+    if not params.train.heads:
+        raise _refuse("train.heads", [], "a non-empty list of head names")
+    _check_head_params(params.train)
+    for q in params.evaluate.qf_matrix:
+        if not 1 <= q <= 100:
+            raise _refuse(
+                "evaluate.qf_matrix",
+                params.evaluate.qf_matrix,
+                "JPEG qualities, integers in 1..100",
+            )
+    if len(set(params.evaluate.qf_matrix)) != len(params.evaluate.qf_matrix):
+        raise _refuse("evaluate.qf_matrix", params.evaluate.qf_matrix, "qualities without repeats")
+    if params.evaluate.qf_matrix and not params.evaluate.qf_heads:
+        raise _refuse("evaluate.qf_heads", [], "a non-empty list of heads when qf_matrix is set")
+    for name, path in params.evaluate.datasets.items():
+        _check_plain_name("evaluate.datasets", str(name))
+        if not isinstance(path, str) or not path.strip():
+            raise _refuse(f"evaluate.datasets.{name}", path, "a dataset folder or manifest CSV")
+
+
+def params_from_dict(values: dict[str, Any]) -> Params:
+    """Build `Params` from a parsed params mapping, rejecting unknown keys, wrong types and
+    values out of range (see `check_ranges`), then names unknown to the registries."""
+    params: Params = _build(Params, values or {}, "")
+    check_ranges(params)
     _check_names(params)
     return params
 
 
 def _check_names(params: Params) -> None:
-    """Cross-field checks that need the registries (heads, perturbations)."""
-    import re
-
+    """Cross-field checks that need the registries (heads, perturbations); they import the
+    heads (scikit-learn), so they run after `check_ranges`."""
     from pipeline.heads.registry import HEADS, valid_params
     from pipeline.perturb import parse_perturbation
 
@@ -347,6 +616,13 @@ def _check_names(params: Params) -> None:
         unknown = [n for n in names if n not in HEADS]
         if unknown:
             raise ConfigError(f"{key} names unknown head(s) {unknown}; known: {sorted(HEADS)}")
+    base_heads = (params.train.meta or {}).get("base_heads", [])
+    unknown = [b for b in base_heads if not isinstance(b, str) or b not in HEADS or b == "meta"]
+    if unknown:
+        raise ConfigError(
+            f"train.meta.base_heads names {unknown}, which are not base heads; choose among "
+            f"{sorted(set(HEADS) - {'meta'})}"
+        )
     from pipeline.features import KINDS
 
     kinds = {"features.kind": params.features.kind} | {
@@ -372,12 +648,6 @@ def _check_names(params: Params) -> None:
             parse_perturbation(name)
         except ValueError as err:
             raise ConfigError(f"evaluate.perturbations: {err}") from None
-    for name in params.evaluate.datasets:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise ConfigError(
-                f"evaluate.datasets name {name!r} must be letters, digits, '_', '-' or '.' "
-                "(it names cache/<name>/ and metrics/eval_<name>.json)"
-            )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

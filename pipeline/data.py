@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import math
 import os
@@ -58,6 +59,8 @@ class Item(Record):
     id: str = ""
     width: int = 0
     height: int = 0
+    # Frames in the file (animated GIF/WebP, multi-page TIFF); only the first is used.
+    n_frames: int = 1
 
 
 def content_id(path: str | Path) -> str:
@@ -82,54 +85,71 @@ def parse_label(value: str, where: str) -> int:
 
 
 def _inside(root: Path, rel: str, where: str) -> str:
-    candidate = (root / rel).resolve()
-    try:
-        relative = candidate.relative_to(root.resolve())
-    except ValueError:
+    """`rel` as a clean relative path, refused when its text leaves `root` ('..', absolute).
+    A symlink inside the dataset is followed wherever it leads, as in the folder layouts
+    (datasets are often assembled from links); a dangling one is quarantined by ingest."""
+    if not rel or os.path.isabs(rel) or Path(rel).drive:
+        clean = None
+    else:
+        clean = os.path.normpath(rel.replace("\\", "/"))
+    if clean is None or clean == ".." or clean.startswith("../") or clean == ".":
         raise DatasetError(
             f"{where}: path {rel!r} escapes the dataset root {root}; manifest paths must be "
             "relative to the manifest's folder and stay inside it"
-        ) from None
-    return relative.as_posix()
+        )
+    return Path(clean).as_posix()
 
 
 def read_manifest(path: str | Path) -> list[Record]:
     """Read a manifest CSV: columns path (or file), label, generator; optional caption, split,
-    group, family, subset. Paths are relative to the CSV's folder and may not leave it."""
+    group, family, subset. Paths are relative to the CSV's folder and may not leave it. The whole file
+    is read and checked before anything is returned (see `_read_csv`); a file listed twice with
+    different labels, generators or splits is refused naming both rows."""
     path = Path(path)
     root = path.parent
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = set(reader.fieldnames or [])
-        path_col = "path" if "path" in columns else "file" if "file" in columns else None
-        missing = [c for c in ("label",) if c not in columns]
-        if path_col is None or missing:
-            raise DatasetError(
-                f"manifest {path} needs columns path (or file) and label, and should have "
-                f"generator; it has {sorted(columns)}"
-            )
-        records = []
-        for i, row in enumerate(reader, start=2):
-            where = f"{path}:{i}"
-            label = parse_label(row["label"], where)
-            generator = (row.get("generator") or "").strip() or (REAL if label == 0 else "unknown")
-            if label == 0:
-                generator = REAL
-            split = (row.get("split") or "").strip().lower()
-            if split and split not in SPLITS + POOL_SPLITS:
-                raise DatasetError(f"{where}: split {split!r} is not one of {SPLITS + POOL_SPLITS}")
-            records.append(
-                Record(
-                    path=_inside(root, row[path_col].strip(), where),
-                    label=label,
-                    generator=generator,
-                    caption=(row.get("caption") or "").strip(),
-                    split=split,
-                    group=(row.get("group") or "").strip(),
-                    family=(row.get("family") or "").strip(),
-                    subset=(row.get("subset") or "").strip(),
-                )
-            )
+    header, rows = _read_csv(path)
+    columns = set(header)
+    path_col = "path" if "path" in columns else "file" if "file" in columns else None
+    missing = [c for c in ("label",) if c not in columns]
+    if path_col is None or missing:
+        raise DatasetError(
+            f"manifest {path} needs columns path (or file) and label, and should have "
+            f"generator; it has {sorted(columns)}"
+        )
+    records = []
+    first_row: dict[str, tuple[int, Record]] = {}
+    for i, row in enumerate(rows, start=2):
+        where = f"{path}:{i}"
+        label = parse_label(row["label"] or "", where)
+        generator = (row.get("generator") or "").strip() or (REAL if label == 0 else "unknown")
+        if label == 0:
+            generator = REAL
+        split = (row.get("split") or "").strip().lower()
+        if split and split not in SPLITS + POOL_SPLITS:
+            raise DatasetError(f"{where}: split {split!r} is not one of {SPLITS + POOL_SPLITS}")
+        record = Record(
+            path=_inside(root, (row[path_col] or "").strip(), where),
+            label=label,
+            generator=generator,
+            caption=(row.get("caption") or "").strip(),
+            split=split,
+            group=(row.get("group") or "").strip(),
+            family=(row.get("family") or "").strip(),
+            subset=(row.get("subset") or "").strip(),
+        )
+        seen = first_row.get(record.path)
+        if seen is not None:
+            line, other = seen
+            for name in ("label", "generator", "split"):
+                if getattr(other, name) != getattr(record, name):
+                    raise DatasetError(
+                        f"{path}: {record.path} is listed twice with different {name}s: "
+                        f"{getattr(other, name)!r} on line {line} and "
+                        f"{getattr(record, name)!r} on line {i}; keep one row per file"
+                    )
+            continue
+        first_row[record.path] = (i, record)
+        records.append(record)
     return records
 
 
@@ -401,10 +421,55 @@ def _generator_name(column: str) -> str:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    """Read a whole CSV (manifest or CT2-style) and check its text before anything uses it:
+    UTF-8 (a byte-order mark, as Excel writes, is accepted), no NUL bytes, a header and at
+    least one row. Each problem is a DatasetError naming the file and the line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        guess = "latin-1 / Windows-1252" if _looks_latin1(raw) else "not UTF-8"
+        raise DatasetError(
+            f"{path}:{line}: the CSV is not UTF-8 text (byte 0x{raw[err.start]:02x}; it looks "
+            f"{guess}); re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > "
+            f"utf8.csv`"
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DatasetError(
+            f"{path}:{line}: the CSV holds a NUL byte (a binary file, or text saved as UTF-16?); "
+            "remove it or re-save the file as UTF-8 text"
+        )
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         rows = list(reader)
-        return list(reader.fieldnames or []), rows
+    except csv.Error as err:
+        raise DatasetError(f"{path}:{reader.line_num}: not a readable CSV ({err})") from None
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if not header:
+        raise DatasetError(f"{path} is empty: it has no header line and no rows")
+    if not rows:
+        raise DatasetError(f"{path} has a header ({', '.join(header)}) but no rows")
+    for row in rows:
+        if None in row:
+            raise DatasetError(
+                f"{path}: a row has more cells than the header's {len(header)} columns "
+                f"({row[None]!r} left over); quote cells that contain commas"
+            )
+    rows = [{k.strip(): v for k, v in row.items()} for row in rows]
+    return header, rows
+
+
+def _looks_latin1(raw: bytes) -> bool:
+    try:
+        text = raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return False
+    return not any(ord(c) < 32 and c not in "\r\n\t" for c in text)
 
 
 def _ct2_columns(header: Sequence[str], rows: Sequence[dict[str, str]]) -> _Ct2Columns | str:
@@ -633,8 +698,95 @@ def resolve_dataset(path: str | Path, layout: str = "auto") -> tuple[Path, list[
     return root, records
 
 
-def check_image(path: Path, min_side: int = 1) -> tuple[int, int] | str:
-    """Decode the whole image; return (width, height), or the reason it cannot be used."""
+@dataclass
+class ImageInfo:
+    """What decoding found: the size as the models see it (after EXIF orientation), the
+    number of frames (only the first is used), and the stored mode (e.g. I;16, F, CMYK)."""
+
+    width: int
+    height: int
+    n_frames: int = 1
+    mode: str = ""
+
+
+def _to_8bit(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth or float plane to uint8 without clipping its content away.
+
+    16-bit integers are divided by 257 (65535 -> 255); 32-bit integers within 0..65535 are
+    taken as 16-bit (Pillow opens 16-bit PNGs so) and wider ones are stretched from their
+    minimum to their maximum; floats within [0, 1] are multiplied by 255, within [0, 255]
+    kept, and any other range stretched. Non-finite floats are refused by the caller.
+    """
+    a = arr.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode == "F":
+        if lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif lo < 0 or hi > 255:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    elif lo >= 0 and hi <= 255 and not mode.startswith("I;16"):
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a / 257.0
+    else:
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """The RGB picture of any Pillow mode, keeping its content (see `_to_8bit`)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        arr = np.asarray(img)
+        if mode == "F" and not np.isfinite(arr).all():
+            raise ValueError("float image with NaN or infinite pixels")
+        return Image.fromarray(_to_8bit(arr, mode)).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if mode in ("LA", "La", "PA"):
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "RGBa"):
+        # Transparent pixels shown on white, as viewers and browsers show them; converting
+        # straight to RGB would expose whatever colour sits under alpha 0 (often black).
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    # 1, L, P, CMYK (Pillow undoes Adobe's inverted CMYK JPEGs), YCbCr, LAB, HSV, RGBX.
+    return img.convert("RGB")
+
+
+def decode_image(
+    path: str | Path, exif_transpose: bool = True
+) -> tuple[Image.Image, ImageInfo]:
+    """Decode an image file the one way every stage sees it: the first frame, EXIF orientation
+    applied (unless `exif_transpose` is false), any bit depth or mode scaled to 8-bit RGB.
+
+    Raises:
+        OSError, SyntaxError, ValueError, Image.DecompressionBombError: what Pillow raises for
+            files it cannot decode (ingest turns these into quarantine reasons).
+    """
+    from PIL import ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            n_frames = int(getattr(img, "n_frames", 1) or 1)
+            mode = img.mode
+            img.seek(0)
+            img.load()  # full decode: catches truncated data that verify() misses
+            frame = ImageOps.exif_transpose(img) if exif_transpose else img
+            rgb = _rgb(frame)
+    return rgb, ImageInfo(rgb.width, rgb.height, n_frames, mode)
+
+
+def inspect_image(
+    path: Path,
+    min_side: int = 1,
+    max_aspect_ratio: float | None = None,
+    exif_transpose: bool = True,
+) -> ImageInfo | str:
+    """Decode the whole image; return what was found, or the reason it cannot be used."""
     try:
         size = path.stat().st_size
     except OSError as err:
@@ -642,21 +794,30 @@ def check_image(path: Path, min_side: int = 1) -> tuple[int, int] | str:
     if size == 0:
         return "empty file (0 bytes)"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()  # full decode: catches truncated data that verify() misses
-                width, height = img.size
-                img.convert("RGB")
+        _, info = decode_image(path, exif_transpose)
     except UnidentifiedImageError:
         return "not an image (no decoder recognises the file's content)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return f"image too large to decode safely: {err}"
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         return f"truncated or corrupt image data: {err}"
+    width, height = info.width, info.height
     if min(width, height) < min_side:
         return f"image is {width}x{height} px, smaller than ingest.min_side={min_side}"
-    return width, height
+    ratio = max(width, height) / max(1, min(width, height))
+    if max_aspect_ratio is not None and ratio > max_aspect_ratio:
+        return (
+            f"image is {width}x{height} px, aspect ratio {ratio:.1f} above "
+            f"ingest.max_aspect_ratio={max_aspect_ratio:g} (the models' resizers would squash "
+            "its short side to a few pixels)"
+        )
+    return info
+
+
+def check_image(path: Path, min_side: int = 1) -> tuple[int, int] | str:
+    """Decode the whole image; return (width, height), or the reason it cannot be used."""
+    info = inspect_image(path, min_side)
+    return info if isinstance(info, str) else (info.width, info.height)
 
 
 _CHECK_BATCH = 16
@@ -664,12 +825,14 @@ _CHECK_BATCH = 16
 
 @dataclass
 class _CheckFile:
-    """`check_image` then, for a usable file, its content id (run in a decode worker)."""
+    """`inspect_image` then, for a usable file, its content id (run in a decode worker)."""
 
     min_side: int
+    max_aspect_ratio: float | None
+    exif_transpose: bool
 
-    def __call__(self, path: str) -> tuple[tuple[int, int] | str, str]:
-        checked = check_image(Path(path), self.min_side)
+    def __call__(self, path: str) -> tuple[ImageInfo | str, str]:
+        checked = inspect_image(Path(path), self.min_side, self.max_aspect_ratio, self.exif_transpose)
         return checked, "" if isinstance(checked, str) else content_id(path)
 
 
@@ -805,6 +968,8 @@ def ingest(
     min_side: int = 1,
     workers: int = 0,
     caption_similarity: float = 0.5,
+    max_aspect_ratio: float | None = None,
+    exif_transpose: bool = True,
 ) -> IngestResult:
     """Decode-check every record, drop exact duplicates, and fill in missing splits.
 
@@ -820,7 +985,10 @@ def ingest(
     # Files are checked and hashed in `workers` processes, one file per process at a time, and
     # only (size or reason, hash) comes back: memory does not grow with the images' bytes.
     checks = read_batches(
-        [str(root / r.path) for r in records], _CheckFile(min_side), _CHECK_BATCH, workers
+        [str(root / r.path) for r in records],
+        _CheckFile(min_side, max_aspect_ratio, exif_transpose),
+        _CHECK_BATCH,
+        workers,
     )
     results = (result for batch in checks for result in batch)
     for record, (checked, cid) in tqdm(
@@ -829,11 +997,25 @@ def ingest(
         if isinstance(checked, str):
             quarantined.append((record.path, checked))
             continue
+        if checked.n_frames > 1:
+            logger.warning(
+                "%s has %d frames; only the first is used (n_frames in manifest.csv)",
+                record.path,
+                checked.n_frames,
+            )
         if cid in seen:
             duplicates.append((record.path, seen[cid]))
             continue
         seen[cid] = record.path
-        items.append(Item(**asdict(record), id=cid, width=checked[0], height=checked[1]))
+        items.append(
+            Item(
+                **asdict(record),
+                id=cid,
+                width=checked.width,
+                height=checked.height,
+                n_frames=checked.n_frames,
+            )
+        )
     missing = [i for i, it in enumerate(items) if not it.split]
     if missing and len(missing) < len(items):
         raise DatasetError(
@@ -860,7 +1042,11 @@ def item_columns() -> list[str]:
     return [f.name for f in fields(Item)]
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB (ingest has already checked that it decodes)."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
+def load_rgb(path: str | Path, exif_transpose: bool = True) -> Image.Image:
+    """Open an image as 8-bit RGB exactly as ingest checked it (`decode_image`)."""
+    return decode_image(path, exif_transpose)[0]
+
+
+def load_rgb_item(item: tuple[str, bool]) -> Image.Image:
+    """`load_rgb` of a (path, exif_transpose) pair: the reader's load function for one image."""
+    return load_rgb(item[0], item[1])

@@ -31,3 +31,7 @@ class ModelFileError(MisalignError, RuntimeError):
 
 class DataUnusable(MisalignError, ValueError):
     """The data is readable but cannot serve the step (one class only, an empty split...)."""
+
+
+class OutputError(MisalignError, OSError):
+    """An output folder cannot be written (read-only, not permitted, no space left)."""

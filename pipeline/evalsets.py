@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from pipeline import data as datamod
 from pipeline import store
 from pipeline.config import Params
+from pipeline.errors import DataUnusable
 from pipeline.extract import run_caption, run_encode, run_ground, run_ingest
 from pipeline.features import load_features, run_features
 
@@ -91,7 +92,7 @@ def perturbed_copy(
                 continue
             rows.append({k: data[k][i] for k in data} | {"_root": root})
     if not rows:
-        raise ValueError(f"no images of splits {splits} in {source_ingest} to perturb")
+        raise DataUnusable(f"no images of splits {splits} in {source_ingest} to perturb")
     written = set()
     for row in tqdm(rows, desc=f"perturb {perturbation}", unit="img"):
         rel = f"images/{row['ids'][:16]}_s{seed}.png"

@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from pipeline.errors import DataUnusable
 from pipeline.metrics import (
     Scores,
     apply_calibration,
@@ -121,7 +122,7 @@ def run_evaluate(
             )
         fs = by_kind[kind]
         if not len(fs.y):
-            raise ValueError(f"the {split!r} split of {features_dir} is empty; nothing to score")
+            raise DataUnusable(f"the {split!r} split of {features_dir} is empty; nothing to score")
         head = load_head(head_dir)
         p = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
         attribution = info.get("head", name) in ATTRIBUTION_HEADS

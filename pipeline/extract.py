@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from pipeline import data as datamod
 from pipeline import reader, store
+from pipeline.atomic import writable_dir
 from pipeline.config import (
     BaseConfig,
     CaptionConfig,
@@ -61,8 +62,7 @@ def ingest_records(
     dataset: str,
 ) -> datamod.IngestResult:
     """`run_ingest` for records already in hand (e.g. the files given to `misalign predict`)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_dir(out_dir)
     result = datamod.ingest(
         root,
         records,
@@ -71,18 +71,17 @@ def ingest_records(
         min_side=cfg.min_side,
         workers=reader.resolve_workers(base.decode_workers),
         caption_similarity=cfg.caption_similarity,
+        max_aspect_ratio=cfg.max_aspect_ratio,
+        exif_transpose=cfg.exif_transpose,
     )
+    if not records:
+        raise datamod.DatasetError(f"the dataset at {root} lists no images; nothing to ingest")
     if not result.items:
+        shown = "; ".join(f"{p}: {r}" for p, r in result.quarantined[:3])
         raise datamod.DatasetError(
-            f"no usable image in {root}: all {len(records)} were quarantined "
-            f"(see {out_dir / 'quarantine.csv'})"
+            f"no usable image in {root}: all {len(records)} were quarantined or duplicates "
+            f"(e.g. {shown or 'none'}); nothing was written to {out_dir}"
         )
-    columns = datamod.item_columns()
-    datamod.write_csv(out_dir / "quarantine.csv", ["path", "reason"], result.quarantined)
-    datamod.write_csv(out_dir / "duplicates.csv", ["path", "duplicate_of"], result.duplicates)
-    datamod.write_csv(
-        out_dir / "manifest.csv", columns, ([asdict(it)[c] for c in columns] for it in result.items)
-    )
     attrs = {
         "stage": "ingest",
         "dataset": dataset,
@@ -90,10 +89,14 @@ def ingest_records(
         "model": "",
         "preset": "",
         "params_hash": params_hash(cfg, base.seed),
+        # How every later stage decodes these files (pipeline.data.decode_image).
+        "exif_transpose": cfg.exif_transpose,
     }
-    n_shards = (len(result.items) + cfg.shard_size - 1) // cfg.shard_size
-    for k in range(n_shards):
-        chunk = result.items[k * cfg.shard_size : (k + 1) * cfg.shard_size]
+    # Every shard is built (and every value checked) before the first file is written, so a
+    # bad row fails the stage with the old outputs untouched.
+    shards: list[Arrays] = []
+    for start in range(0, len(result.items), cfg.shard_size):
+        chunk = result.items[start : start + cfg.shard_size]
         shard: Arrays = {
             "ids": np.array([it.id for it in chunk], dtype=object),
             "label": np.array([it.label for it in chunk], dtype=np.int8),
@@ -102,10 +105,19 @@ def ingest_records(
         }
         for key in ("path", "generator", "split", "caption", "group", "family", "subset"):
             shard[key] = np.array([getattr(it, key) for it in chunk], dtype=object)
+        shards.append(shard)
+    n_shards = len(shards)
+    for k, shard in enumerate(shards):
         if not _same_shard(out_dir / store.shard_name(k), shard, attrs):
             store.write_shard(out_dir / store.shard_name(k), shard, attrs)
     for stale in store.list_shards(out_dir)[n_shards:]:
         stale.unlink()
+    columns = datamod.item_columns()
+    datamod.write_csv(out_dir / "quarantine.csv", ["path", "reason"], result.quarantined)
+    datamod.write_csv(out_dir / "duplicates.csv", ["path", "duplicate_of"], result.duplicates)
+    datamod.write_csv(
+        out_dir / "manifest.csv", columns, ([asdict(it)[c] for c in columns] for it in result.items)
+    )
     for path, reason in result.quarantined:
         logger.warning("quarantined %s: %s", path, reason)
     if result.duplicates:
@@ -146,9 +158,25 @@ def _ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:
     path = ingest_dir / store.shard_name(index)
     rows = store.read_shard(path, ["ids", *keys])
     if "path" in rows:
-        root = Path(str(store.read_attrs(path)["data_root"]))
+        attrs = store.read_attrs(path)
+        root = Path(str(attrs["data_root"]))
         rows["path"] = np.array([str(root / p) for p in rows["path"]], dtype=object)
+        rows["exif_transpose"] = np.full(
+            len(rows["ids"]), bool(attrs.get("exif_transpose", True)), dtype=bool
+        )
     return rows
+
+
+def _decoding_hash(rows: Arrays) -> np.ndarray:
+    """Row input hashes that also change when the pixels are decoded differently (EXIF
+    orientation off); with the default decoding they are the hashes as computed."""
+    flags = rows.get("exif_transpose")
+    if flags is None:
+        return rows["input_hash"]
+    return np.array(
+        [h if f else row_hash(h, "exif_transpose=false") for h, f in zip(rows["input_hash"], flags)],
+        dtype=object,
+    )
 
 
 def _aligned(upstream: Path, index: int, ids: np.ndarray, keys: Sequence[str]) -> Arrays:
@@ -211,6 +239,7 @@ class CaptionStep:
             [row_hash(c if self.cfg.source != "blip2" else "") for c in rows["caption"]],
             dtype=object,
         )
+        rows["input_hash"] = _decoding_hash(rows)
         return rows
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
@@ -229,8 +258,8 @@ class CaptionStep:
             model = _load("captioner", self.models, self.base)
             size = _batch_size(self.cfg.batch_size, self.base)
             batches = reader.read_batches(
-                [str(rows["path"][i]) for i in need],
-                datamod.load_rgb,
+                [(str(rows["path"][i]), bool(rows["exif_transpose"][i])) for i in need],
+                datamod.load_rgb_item,
                 size,
                 _decode_workers(self.base),
             )
@@ -332,6 +361,7 @@ class GroundStep:
         rows = _ingest_rows(self.ingest_dir, index, ["path", "width", "height"])
         rows["caption"] = _aligned(self.captions_dir, index, rows["ids"], ["caption"])["caption"]
         rows["input_hash"] = np.array([row_hash(c) for c in rows["caption"]], dtype=object)
+        rows["input_hash"] = _decoding_hash(rows)
         return rows
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
@@ -341,7 +371,10 @@ class GroundStep:
             model = _load("grounder", self.models, self.base)
             size = _batch_size(self.cfg.batch_size, self.base)
             batches = reader.read_batches(
-                [str(p) for p in rows["path"]], datamod.load_rgb, size, _decode_workers(self.base)
+                [(str(p), bool(e)) for p, e in zip(rows["path"], rows["exif_transpose"])],
+                datamod.load_rgb_item,
+                size,
+                _decode_workers(self.base),
             )
             for sl in tqdm(_batches(n, size), desc="ground", leave=False):
                 with timer("read"):
@@ -409,11 +442,11 @@ class EncodeLoad:
     color_bins: int = 0
     dinov2_processor: Any = None
 
-    def __call__(self, item: tuple[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, item: tuple[str, bool, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        path, boxes = item
-        image = datamod.load_rgb(path)
+        path, exif_transpose, boxes = item
+        image = datamod.load_rgb(path, exif_transpose)
         views = [image, *(crop_box(image, box, self.crop_padding) for box in boxes)]
         out: dict[str, Any] = {"pixels": torch.stack([self.preprocess(v) for v in views])}
         if self.color_bins:
@@ -496,6 +529,7 @@ class EncodeStep:
             ],
             dtype=object,
         )
+        rows["input_hash"] = _decoding_hash(rows)
         return rows
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
@@ -513,7 +547,14 @@ class EncodeStep:
             self.cfg.color_bins,
             dino.processor if dino is not None else None,
         )
-        items = [(str(rows["path"][k]), rows["obj_boxes"][off[k] : off[k + 1]]) for k in range(n)]
+        items = [
+            (
+                str(rows["path"][k]),
+                bool(rows["exif_transpose"][k]),
+                rows["obj_boxes"][off[k] : off[k + 1]],
+            )
+            for k in range(n)
+        ]
         on_cuda = str(clip.device).startswith("cuda")
         size = _batch_size(self.cfg.batch_size, self.base)
         batches = reader.read_batches(

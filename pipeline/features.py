@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.config import FeaturesConfig, params_hash
+from pipeline.errors import ConfigError
 from pipeline.store import Arrays
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def run_features(
     that evaluation can count caption provenance per class on the rows it scores.
     """
     if cfg.kind not in KINDS:
-        raise ValueError(f"features.kind={cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
+        raise ConfigError(f"features.kind={cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
     out_dir = Path(out_dir)
     store.check_aligned(clip_dir, ingest_dir)
     clip_shards = store.list_shards(clip_dir)
@@ -135,7 +136,7 @@ def run_features(
         attrs = store.read_attrs(path)
         missing = [k for k in KINDS[cfg.kind] if k not in feats]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"features.kind={cfg.kind!r} needs {missing}, which the encode stage did not "
                 "store; turn on encode.bert / encode.dinov2 / encode.color_bins"
             )
@@ -194,7 +195,7 @@ def load_features(
         train = fs.where("train")   # train.X, train.y, train.generator, ...
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown feature kind {kind!r}; choose one of {sorted(KINDS)}")
+        raise ConfigError(f"unknown feature kind {kind!r}; choose one of {sorted(KINDS)}")
     shards = store.list_shards(features_dir)
     if not shards:
         raise store.ShardError(f"no feature shards in {features_dir}; run `dvc repro` first")

@@ -26,6 +26,7 @@ from sklearn.metrics import (
 )
 
 from pipeline.atomic import atomic_open
+from pipeline.errors import DataUnusable
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class Scores:
             # Files written before the subset column existed are still readable.
             missing = [c for c in SCORE_COLUMNS if c not in fields and c != "subset"]
             if missing:
-                raise ValueError(
+                raise DataUnusable(
                     f"scores CSV {path} lacks columns {missing}; found {fields}, "
                     f"expected {list(SCORE_COLUMNS)} (+ pred_class for attribution heads)"
                 )
@@ -247,7 +248,7 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
     generated = scores.label == 1
     bad = sorted(set(scores.generator[generated]) & {"", REAL_CLASS})
     if bad:
-        raise ValueError(
+        raise DataUnusable(
             f"generated images have generator name(s) {bad}; every generated image needs a "
             f"generator name other than '' and {REAL_CLASS!r} (use e.g. 'unknown')"
         )

@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter
+
+from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +58,14 @@ def parse_perturbation(name: str) -> tuple[str, float]:
     """
     kind, sep, value = name.partition("_")
     if not sep or kind not in KINDS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown perturbation {name!r}; expected '<kind>_<severity>' with kind one of "
             f"{', '.join(KINDS)}, e.g. {', '.join(PERTURBATIONS)}"
         )
     try:
         severity = float(value)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"perturbation {name!r} has severity {value!r}, which is not a number; "
             f"e.g. {kind}_{_example(kind)}"
         ) from None
@@ -99,7 +100,7 @@ def perturb(
             used. Blur and JPEG are deterministic and ignore ``seed`` and ``key``.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown perturbation kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise ConfigError(f"unknown perturbation kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     severity = _check_severity(kind, severity)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -115,6 +116,8 @@ def perturb(
     else:
         if severity == 0:
             return rgb.copy()
+        from scipy.ndimage import gaussian_filter  # here: config checks names via this module
+
         out = gaussian_filter(pixels, sigma=(severity, severity, 0.0), mode="reflect")
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
@@ -137,20 +140,20 @@ def _key_entropy(rgb: Image.Image, key: str | None) -> int:
 
 def _check_severity(kind: str, severity: float) -> float:
     if kind not in KINDS:
-        raise ValueError(f"unknown perturbation kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise ConfigError(f"unknown perturbation kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     try:
         value = float(severity)
     except (TypeError, ValueError):
-        raise ValueError(f"{kind} severity must be a number, got {severity!r}") from None
+        raise ConfigError(f"{kind} severity must be a number, got {severity!r}") from None
     if kind == "jpeg":
         if not value.is_integer() or not 1 <= value <= 100:
-            raise ValueError(
+            raise ConfigError(
                 f"jpeg severity is the quality, an integer in 1..100; got {severity!r} "
                 "(e.g. jpeg_75)"
             )
         return int(value)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(
+        raise ConfigError(
             f"{kind} severity is a standard deviation, a finite number >= 0; got {severity!r} "
             f"(e.g. {kind}_{_example(kind)})"
         )

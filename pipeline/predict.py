@@ -10,6 +10,7 @@ from typing import Any
 from pipeline import data as datamod
 from pipeline import store
 from pipeline.config import Params
+from pipeline.errors import ModelFileError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def predict(
 
     head_dir, cache = Path(head_dir), Path(cache)
     info = read_train_info(head_dir)
+    head = load_head(head_dir)  # a bad head file is reported before any extraction work
     files = expand_inputs(inputs)
     records = [
         datamod.Record(path=str(f), label=0, generator="unknown", split="test") for f in files
@@ -73,7 +75,12 @@ def predict(
     features_dir = extract_ingested(cache, "predict", params)
 
     fs = load_features(features_dir, info["kind"])
-    head = load_head(head_dir)
+    if fs.X.shape[1] != head.n_features_in_:
+        raise ModelFileError(
+            f"the head in {head_dir} takes {head.n_features_in_} features but these images give "
+            f"{fs.X.shape[1]} (feature kind {info['kind']!r}); predict with the models and "
+            "params the head was trained with (--params)"
+        )
     prob = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
     cut = float(info.get("val_threshold", 0.5)) if threshold == "val" else float(threshold)
     pred = head.predict(fs.X) if info["head"] in ATTRIBUTION_HEADS else None

@@ -23,6 +23,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline import store
 from pipeline.data import load_rgb
+from pipeline.errors import DataUnusable
 from pipeline.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
 from pipeline.perturb import KINDS as PERTURBATION_KINDS
 from pipeline.perturb import parse_perturbation
@@ -159,7 +160,7 @@ def _read_json(path: Path) -> Any:
         with path.open(encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as err:
-        raise ValueError(
+        raise DataUnusable(
             f"{path} is not valid JSON ({err}); rerun the stage that writes it"
         ) from err
 
@@ -171,7 +172,7 @@ def _read_eval(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not all(
         isinstance(v, dict) and isinstance(v.get("overall"), dict) for v in data.values()
     ):
-        raise ValueError(
+        raise DataUnusable(
             f"{path} is not an evaluate-stage metrics file: expected "
             '{head: {"overall": {...}, "per_generator": {...}}}; rerun the evaluate stage'
         )

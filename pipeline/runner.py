@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import store
+from pipeline.atomic import writable_dir
 from pipeline.store import Arrays
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def run_step(
         The timings: seconds per phase, images per second, n_processed, n_reused.
     """
     out_dir = Path(out_dir)
-    (out_dir / PARTIAL).mkdir(parents=True, exist_ok=True)
+    writable_dir(out_dir / PARTIAL)
     start = time.perf_counter()
     phash = step.params_hash()
     reuse = _reuse_index(out_dir, phash)

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.errors import DataUnusable, ModelFileError
 from pipeline.features import CLASS_PROMPTS, FeatureSet, load_features
 from pipeline.metrics import (
     REAL_CLASS,
@@ -107,7 +108,7 @@ def fit_configured_head(
 
     params = head_params(cfg, name, seed)
     if len(np.unique(train.y)) < 2:
-        raise ValueError(
+        raise DataUnusable(
             f"the train split of {features_dir} has {len(train.y)} rows of a single class; "
             "a detector needs real and generated images in train"
         )
@@ -263,10 +264,21 @@ def train_heads(
 def trained_heads(heads_dir: str | Path) -> list[Path]:
     found = sorted(p.parent for p in Path(heads_dir).glob(f"*/{TRAIN_INFO}"))
     if not found:
-        raise FileNotFoundError(f"no trained heads in {heads_dir}; run the train stage first")
+        raise ModelFileError(f"no trained heads in {heads_dir}; run the train stage first")
     return found
 
 
 def read_train_info(head_dir: str | Path) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads((Path(head_dir) / TRAIN_INFO).read_text())
-    return info
+    path = Path(head_dir) / TRAIN_INFO
+    if not path.is_file():
+        raise ModelFileError(
+            f"no {TRAIN_INFO} in {head_dir}; point at a head folder written by the train stage "
+            "(e.g. models/mlp)"
+        )
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path} is not valid JSON ({err}); retrain the head") from None
+    if not isinstance(info, dict) or not isinstance(info.get("kind"), str):
+        raise ModelFileError(f"{path} lacks the feature kind the head was trained on; retrain it")
+    return dict(info)

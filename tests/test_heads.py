@@ -16,6 +16,7 @@ from scipy.stats import norm
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from pipeline.errors import ModelFileError
 from pipeline.heads import (
     HEADS,
     MetaHead,
@@ -461,7 +462,7 @@ def test_save_rejects_unfitted_and_foreign_estimators(tmp_path: Path) -> None:
         save_head(MLPHead(), tmp_path)
     with pytest.raises(ValueError, match="LogisticRegression is not a registered head"):
         save_head(LogisticRegression(), tmp_path)
-    with pytest.raises(FileNotFoundError, match="no head.json"):
+    with pytest.raises(ModelFileError, match="no head.json"):
         load_head(tmp_path / "missing")
 
 

@@ -15,6 +15,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from pipeline.errors import ConfigError, DataUnusable
+
 State = tuple[dict[str, Any], dict[str, np.ndarray]]
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         classes, y_idx = np.unique(y, return_inverse=True)
         if len(classes) < 2:
-            raise ValueError(
+            raise DataUnusable(
                 f"{type(self).__name__} needs at least 2 classes in y, got 1 class "
                 f"({classes[0]!r}); pass rows of every class you want to predict"
             )
@@ -62,7 +64,7 @@ class BaseHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"X_val has {len(X_val)} rows but y_val has {len(y_val)} labels")
         unknown = sorted({str(v) for v in np.setdiff1d(np.unique(y_val), classes)})
         if unknown:
-            raise ValueError(
+            raise DataUnusable(
                 f"y_val contains labels {unknown} that are not in the training classes "
                 f"{classes.tolist()}; validation labels must be a subset of training labels"
             )
@@ -177,7 +179,7 @@ def minibatches(n: int, batch_size: int, generator: Any) -> list[Any]:
     import torch
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     order = torch.randperm(n, generator=generator)
     return list(torch.split(order, batch_size))
 
@@ -188,9 +190,9 @@ def check_device(device: str) -> Any:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from err
+        raise ConfigError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} requested but CUDA is not available; use 'cpu'")
+        raise ConfigError(f"device={device!r} requested but CUDA is not available; use 'cpu'")
     return dev
 
 
@@ -208,7 +210,7 @@ def check_positive(
     if not ok_type or not (value >= 0 if allow_zero else value > 0):
         kind = "integer" if integer else "number"
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a {kind} {bound}, got {value!r}")
+        raise ConfigError(f"{name} must be a {kind} {bound}, got {value!r}")
 
 
 def train_torch(

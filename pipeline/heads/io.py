@@ -10,6 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.errors import ModelFileError
 from pipeline.heads._base import BaseHead
 
 FORMAT_VERSION = 1
@@ -69,43 +70,112 @@ def save_head(head: BaseHead, directory: Path) -> None:
 def load_head(directory: Path) -> BaseHead:
     """Rebuild a head written by `save_head`; it predicts exactly as the saved one.
 
+    Every file is checked before it is trusted: head.json must be this format's JSON naming a
+    known head, weights.safetensors a safetensors file (a pickle or TorchScript file is refused
+    by its content, whatever its name) with finite values only, and the rebuilt head must
+    produce finite probabilities of the saved shape.
+
     Args:
         directory: a directory containing head.json and weights.safetensors.
 
     Returns:
         The fitted head.
+
+    Raises:
+        ModelFileError: one line naming the bad file, what is wrong, and the fix.
     """
     from pipeline.heads.registry import HEADS
+    from pipeline.models.files import check_weights_file
 
     directory = Path(directory)
     meta_path = directory / META_FILE
+    weights_path = directory / WEIGHTS_FILE
+    fix = "retrain the head (dvc repro train) or restore the folder from a good copy"
     if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"no {META_FILE} in {directory}; point load_head at a directory written by save_head"
+        raise ModelFileError(
+            f"no {META_FILE} in {directory}; point at a head folder written by save_head "
+            "(e.g. models/mlp), or run the train stage first"
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{meta_path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{meta_path} does not hold a JSON object; {fix}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise ModelFileError(
             f"{meta_path} has format_version {meta.get('format_version')!r}, this code reads "
             f"{FORMAT_VERSION}; re-save the head with this version of misalign"
         )
-    name = meta["head"]
-    if name not in HEADS:
-        raise ValueError(f"{meta_path} names head {name!r}; known heads: {sorted(HEADS)}")
-    arrays = load_file(directory / WEIGHTS_FILE)
-    params = {k: _decode(v, arrays) for k, v in meta["params"].items()}
-    head = HEADS[name](**params)
-    fitted = meta["fitted"]
-    head.classes_ = _decode(fitted["classes_"], arrays)
-    head.n_features_in_ = fitted["n_features_in_"]
-    if "feature_names_in_" in fitted:
-        head.feature_names_in_ = np.asarray(fitted["feature_names_in_"], dtype=object)
-    state = {k: _decode(v, arrays) for k, v in meta["state"].items()}
-    prefix = "state."
-    state_arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-    head._set_state(state, state_arrays)
-    head._set_children([load_head(directory / sub) for sub in meta["children"]])
+    name = meta.get("head")
+    if not isinstance(name, str) or name not in HEADS:
+        raise ModelFileError(f"{meta_path} names head {name!r}; known heads: {sorted(HEADS)}")
+    if meta.get("class") != HEADS[name].__name__:
+        raise ModelFileError(
+            f"{meta_path} says head {name!r} but class {meta.get('class')!r} (expected "
+            f"{HEADS[name].__name__}); {fix}"
+        )
+    missing = [k for k in ("params", "fitted", "state", "children") if k not in meta]
+    if missing:
+        raise ModelFileError(f"{meta_path} lacks {missing}; {fix}")
+    if not weights_path.is_file():
+        raise ModelFileError(f"{weights_path} is missing; {fix}")
+    check_weights_file(weights_path, f"{name} head weights")
+    try:
+        arrays = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own SafetensorError, OSError, ...
+        raise ModelFileError(
+            f"{weights_path} cannot be read as safetensors ({err}); {fix}"
+        ) from err
+    for key, value in arrays.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ModelFileError(
+                f"{weights_path}: array {key!r} holds NaN or infinite values; {fix}"
+            )
+    try:
+        params = {k: _decode(v, arrays) for k, v in meta["params"].items()}
+        head = HEADS[name](**params)
+        fitted = meta["fitted"]
+        head.classes_ = _decode(fitted["classes_"], arrays)
+        head.n_features_in_ = int(fitted["n_features_in_"])
+        if "feature_names_in_" in fitted:
+            head.feature_names_in_ = np.asarray(fitted["feature_names_in_"], dtype=object)
+        state = {k: _decode(v, arrays) for k, v in meta["state"].items()}
+        prefix = "state."
+        state_arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+        head._set_state(state, state_arrays)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise ModelFileError(
+            f"{meta_path} and {weights_path} do not describe a {name} head "
+            f"({type(err).__name__}: {err}); {fix}"
+        ) from err
+    children = meta["children"]
+    if not isinstance(children, list) or not all(
+        isinstance(c, str) and c and "/" not in c and ".." not in c for c in children
+    ):
+        raise ModelFileError(f"{meta_path}: children must be sub-folder names, got {children!r}")
+    head._set_children([load_head(directory / sub) for sub in children])
+    _check_predicts(head, meta_path, fix)
     return head
+
+
+def _check_predicts(head: BaseHead, meta_path: Path, fix: str) -> None:
+    """A loaded head must map a row to finite probabilities over its saved classes."""
+    try:
+        n_in = int(head.n_features_in_)
+        proba = np.asarray(head.predict_proba(np.zeros((2, n_in))))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise ModelFileError(
+            f"the head in {meta_path.parent} cannot predict with its saved arrays "
+            f"({type(err).__name__}: {err}); {fix}"
+        ) from err
+    n_classes = len(np.asarray(head.classes_))
+    if proba.shape != (2, n_classes) or not np.isfinite(proba).all():
+        raise ModelFileError(
+            f"the head in {meta_path.parent} predicts {proba.shape} values (finite: "
+            f"{bool(np.isfinite(proba).all())}) instead of finite probabilities for "
+            f"{n_classes} classes; {fix}"
+        )
 
 
 def _encode(value: Any, key: str, arrays: dict[str, np.ndarray]) -> Any:

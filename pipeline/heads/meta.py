@@ -9,6 +9,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
+from pipeline.errors import ConfigError, DataUnusable
 from pipeline.heads._base import (
     BaseHead,
     State,
@@ -68,12 +69,12 @@ class MetaHead(BaseHead):
             ):
                 specs.append((entry[0], dict(entry[1])))
             else:
-                raise ValueError(
+                raise ConfigError(
                     f"base_heads entry {entry!r} is neither a head name nor a (name, params) "
                     "pair; write e.g. ('mlp', ('svm', {'C': 0.1}))"
                 )
         if not specs:
-            raise ValueError("base_heads is empty; give at least one head name")
+            raise ConfigError("base_heads is empty; give at least one head name")
         return specs
 
     def _build(self, seed: int) -> list[BaseHead]:
@@ -92,10 +93,10 @@ class MetaHead(BaseHead):
             self.
         """
         if self.final not in FINALS:
-            raise ValueError(f"final={self.final!r} is not supported; valid values: {FINALS}")
+            raise ConfigError(f"final={self.final!r} is not supported; valid values: {FINALS}")
         check_positive("n_folds", self.n_folds, integer=True)
         if self.n_folds < 2:
-            raise ValueError(f"n_folds must be >= 2 for out-of-fold stacking, got {self.n_folds}")
+            raise ConfigError(f"n_folds must be >= 2 for out-of-fold stacking, got {self.n_folds}")
         X, classes, y_idx = self._validate_train(X, y)
         val = self._validate_val(X_val, y_val, classes)
         self.classes_ = classes
@@ -105,7 +106,7 @@ class MetaHead(BaseHead):
         self._build(seed)  # reject bad names and params before any training
         counts = np.bincount(y_idx)
         if counts.min() < self.n_folds:
-            raise ValueError(
+            raise DataUnusable(
                 f"MetaHead needs at least n_folds={self.n_folds} rows of every class for "
                 f"stratified out-of-fold stacking, but class {classes[counts.argmin()]!r} has "
                 f"{counts.min()}; lower n_folds or add rows"

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit
 
+from pipeline.errors import DataUnusable
 from pipeline.heads._base import (
     BaseHead,
     State,
@@ -84,7 +85,7 @@ class MultiTaskHead(BaseHead):
             {str(v) for v in labels.tolist() if v != self.real_label and v not in self.family_map}
         )
         if unmapped:
-            raise ValueError(
+            raise DataUnusable(
                 f"generators {unmapped} are missing from family_map (known: "
                 f"{sorted(map(str, self.family_map))}); add them to family_map"
             )

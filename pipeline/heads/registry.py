@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.errors import ConfigError
 from pipeline.heads._base import BaseHead
 from pipeline.heads.meta import MetaHead
 from pipeline.heads.mlp import MLPHead
@@ -43,7 +44,7 @@ def make_head(name: str, params: Mapping[str, Any] | None = None) -> BaseHead:
     known = valid_params(name)
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown parameter(s) {unknown} for head {name!r}; valid parameters: {known}"
         )
     return cls(**params)
@@ -62,5 +63,5 @@ def name_of(head: Any) -> str:
 
 def _head_class(name: str) -> type[BaseHead]:
     if not isinstance(name, str) or name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; valid heads: {sorted(HEADS)}")
+        raise ConfigError(f"unknown head {name!r}; valid heads: {sorted(HEADS)}")
     return HEADS[name]

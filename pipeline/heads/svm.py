@@ -10,6 +10,7 @@ from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import LinearSVC
 
+from pipeline.errors import ConfigError, DataUnusable
 from pipeline.heads._base import (
     BaseHead,
     State,
@@ -73,7 +74,7 @@ class SVMHead(BaseHead):
         check_positive("n_calibration_folds", self.n_calibration_folds, integer=True)
         check_positive("max_iter", self.max_iter, integer=True)
         if self.n_calibration_folds < 2:
-            raise ValueError(f"n_calibration_folds must be >= 2, got {self.n_calibration_folds}")
+            raise ConfigError(f"n_calibration_folds must be >= 2, got {self.n_calibration_folds}")
         X, classes, y_idx = self._validate_train(X, y)
         val = self._validate_val(X_val, y_val, classes)
         self.classes_ = classes
@@ -84,7 +85,7 @@ class SVMHead(BaseHead):
         if val is not None:
             grid = tuple(self.C_grid)
             if not grid:
-                raise ValueError("C_grid is empty; give at least one C to select on validation")
+                raise ConfigError("C_grid is empty; give at least one C to select on validation")
             for c in grid:
                 check_positive("C_grid entry", c)
             Zv = standardise(val[0], self.mean_, self.scale_)
@@ -123,7 +124,7 @@ class SVMHead(BaseHead):
     ) -> tuple[np.ndarray, np.ndarray]:
         counts = np.bincount(y_idx)
         if counts.min() < self.n_calibration_folds:
-            raise ValueError(
+            raise DataUnusable(
                 f"SVMHead calibrates on {self.n_calibration_folds} stratified folds but class "
                 f"{self.classes_[counts.argmin()]!r} has only {counts.min()} rows; pass "
                 "X_val/y_val to calibrate on validation rows, or lower n_calibration_folds"

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.heads._base import (
     BaseHead,
     State,
@@ -271,7 +272,7 @@ class TipAdapterHead(BaseHead):
                 if best is None or score > best[0]:
                     best = (score, alpha, beta)
         if best is None:
-            raise ValueError("alpha_grid and beta_grid must be non-empty to search on val")
+            raise ConfigError("alpha_grid and beta_grid must be non-empty to search on val")
         logger.info(
             "TipAdapterHead: alpha=%g beta=%g, validation accuracy %.4f", *best[1:], best[0][0]
         )

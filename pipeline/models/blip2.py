@@ -21,6 +21,7 @@ from transformers import (
     Blip2Processor,
 )
 
+from pipeline.errors import ModelFileError
 from pipeline.models.hf import HFWrapper, to_model_inputs, write_json
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Blip2Captioner(HFWrapper):
     def _after_load(self) -> None:
         config = self.model.config
         if getattr(config, "image_token_index", None) is None:
-            raise ValueError(
+            raise ModelFileError(
                 f"BLIP-2 checkpoint {self.weights_id} has no image_token_index in its config.json "
                 "(a snapshot older than transformers' image-token format); download the current "
                 f"revision with `hf download {self.model_id}`"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.errors import ModelFileError
+from pipeline.models.files import check_weights_file
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,13 @@ def register_tiny_config() -> None:
 
 
 def find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
+    """`_find_checkpoint`, with the file's kind checked (no pickle, no TorchScript)."""
+    found = _find_checkpoint(name, pretrained, path)
+    check_weights_file(found, f"CLIP {name}/{pretrained}")
+    return found
+
+
+def _find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
     """Locate the weights file for `name`/`pretrained` without any download.
 
     Looks at `path` if given, else in the Hugging Face cache (the repo open_clip prefers) and
@@ -164,6 +174,7 @@ class ClipEncoder:
                 seed,
             )
             name, checkpoint, quick_gelu = TINY_CLIP, tiny_checkpoint(seed), False
+            check_weights_file(checkpoint, "the tiny-model cache")
             weights_id = f"{TINY_CLIP}/random-seed{seed}"
         else:
             register_tiny_config()
@@ -171,12 +182,20 @@ class ClipEncoder:
             cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
             quick_gelu = bool(cfg.get("quick_gelu", False))
             weights_id = f"{name}/{pretrained}" if not path else f"{name}/{checkpoint}"
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name,
-            pretrained=str(checkpoint),
-            device=device,
-            force_quick_gelu=quick_gelu,
-        )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name,
+                pretrained=str(checkpoint),
+                device=device,
+                force_quick_gelu=quick_gelu,
+            )
+        except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else repr(err)
+            raise ModelFileError(
+                f"{checkpoint} cannot be loaded as {name} weights ({type(err).__name__}: "
+                f"{first}); point models.clip.path at a checkpoint of this architecture, or "
+                "delete the file to rebuild it"
+            ) from err
         model = model.to(dtype=dtype).eval()
         tokenizer = open_clip.get_tokenizer(name)
         logger.info("loaded CLIP %s from %s on %s", weights_id, checkpoint, device)

@@ -16,7 +16,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
-from pipeline.errors import MisalignError
+from pipeline.errors import ConfigError, MisalignError
+from pipeline.models.files import check_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if str(device).startswith("cuda") else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {['auto', *DTYPES]}")
+        raise ConfigError(f"dtype {dtype!r} is not one of {['auto', *DTYPES]}")
     return DTYPES[dtype]
 
 
@@ -103,12 +104,14 @@ def resolve_weights(model_id: str, path: str | os.PathLike[str] | None, role: st
         local = Path(path).expanduser()
         if not (local / "config.json").is_file():
             raise ModelWeightsMissing(model_id, f"{local} (no config.json)", role)
+        check_model_dir(local, f"models.{role}.path")
         resolved = local.resolve()
         return WeightsSource(str(resolved), None, f"{model_id}@local:{resolved}", str(resolved))
     cache = hf_hub_cache()
     found = try_to_load_from_cache(model_id, "config.json", cache_dir=cache)
     if not isinstance(found, str):
         raise ModelWeightsMissing(model_id, f"the Hugging Face cache {cache}", role)
+    check_model_dir(Path(found).parent, f"{model_id} in the Hugging Face cache")
     revision = Path(found).parent.name  # .../snapshots/<commit>/config.json
     return WeightsSource(model_id, str(cache), f"{model_id}@{revision}", f"the HF cache {cache}")
 
@@ -140,6 +143,8 @@ def build_tiny(name: str, seed: int, build: Callable[[Path], None]) -> Path:
     target = tiny_root() / f"{name}-seed{seed}"
     stamp = {"name": name, "seed": seed, "format_version": TINY_FORMAT_VERSION}
     if _is_current(target, stamp):
+        # A cached directory is a file anyone could have replaced: check what it holds.
+        check_model_dir(target, f"the tiny-model cache {target.parent}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-seed{seed}-", dir=target.parent))
@@ -330,7 +335,7 @@ class HFWrapper:
             ModelWeightsMissing: `paper` weights are not available locally.
         """
         if preset not in PRESETS:
-            raise ValueError(f"preset {preset!r} is not one of {list(PRESETS)}")
+            raise ConfigError(f"preset {preset!r} is not one of {list(PRESETS)}")
         role = role or cls.default_role
         torch_dtype = resolve_dtype(dtype, device)
         if preset == "tiny":
