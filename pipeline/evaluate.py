@@ -99,16 +99,24 @@ class Scores:
             pred_class=None if self.pred_class is None else self.pred_class[index],
         )
 
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
+    def to_csv(
+        self, path: str | os.PathLike[str], provenance: dict[str, Any] | None = None
+    ) -> None:
         """Write the scores as CSV, atomically (temporary file, then rename).
 
         Probabilities are written with Python's shortest round-trip repr, so reading them back
         with :meth:`from_csv` or ``pandas.read_csv`` gives the same floats and the same
-        metrics, bit for bit.
+        metrics, bit for bit. With `provenance` (`{"preset", "models"}` of the head), every
+        row also says which preset and models made it (columns ``preset``, ``models``).
         """
+        from pipeline.provenance import models_text
+
         header = list(SCORE_COLUMNS)
         if self.pred_class is not None:
             header.append("pred_class")
+        tail = [] if provenance is None else [provenance.get("preset", ""), models_text(provenance)]
+        if provenance is not None:
+            header += ["preset", "models"]
 
         def write(f: TextIO) -> None:
             writer = csv.writer(f, lineterminator="\n")
@@ -123,7 +131,7 @@ class Scores:
                 ]
                 if self.pred_class is not None:
                     row.append(self.pred_class[i])
-                writer.writerow(row)
+                writer.writerow(row + tail)
 
         _write_atomic(Path(path), write)
         logger.info("wrote %d scores to %s", len(self), path)
@@ -241,11 +249,11 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
             scores.label[block], scores.p_generated[block], threshold
         )
     logger.info(
-        "evaluated %d images (%d real, %d generators, splits %s) at threshold %g",
+        "evaluated %d images (%d real, %d generators, split(s) %s) at threshold %g",
         len(scores),
         int(real.sum()),
         len(per_generator),
-        sorted(set(scores.split)),
+        ", ".join(sorted(map(str, set(scores.split)))),
         threshold,
     )
     return {"overall": overall, "per_generator": per_generator}
@@ -462,6 +470,7 @@ def run_evaluate(
     """
     from pipeline.features import load_features
     from pipeline.heads import load_head
+    from pipeline.provenance import recorded, warn_if_tiny
     from pipeline.train import (
         ATTRIBUTION_HEADS,
         apply_calibration,
@@ -479,6 +488,7 @@ def run_evaluate(
     scores_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     by_kind: dict[str, Any] = {}
+    warned = False
     for head_dir in trained_heads(heads_dir):
         name, info = head_dir.name, read_train_info(head_dir)
         kind = info["kind"]
@@ -490,6 +500,10 @@ def run_evaluate(
         if not len(fs.y):
             raise ValueError(f"the {split!r} split of {features_dir} is empty; nothing to score")
         head = load_head(head_dir)
+        made_by = recorded(info)
+        if made_by.get("preset") == "tiny" and not warned:
+            warn_if_tiny(made_by, f"head {head_dir}")
+            warned = True
         p = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
         attribution = info.get("head", name) in ATTRIBUTION_HEADS
         # A head attributing families is scored against families (per_generator then holds
@@ -503,8 +517,9 @@ def run_evaluate(
             p_generated=np.clip(p, 0.0, 1.0),
             pred_class=np.asarray(head.predict(fs.X), dtype=str) if attribution else None,
         )
-        scores.to_csv(scores_dir / f"{name}.csv")
+        scores.to_csv(scores_dir / f"{name}.csv", made_by or None)
         block = evaluate_scores(scores, cfg.threshold)
+        block.update(made_by)
         if "val_threshold" in info:
             at_val = binary_metrics(scores.label, scores.p_generated, info["val_threshold"])
             block["overall"]["val_threshold"] = info["val_threshold"]
@@ -524,10 +539,18 @@ def run_evaluate(
                 {"actual": a, "predicted": b} for a, b in zip(scores.true_class, scores.pred_class)
             ]
             _write_points(plots_dir / "confusion" / f"{name}.csv", rows)
-        logger.info("%s: %s", name, {k: block["overall"].get(k) for k in ("acc", "ap", "auc")})
+        logger.info(
+            "%s: %s",
+            name,
+            ", ".join(f"{k} {_fmt(block['overall'].get(k))}" for k in ("acc", "ap", "auc")),
+        )
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_path, metrics)
     return metrics
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{float(x):.3f}"
 
 
 def _write_points(path: Path, points: list[dict[str, Any]]) -> None:

@@ -13,7 +13,18 @@ from pipeline.config import Params
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("path", "id", "p_generated", "decision", "generator", "caption")
+# preset / models: what made the head's training features; head: the head folder used.
+COLUMNS = (
+    "path",
+    "id",
+    "p_generated",
+    "decision",
+    "generator",
+    "caption",
+    "preset",
+    "models",
+    "head",
+)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -56,6 +67,7 @@ def predict(
     from pipeline.extract import ingest_records
     from pipeline.features import load_features
     from pipeline.heads import load_head
+    from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
     from pipeline.train import (
         ATTRIBUTION_HEADS,
         REAL,
@@ -66,6 +78,8 @@ def predict(
 
     head_dir, cache = Path(head_dir), Path(cache)
     info = read_train_info(head_dir)
+    made_by = recorded(info) or run_provenance(params)
+    warn_if_tiny(made_by, f"head {head_dir}")
     files = expand_inputs(inputs)
     records = [
         datamod.Record(path=str(f), label=0, generator="unknown", split="test") for f in files
@@ -99,6 +113,9 @@ def predict(
                 "decision": "generated" if prob[i] > cut else "real",
                 "generator": attributed,
                 "caption": str(caption_of[item.id]),
+                "preset": made_by.get("preset", ""),
+                "models": models_text(made_by),
+                "head": str(head_dir),
             }
         )
     by_path = {r["path"]: r for r in rows}

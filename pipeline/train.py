@@ -19,7 +19,9 @@ from scipy.optimize import minimize
 from scipy.special import expit, logit
 
 from pipeline import store
+from pipeline.atomic import write_text
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.errors import ModelFileError
 from pipeline.features import CLASS_PROMPTS, FeatureSet, load_features
 
 logger = logging.getLogger(__name__)
@@ -164,8 +166,12 @@ def train_heads(
     kind: str,
     seed: int,
     eval_split: str = "test",
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit every head of `cfg.heads` on train (val for selection and calibration).
+
+    `provenance` (`pipeline.provenance.run_provenance`: the preset and models behind the
+    features) goes into every head's `train.json` and `head.json`.
 
     Rows of `eval_split` are never loaded, unless pseudo-labelling is explicitly allowed to
     use them as its unlabelled pool (then every head's `train.json` says `contaminated`).
@@ -217,6 +223,7 @@ def train_heads(
         )
         fit_head(head, train.X, y_train, val.X, y_val)
         info: dict[str, Any] = {
+            **(provenance or {}),
             "head": name,
             "kind": name_kind,
             "params": {k: v for k, v in params.items() if k != "class_text_emb"},
@@ -255,8 +262,8 @@ def train_heads(
             p_val = apply_calibration(cal, p_val)
             info["val_threshold"] = float(threshold_for_balanced_accuracy(val.y, p_val))
         info["calibration"] = {"method": cfg.calibration, **cal}
-        save_head(head, out_dir / name)
-        (out_dir / name / TRAIN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        save_head(head, out_dir / name, provenance)
+        write_text(out_dir / name / TRAIN_INFO, json.dumps(info, indent=2, default=str) + "\n")
         report[name] = info
     return report
 
@@ -269,5 +276,15 @@ def trained_heads(heads_dir: str | Path) -> list[Path]:
 
 
 def read_train_info(head_dir: str | Path) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads((Path(head_dir) / TRAIN_INFO).read_text())
+    path = Path(head_dir) / TRAIN_INFO
+    if not path.is_file():
+        parent = Path(head_dir).parent
+        found = sorted(p.parent.name for p in parent.glob(f"*/{TRAIN_INFO}"))
+        where = (
+            f"heads in {parent}: {', '.join(str(parent / f) for f in found)}"
+            if found
+            else f"no trained head in {parent} (run `dvc repro` to train the heads)"
+        )
+        raise ModelFileError(f"{head_dir} is not a trained head (no {TRAIN_INFO}); {where}")
+    info: dict[str, Any] = json.loads(path.read_text())
     return info
