@@ -456,6 +456,7 @@ def run_evaluate(
     plots_dir: str | Path,
     cfg: Any,
     split: str | None = None,
+    summary_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score every trained head on one evaluation set and write metrics, scores and curves.
 
@@ -467,6 +468,8 @@ def run_evaluate(
 
     Args:
         split: rows to score; `cfg.split` by default, "all" for every row (other datasets).
+        summary_dir: where to write the compact per-head summaries DVC shows
+            (`pipeline.summary`); none when not given.
     """
     from pipeline.features import load_features
     from pipeline.heads import load_head
@@ -546,6 +549,10 @@ def run_evaluate(
         )
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_path, metrics)
+    if summary_dir is not None:
+        from pipeline.summary import write_summaries
+
+        write_summaries(metrics, summary_dir)
     return metrics
 
 

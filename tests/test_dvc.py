@@ -88,7 +88,11 @@ def test_repro_runs_every_stage(repo):
     assert set(metrics) == {"mlp", "svm", "multitask"}
     assert (path / "metrics" / "eval_jpeg_50.json").exists()
     assert (path / "report" / "index.html").exists()
-    assert "mlp" in _dvc(path, "metrics", "show")
+    shown = _dvc(path, "metrics", "show")
+    assert "metrics/summary/eval/mlp.json" in shown and "tiny" in shown
+    assert max(map(len, shown.splitlines())) <= 200, shown
+    summary = json.loads((path / "metrics" / "summary" / "eval" / "mlp.json").read_text())
+    assert summary["acc"] == metrics["mlp"]["overall"]["acc"]
 
 
 def test_second_repro_is_a_no_op(repo):
