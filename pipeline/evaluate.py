@@ -463,8 +463,9 @@ def run_evaluate(
     Each head reads the feature kind it was trained on and applies the calibration fitted on
     val. Writes `metrics_path` (DESIGN.md's shape, plus the metrics at the threshold chosen on
     val), `<scores_dir>/<head>.csv` (per-image scores from which every metric can be
-    recomputed), `<plots_dir>/{roc,pr}/<head>.csv` and, for attribution heads,
-    `<plots_dir>/confusion/<head>.csv`, for DVC plots.
+    recomputed), `<plots_dir>/{roc,pr,confusion}/<head>.csv` for DVC plots (the confusion of
+    an attribution head is over classes, that of a detection head real / generated at
+    `cfg.threshold`).
 
     Args:
         split: rows to score; `cfg.split` by default, "all" for every row (other datasets).
@@ -538,10 +539,12 @@ def run_evaluate(
             ):
                 _write_points(plots_dir / sub / f"{name}.csv", points)
         if attribution and scores.pred_class is not None:
-            rows = [
-                {"actual": a, "predicted": b} for a, b in zip(scores.true_class, scores.pred_class)
-            ]
-            _write_points(plots_dir / "confusion" / f"{name}.csv", rows)
+            true, pred = scores.true_class, scores.pred_class
+        else:  # detection heads: real / generated at the threshold of `acc`
+            true = np.where(scores.label == 1, "generated", REAL_CLASS)
+            pred = np.where(scores.p_generated > cfg.threshold, "generated", REAL_CLASS)
+        rows = [{"actual": str(a), "predicted": str(b)} for a, b in zip(true, pred)]
+        _write_points(plots_dir / "confusion" / f"{name}.csv", rows)
         logger.info(
             "%s: %s",
             name,
