@@ -71,7 +71,12 @@ def _protocol(args: argparse.Namespace) -> int:
         for name, description in list_protocols().items():
             sys.stdout.write(f"{name:8s} {description}\n")
         return 0
-    sys.stdout.write(" ".join(protocol_args(args.name, args.data_root)) + "\n")
+    existing = None
+    if Path(args.params).is_file():
+        import yaml
+
+        existing = yaml.safe_load(Path(args.params).read_text()) or {}
+    sys.stdout.write(" ".join(protocol_args(args.name, args.data_root, existing)) + "\n")
     return 0
 
 
@@ -105,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", nargs="?")
     c.add_argument("--data-root", default="", help="folder holding the protocol's datasets")
     c.add_argument("--list", action="store_true")
+    c.add_argument(
+        "--params", default="params.yaml", help="keys it has get -S, new keys -S ++ (Hydra)"
+    )
     c.set_defaults(func=_protocol)
     return ap
 

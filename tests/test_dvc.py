@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 from tests.helpers import ROOT, tiny_sample
 
 
-def _dvc(repo: Path, *args: str) -> str:
+def _dvc(repo: Path, *args: str, ok: bool = True) -> str:
     env = dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -30,7 +31,7 @@ def _dvc(repo: Path, *args: str) -> str:
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
@@ -72,6 +73,7 @@ def test_repro_runs_every_stage(repo):
     path, first = repo
     ran = _ran(first)
     for stage in (
+        "check",
         "ingest",
         "caption",
         "ground",
@@ -103,7 +105,7 @@ def test_a_train_param_reruns_only_training_and_scoring(repo):
     path = repo[0]
     _set(path, "train", "mlp.epochs", 5)
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
-        ["train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+        ["check", "train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
     )
 
 
@@ -111,4 +113,26 @@ def test_a_batch_size_reruns_nothing(repo):
     path = repo[0]
     _set(path, "encode", "batch_size", 4)
     _set(path, "caption", "batch_size", 2)
-    assert _ran(_dvc(path, "repro")) == []
+    assert _ran(_dvc(path, "repro")) == ["check"]  # the params check only (seconds)
+
+
+def test_a_misspelt_key_is_refused_before_any_stage_works(repo):
+    """`dvc exp run -S ++train.mlp.hiden=…` stops at the check stage within seconds, naming the
+    key and the keys allowed there; without `++`, DVC itself refuses the unknown key."""
+    path = repo[0]
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"],
+        cwd=path,
+        check=True,
+    )
+    before = {p: p.stat().st_mtime for p in (path / "models").rglob("*.json")}
+    start = time.monotonic()
+    out = _dvc(path, "exp", "run", "-S", "++train.mlp.hiden=256", ok=False)
+    assert time.monotonic() - start < 30, out
+    assert _ran(out) == ["check"], out
+    assert "train.mlp.hiden" in out and "hidden, epochs" in out, out
+    assert {p: p.stat().st_mtime for p in (path / "models").rglob("*.json")} == before
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=path, check=True)  # README's undo
+    out = _dvc(path, "exp", "run", "-S", "train.mlp.hiden=256", ok=False)
+    assert "train.mlp.hiden" in out and _ran(out) == [], out
