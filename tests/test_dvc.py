@@ -82,6 +82,8 @@ def test_repro_runs_every_stage(repo):
         "train",
         "evaluate",
         "perturb@jpeg_50",
+        "perturb_extract@jpeg_50",
+        "perturb_features@jpeg_50",
         "robustness@jpeg_50",
         "report",
     ):
@@ -94,7 +96,7 @@ def test_repro_runs_every_stage(repo):
     assert "metrics/summary/eval/mlp.json" in shown and "tiny" in shown
     assert max(map(len, shown.splitlines())) <= 200, shown
     summary = json.loads((path / "metrics" / "summary" / "eval" / "mlp.json").read_text())
-    assert summary["acc"] == metrics["mlp"]["overall"]["acc"]
+    assert summary["acc"] == round(metrics["mlp"]["overall"]["acc"], 4)
 
 
 def test_second_repro_is_a_no_op(repo):
@@ -106,6 +108,23 @@ def test_a_train_param_reruns_only_training_and_scoring(repo):
     _set(path, "train", "mlp.epochs", 5)
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
         ["check", "train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+    )
+
+
+def test_a_feature_param_reruns_no_image_generation_nor_extraction(repo):
+    path = repo[0]
+    _set(path, "features", "w2", 0.0)
+    assert sorted(_ran(_dvc(path, "repro"))) == sorted(
+        [
+            "check",
+            "features",
+            "perturb_features@jpeg_50",
+            "train",
+            "evaluate",
+            "robustness@jpeg_50",
+            "qf_matrix",
+            "report",
+        ]
     )
 
 
