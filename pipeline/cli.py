@@ -1,4 +1,4 @@
-"""The `misalign` command: predict, report, info, protocol (DVC runs the stages)."""
+"""The `misalign` command: predict, report, info, protocol, weights (DVC runs the stages)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,29 @@ def _protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from pipeline import weights
+
+    params = load_params(args.params)
+    if params.models.preset == "tiny":
+        sys.stdout.write("models.preset=tiny: every model is built offline; nothing to fetch\n")
+        return 0
+    if args.action == "fetch":
+        statuses = weights.fetch(params, timeout=args.timeout)
+    else:
+        statuses = weights.check(params)
+    sys.stdout.write(weights.format_statuses(statuses) + "\n")
+    missing = [s for s in statuses if not s.present]
+    if missing:
+        sys.stderr.write(
+            f"misalign weights: {len(missing)} of {len(statuses)} models missing; "
+            "`misalign weights fetch` downloads them (needs network), or run offline with "
+            "`dvc exp run -S models.preset=tiny`\n"
+        )
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="misalign", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -105,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a shard or a stage folder")
     i.add_argument("path")
     i.set_defaults(func=_info)
+
+    w = sub.add_parser("weights", help="check or fetch the weights the params need")
+    w.add_argument("action", choices=("check", "fetch"))
+    w.add_argument("--params", default="params.yaml")
+    w.add_argument("--timeout", type=float, default=15.0, help="seconds per network request")
+    w.set_defaults(func=_weights)
 
     c = sub.add_parser("protocol", help="print the -S arguments of a named protocol")
     c.add_argument("name", nargs="?")
