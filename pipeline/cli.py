@@ -1,4 +1,4 @@
-"""The `misalign` command: predict, report, info, protocol (DVC runs the stages)."""
+"""The `misalign` command: predict, report, info, protocol, weights (DVC runs the stages)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,35 @@ def _protocol(args: argparse.Namespace) -> int:
         for name, description in list_protocols().items():
             sys.stdout.write(f"{name:8s} {description}\n")
         return 0
-    sys.stdout.write(" ".join(protocol_args(args.name, args.data_root)) + "\n")
+    existing = None
+    if Path(args.params).is_file():
+        import yaml
+
+        existing = yaml.safe_load(Path(args.params).read_text()) or {}
+    sys.stdout.write(" ".join(protocol_args(args.name, args.data_root, existing)) + "\n")
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from pipeline import weights
+
+    params = load_params(args.params)
+    if params.models.preset == "tiny":
+        sys.stdout.write("models.preset=tiny: every model is built offline; nothing to fetch\n")
+        return 0
+    if args.action == "fetch":
+        statuses = weights.fetch(params, timeout=args.timeout)
+    else:
+        statuses = weights.check(params)
+    sys.stdout.write(weights.format_statuses(statuses) + "\n")
+    missing = [s for s in statuses if not s.present]
+    if missing:
+        sys.stderr.write(
+            f"misalign weights: {len(missing)} of {len(statuses)} models missing; "
+            "`misalign weights fetch` downloads them (needs network), or run offline with "
+            "`dvc exp run -S models.preset=tiny`\n"
+        )
+        return 1
     return 0
 
 
@@ -101,10 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.set_defaults(func=_info)
 
+    w = sub.add_parser("weights", help="check or fetch the weights the params need")
+    w.add_argument("action", choices=("check", "fetch"))
+    w.add_argument("--params", default="params.yaml")
+    w.add_argument("--timeout", type=float, default=15.0, help="seconds per network request")
+    w.set_defaults(func=_weights)
+
     c = sub.add_parser("protocol", help="print the -S arguments of a named protocol")
     c.add_argument("name", nargs="?")
     c.add_argument("--data-root", default="", help="folder holding the protocol's datasets")
     c.add_argument("--list", action="store_true")
+    c.add_argument(
+        "--params", default="params.yaml", help="keys it has get -S, new keys -S ++ (Hydra)"
+    )
     c.set_defaults(func=_protocol)
     return ap
 

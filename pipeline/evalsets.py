@@ -28,16 +28,25 @@ STAGE_DIRS = ("ingest", "captions", "objects", "clip", "features")
 
 
 def extract_dataset(
-    data_path: str | Path, cache: str | Path, name: str, params: Params, layout: str = "auto"
+    data_path: str | Path,
+    cache: str | Path,
+    name: str,
+    params: Params,
+    layout: str = "auto",
+    with_features: bool = True,
 ) -> Path:
     """Run every extraction stage for one dataset into `cache/<stage>/`; returns the features
-    directory. Rows already in `cache` (same image, inputs and settings) are reused."""
+    directory (the encode directory when `with_features` is false). Rows already in `cache`
+    (same image, inputs and settings) are reused."""
     run_ingest(data_path, Path(cache) / "ingest", params.ingest, params.base, name, layout)
-    return extract_ingested(cache, name, params)
+    return extract_ingested(cache, name, params, with_features)
 
 
-def extract_ingested(cache: str | Path, name: str, params: Params) -> Path:
-    """The stages after ingest (caption, ground, encode, features) for `cache/ingest`."""
+def extract_ingested(
+    cache: str | Path, name: str, params: Params, with_features: bool = True
+) -> Path:
+    """The stages after ingest (caption, ground, encode and, unless told not to, features)
+    for `cache/ingest`."""
     c = Path(cache)
     run_caption(c / "ingest", c / "captions", params.caption, params.models, params.base, name)
     run_ground(
@@ -54,6 +63,8 @@ def extract_ingested(cache: str | Path, name: str, params: Params) -> Path:
         params.base,
         name,
     )
+    if not with_features:
+        return c / "clip"
     run_features(
         c / "ingest", c / "clip", c / "features", params.features, name, captions_dir=c / "captions"
     )

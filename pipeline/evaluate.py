@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import DataUnusable
 from pipeline.metrics import (
+    REAL_CLASS,
     Scores,
     apply_calibration,
     binary_metrics,
@@ -82,20 +83,25 @@ def run_evaluate(
     plots_dir: str | Path,
     cfg: Any,
     split: str | None = None,
+    summary_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score every trained head on one evaluation set and write metrics, scores and curves.
 
     Each head reads the feature kind it was trained on and applies the calibration fitted on
     val. Writes `metrics_path` (DESIGN.md's shape, plus the metrics at the threshold chosen on
     val), `<scores_dir>/<head>.csv` (per-image scores from which every metric can be
-    recomputed), `<plots_dir>/{roc,pr}/<head>.csv` and, for attribution heads,
-    `<plots_dir>/confusion/<head>.csv`, for DVC plots.
+    recomputed), `<plots_dir>/{roc,pr,confusion}/<head>.csv` for DVC plots (the confusion of
+    an attribution head is over classes, that of a detection head real / generated at
+    `cfg.threshold`).
 
     Args:
         split: rows to score; `cfg.split` by default, "all" for every row (other datasets).
+        summary_dir: where to write the compact per-head summaries DVC shows
+            (`pipeline.summary`); none when not given.
     """
     from pipeline.features import load_features
     from pipeline.heads import load_head
+    from pipeline.provenance import recorded, warn_if_tiny
     from pipeline.train import ATTRIBUTION_HEADS, read_train_info, trained_heads
 
     split = split or cfg.split
@@ -113,6 +119,7 @@ def run_evaluate(
     provenance = caption_provenance_of(features_dir, split)
     if provenance is not None:
         warn_if_correlated(provenance, f"the {split!r} rows of {features_dir}")
+    warned = False
     for head_dir in trained_heads(heads_dir):
         name, info = head_dir.name, read_train_info(head_dir)
         kind = info["kind"]
@@ -124,6 +131,10 @@ def run_evaluate(
         if not len(fs.y):
             raise DataUnusable(f"the {split!r} split of {features_dir} is empty; nothing to score")
         head = load_head(head_dir)
+        made_by = recorded(info)
+        if made_by.get("preset") == "tiny" and not warned:
+            warn_if_tiny(made_by, f"head {head_dir}")
+            warned = True
         p = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))
         attribution = info.get("head", name) in ATTRIBUTION_HEADS
         # A head attributing families is scored against families (per_generator then holds
@@ -138,8 +149,9 @@ def run_evaluate(
             pred_class=np.asarray(head.predict(fs.X), dtype=str) if attribution else None,
             subset=fs.subset,
         )
-        scores.to_csv(scores_dir / f"{name}.csv")
+        scores.to_csv(scores_dir / f"{name}.csv", made_by or None)
         block = evaluate_scores(scores, cfg.threshold)
+        block.update(made_by)
         if "val_threshold" in info:
             at_val = binary_metrics(scores.label, scores.p_generated, info["val_threshold"])
             block["overall"]["val_threshold"] = info["val_threshold"]
@@ -157,14 +169,28 @@ def run_evaluate(
             ):
                 _write_points(plots_dir / sub / f"{name}.csv", points)
         if attribution and scores.pred_class is not None:
-            rows = [
-                {"actual": a, "predicted": b} for a, b in zip(scores.true_class, scores.pred_class)
-            ]
-            _write_points(plots_dir / "confusion" / f"{name}.csv", rows)
-        logger.info("%s: %s", name, {k: block["overall"].get(k) for k in ("acc", "ap", "auc")})
+            true, pred = scores.true_class, scores.pred_class
+        else:  # detection heads: real / generated at the threshold of `acc`
+            true = np.where(scores.label == 1, "generated", REAL_CLASS)
+            pred = np.where(scores.p_generated > cfg.threshold, "generated", REAL_CLASS)
+        rows = [{"actual": str(a), "predicted": str(b)} for a, b in zip(true, pred)]
+        _write_points(plots_dir / "confusion" / f"{name}.csv", rows)
+        logger.info(
+            "%s: %s",
+            name,
+            ", ".join(f"{k} {_fmt(block['overall'].get(k))}" for k in ("acc", "ap", "auc")),
+        )
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_path, metrics)
+    if summary_dir is not None:
+        from pipeline.summary import write_summaries
+
+        write_summaries(metrics, summary_dir)
     return metrics
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{float(x):.3f}"
 
 
 def _write_points(path: Path, points: list[dict[str, Any]]) -> None:

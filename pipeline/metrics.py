@@ -115,16 +115,24 @@ class Scores:
             subset=self.subset[index],
         )
 
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
+    def to_csv(
+        self, path: str | os.PathLike[str], provenance: dict[str, Any] | None = None
+    ) -> None:
         """Write the scores as CSV, atomically (temporary file, then rename).
 
         Probabilities are written with Python's shortest round-trip repr, so reading them back
         with :meth:`from_csv` or ``pandas.read_csv`` gives the same floats and the same
-        metrics, bit for bit.
+        metrics, bit for bit. With `provenance` (`{"preset", "models"}` of the head), every
+        row also says which preset and models made it (columns ``preset``, ``models``).
         """
+        from pipeline.provenance import models_text
+
         header = list(SCORE_COLUMNS)
         if self.pred_class is not None:
             header.append("pred_class")
+        tail = [] if provenance is None else [provenance.get("preset", ""), models_text(provenance)]
+        if provenance is not None:
+            header += ["preset", "models"]
 
         with atomic_open(path) as f:
             writer = csv.writer(f, lineterminator="\n")
@@ -140,7 +148,7 @@ class Scores:
                 ]
                 if self.pred_class is not None:
                     row.append(self.pred_class[i])
-                writer.writerow(row)
+                writer.writerow(row + tail)
         logger.info("wrote %d scores to %s", len(self), path)
 
     @classmethod
@@ -276,11 +284,11 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
             "reals": "own" if own else "all",
         }
     logger.info(
-        "evaluated %d images (%d real, %d generators, splits %s) at threshold %g",
+        "evaluated %d images (%d real, %d generators, split(s) %s) at threshold %g",
         len(scores),
         int(real.sum()),
         len(per_generator),
-        sorted(set(scores.split)),
+        ", ".join(sorted(map(str, set(scores.split)))),
         threshold,
     )
     return {"overall": overall, "per_generator": per_generator, "mean": mean_block(per_generator)}

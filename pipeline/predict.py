@@ -14,7 +14,18 @@ from pipeline.errors import ModelFileError
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("path", "id", "p_generated", "decision", "generator", "caption")
+# preset / models: what made the head's training features; head: the head folder used.
+COLUMNS = (
+    "path",
+    "id",
+    "p_generated",
+    "decision",
+    "generator",
+    "caption",
+    "preset",
+    "models",
+    "head",
+)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -58,10 +69,13 @@ def predict(
     from pipeline.features import load_features
     from pipeline.heads import load_head
     from pipeline.metrics import apply_calibration, p_generated
+    from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
     from pipeline.train import ATTRIBUTION_HEADS, REAL, read_train_info
 
     head_dir, cache = Path(head_dir), Path(cache)
     info = read_train_info(head_dir)
+    made_by = recorded(info) or run_provenance(params)
+    warn_if_tiny(made_by, f"head {head_dir}")
     head = load_head(head_dir)  # a bad head file is reported before any extraction work
     files = expand_inputs(inputs)
     records = [
@@ -101,6 +115,9 @@ def predict(
                 "decision": "generated" if prob[i] > cut else "real",
                 "generator": attributed,
                 "caption": str(caption_of[item.id]),
+                "preset": made_by.get("preset", ""),
+                "models": models_text(made_by),
+                "head": str(head_dir),
             }
         )
     by_path = {r["path"]: r for r in rows}

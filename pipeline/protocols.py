@@ -35,8 +35,28 @@ def list_protocols() -> dict[str, str]:
     }
 
 
-def protocol_args(name: str, data_root: str = "") -> list[str]:
-    """`-S key=value` arguments of a protocol, with `{data_root}` filled in (shell-quoted)."""
+def _has_key(tree: Any, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def protocol_args(
+    name: str, data_root: str = "", existing: dict[str, Any] | None = None
+) -> list[str]:
+    """`-S key=value` arguments of a protocol, with `{data_root}` filled in (shell-quoted).
+
+    A key that `existing` (the parsed params.yaml; the built-in defaults when not given) already
+    has is set with a plain `-S key=value`, so DVC's own check of the key applies; only keys that
+    are new there (a dataset name under `evaluate.datasets`, say) get Hydra's `++`.
+    """
+    if existing is None:
+        from pipeline.config import Params, to_dict
+
+        existing = to_dict(Params())
     params = _load(name).get("params", {})
     out: list[str] = []
     for key, value in params.items():
@@ -48,6 +68,8 @@ def protocol_args(name: str, data_root: str = "") -> list[str]:
                     "folder that holds them"
                 )
             text = text.replace("{data_root}", data_root.rstrip("/"))
-        # "++" (Hydra syntax, as DVC uses it) sets a key whether or not params.yaml has it yet.
-        out += ["-S", shlex.quote(f"++{key}={text}")]
+        # "++" (Hydra syntax, as DVC uses it) adds a key params.yaml does not have yet; the
+        # check stage still refuses it if the key is unknown to the config.
+        prefix = "" if _has_key(existing, key) else "++"
+        out += ["-S", shlex.quote(f"{prefix}{key}={text}")]
     return out

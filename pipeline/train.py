@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import store
+from pipeline.atomic import write_text
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import DataUnusable, ModelFileError
 from pipeline.features import CLASS_PROMPTS, FeatureSet, load_features
@@ -197,8 +198,12 @@ def train_heads(
     kind: str,
     seed: int,
     eval_split: str = "test",
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit every head of `cfg.heads` on train (val for selection and calibration).
+
+    `provenance` (`pipeline.provenance.run_provenance`: the preset and models behind the
+    features) goes into every head's `train.json` and `head.json`.
 
     Rows of `eval_split` are never loaded, unless pseudo-labelling is explicitly allowed to
     use them as its unlabelled pool (then every head's `train.json` says `contaminated`).
@@ -225,6 +230,7 @@ def train_heads(
         fit: dict[str, Any] = {"kind": name_kind, "seed": seed, "features_dir": features_dir}
         head, info = fit_configured_head(name, cfg, train, val, **fit)
         info.update({"features_dir": str(features_dir), "contaminated": contaminated})
+        info = {**(provenance or {}), **info}
         pool = fs.where(pool_split) if pool_split else None
         if pool is not None and not len(pool.y):
             logger.warning("pseudo-labelling: the %r split is empty; nothing to add", pool_split)
@@ -255,8 +261,8 @@ def train_heads(
             p_val = apply_calibration(cal, p_val)
             info["val_threshold"] = float(threshold_for_balanced_accuracy(val.y, p_val))
         info["calibration"] = {"method": method, **cal}
-        save_head(head, out_dir / name)
-        (out_dir / name / TRAIN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        save_head(head, out_dir / name, provenance)
+        write_text(out_dir / name / TRAIN_INFO, json.dumps(info, indent=2, default=str) + "\n")
         report[name] = info
     return report
 
@@ -271,10 +277,14 @@ def trained_heads(heads_dir: str | Path) -> list[Path]:
 def read_train_info(head_dir: str | Path) -> dict[str, Any]:
     path = Path(head_dir) / TRAIN_INFO
     if not path.is_file():
-        raise ModelFileError(
-            f"no {TRAIN_INFO} in {head_dir}; point at a head folder written by the train stage "
-            "(e.g. models/mlp)"
+        parent = Path(head_dir).parent
+        found = sorted(p.parent.name for p in parent.glob(f"*/{TRAIN_INFO}"))
+        where = (
+            f"heads in {parent}: {', '.join(str(parent / f) for f in found)}"
+            if found
+            else f"no trained head in {parent} (run `dvc repro` to train the heads)"
         )
+        raise ModelFileError(f"{head_dir} is not a trained head (no {TRAIN_INFO}); {where}")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

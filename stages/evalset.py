@@ -1,4 +1,6 @@
-"""DVC stage evalset@<name>: another dataset of evaluate.datasets, extracted."""
+"""DVC stages evalset@<name> and perturb_extract@<name>: ingest, caption, ground and encode
+another dataset (its features are the features stage's work, so a feature param reruns only
+that)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = parser(__doc__ or "")
     ap.add_argument("--data", required=True, help="dataset folder or manifest CSV")
     ap.add_argument("--cache", required=True, help="cache folder of this dataset")
+    ap.add_argument("--layout", default="auto", help="dataset layout (perturbed copies: manifest)")
 
     def body(args, params):
         from pipeline.evalsets import extract_dataset
 
         cache = Path(args.cache)
-        extract_dataset(args.data, cache, cache.name, params)
+        extract_dataset(args.data, cache, cache.name, params, args.layout, with_features=False)
 
     return run("evalset", argv, ap, body, needs_models=True)
 

@@ -15,6 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
     ap.add_argument("--scores", required=True, help="folder for per-image score CSVs")
     ap.add_argument("--plots", required=True, help="folder for ROC / PR plot data")
+    ap.add_argument("--summary", default="", help="folder for the per-head DVC summaries")
     ap.add_argument("--split", default="", help="split to score: evaluate.split, or all")
 
     def body(args, params):
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.plots,
             params.evaluate,
             split=args.split or None,
+            summary_dir=args.summary or None,
         )
 
     return run("evaluate", argv, ap, body)

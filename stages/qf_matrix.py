@@ -1,4 +1,5 @@
-"""DVC stage qf_matrix: JPEG quality-factor train × test matrix (seed 003)."""
+"""DVC stage qf_matrix: features of each JPEG quality (from qf_extract), heads trained at each
+quality and tested at each; metrics/qf_matrix.json."""
 
 from __future__ import annotations
 
@@ -11,24 +12,25 @@ from stages._common import parser, run
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = parser(__doc__ or "")
-    ap.add_argument("--source", required=True, help="ingest shards of the clean dataset")
-    ap.add_argument("--root", required=True, help="cache folder for one dataset per quality")
+    ap.add_argument("--root", required=True, help="qf_extract's folder (one dataset per quality)")
+    ap.add_argument("--features", required=True, help="folder for the features of each quality")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
 
     def body(args, params):
-        from pipeline.evalsets import extract_dataset, perturbed_copy, qf_matrix
+        from pipeline.evalsets import qf_matrix
         from pipeline.evaluate import write_json_atomic
+        from pipeline.features import run_features
 
         dirs = {}
         for q in params.evaluate.qf_matrix:
-            cache = Path(args.root) / f"jpeg_{q}"
-            data = perturbed_copy(args.source, f"jpeg_{q}", cache / "data", params.base.seed)
-            dirs[q] = extract_dataset(data, cache, cache.name, params, layout="manifest")
-        Path(args.root).mkdir(parents=True, exist_ok=True)
+            name = f"jpeg_{q}"
+            source, dirs[q] = Path(args.root) / name, Path(args.features) / name
+            run_features(source / "ingest", source / "clip", dirs[q], params.features, name)
+        Path(args.features).mkdir(parents=True, exist_ok=True)
         matrix = qf_matrix(dirs, params, params.evaluate.split, params.evaluate.qf_heads)
         write_json_atomic(args.metrics, matrix)
 
-    return run("qf_matrix", argv, ap, body, needs_models=True)
+    return run("qf_matrix", argv, ap, body)
 
 
 if __name__ == "__main__":

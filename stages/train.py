@@ -14,6 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder for the heads (models/)")
 
     def body(args, params):
+        from pipeline.provenance import run_provenance
         from pipeline.train import train_heads
 
         train_heads(
@@ -23,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             params.features.kind,
             params.base.seed,
             params.evaluate.split,
+            provenance=run_provenance(params, args.features),
         )
 
     return run("train", argv, ap, body)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 from tests.helpers import ROOT, tiny_sample
 
 
-def _dvc(repo: Path, *args: str) -> str:
+def _dvc(repo: Path, *args: str, ok: bool = True) -> str:
     env = dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -30,7 +31,7 @@ def _dvc(repo: Path, *args: str) -> str:
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
 
@@ -72,6 +73,7 @@ def test_repro_runs_every_stage(repo):
     path, first = repo
     ran = _ran(first)
     for stage in (
+        "check",
         "ingest",
         "caption",
         "ground",
@@ -80,6 +82,8 @@ def test_repro_runs_every_stage(repo):
         "train",
         "evaluate",
         "perturb@jpeg_50",
+        "perturb_extract@jpeg_50",
+        "perturb_features@jpeg_50",
         "robustness@jpeg_50",
         "report",
     ):
@@ -88,7 +92,11 @@ def test_repro_runs_every_stage(repo):
     assert set(metrics) == {"mlp", "svm", "multitask"}
     assert (path / "metrics" / "eval_jpeg_50.json").exists()
     assert (path / "report" / "index.html").exists()
-    assert "mlp" in _dvc(path, "metrics", "show")
+    shown = _dvc(path, "metrics", "show")
+    assert "metrics/summary/eval/mlp.json" in shown and "tiny" in shown
+    assert max(map(len, shown.splitlines())) <= 200, shown
+    summary = json.loads((path / "metrics" / "summary" / "eval" / "mlp.json").read_text())
+    assert summary["acc"] == round(metrics["mlp"]["overall"]["acc"], 4)
 
 
 def test_second_repro_is_a_no_op(repo):
@@ -99,7 +107,24 @@ def test_a_train_param_reruns_only_training_and_scoring(repo):
     path = repo[0]
     _set(path, "train", "mlp.epochs", 5)
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
-        ["train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+        ["check", "train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+    )
+
+
+def test_a_feature_param_reruns_no_image_generation_nor_extraction(repo):
+    path = repo[0]
+    _set(path, "features", "w2", 0.0)
+    assert sorted(_ran(_dvc(path, "repro"))) == sorted(
+        [
+            "check",
+            "features",
+            "perturb_features@jpeg_50",
+            "train",
+            "evaluate",
+            "robustness@jpeg_50",
+            "qf_matrix",
+            "report",
+        ]
     )
 
 
@@ -107,4 +132,26 @@ def test_a_batch_size_reruns_nothing(repo):
     path = repo[0]
     _set(path, "encode", "batch_size", 4)
     _set(path, "caption", "batch_size", 2)
-    assert _ran(_dvc(path, "repro")) == []
+    assert _ran(_dvc(path, "repro")) == ["check"]  # the params check only (seconds)
+
+
+def test_a_misspelt_key_is_refused_before_any_stage_works(repo):
+    """`dvc exp run -S ++train.mlp.hiden=…` stops at the check stage within seconds, naming the
+    key and the keys allowed there; without `++`, DVC itself refuses the unknown key."""
+    path = repo[0]
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"],
+        cwd=path,
+        check=True,
+    )
+    before = {p: p.stat().st_mtime for p in (path / "models").rglob("*.json")}
+    start = time.monotonic()
+    out = _dvc(path, "exp", "run", "-S", "++train.mlp.hiden=256", ok=False)
+    assert time.monotonic() - start < 30, out
+    assert _ran(out) == ["check"], out
+    assert "train.mlp.hiden" in out and "hidden, epochs" in out, out
+    assert {p: p.stat().st_mtime for p in (path / "models").rglob("*.json")} == before
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=path, check=True)  # README's undo
+    out = _dvc(path, "exp", "run", "-S", "train.mlp.hiden=256", ok=False)
+    assert "train.mlp.hiden" in out and _ran(out) == [], out

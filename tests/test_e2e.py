@@ -274,7 +274,7 @@ def test_user_errors_exit_1_with_a_message(tmp_path, capsys, monkeypatch):
     assert not store.list_shards(tmp_path / "clip")
 
 
-def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_path, capsys):
+def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_path, capsys, caplog):
     from pipeline.cli import main as cli
 
     work, data, params, _ = run
@@ -294,7 +294,20 @@ def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_pat
     ]
     assert cli(args) == 0
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "id", "p_generated", "decision", "generator", "caption"]
+    assert list(rows[0]) == [
+        "path",
+        "id",
+        "p_generated",
+        "decision",
+        "generator",
+        "caption",
+        "preset",
+        "models",
+        "head",
+    ]
+    assert {r["preset"] for r in rows} == {"tiny"}
+    assert "clip=tiny-clip" in rows[0]["models"] and rows[0]["head"].endswith("multitask")
+    assert "RANDOM models" in caplog.text  # a tiny head says so when it predicts
     assert [r["path"] for r in rows] == [str(p) for p in images]
     for r, p in zip(rows, images):
         assert r["id"] == hashlib.sha256(p.read_bytes()).hexdigest()
@@ -321,6 +334,28 @@ def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_pat
         == 1
     )
     assert "does not exist" in capsys.readouterr().err
+    misspelt = [*args[:2], str(work / "models" / "mlpp"), *args[3:]]
+    assert cli(misspelt) == 1
+    err = capsys.readouterr().err
+    assert "not a trained head" in err and str(work / "models" / "mlp") in err
+
+
+def test_every_output_names_the_preset_and_the_models(run):
+    work, _, _, cache = run
+    metrics = json.loads((work / "metrics" / "eval.json").read_text())
+    for head, block in metrics.items():
+        assert block["preset"] == "tiny", head
+        assert block["models"]["clip"] == "tiny-clip"
+        assert block["models"]["captioner"] == "tiny-blip2"  # the sample lacks some captions
+        for name in ("train.json", "head.json"):
+            record = json.loads((work / "models" / head / name).read_text())
+            record = record.get("provenance", record)
+            assert record["preset"] == "tiny" and record["models"] == block["models"]
+        rows = list(csv.DictReader((cache / "scores" / f"{head}.csv").open()))
+        assert {r["preset"] for r in rows} == {"tiny"}
+        assert {r["models"] for r in rows} == {
+            ";".join(f"{k}={v}" for k, v in sorted(block["models"].items()))
+        }
 
 
 def test_info_describes_shards(run, capsys):

@@ -319,3 +319,26 @@ def test_subset_selects_rows_of_every_column():
     assert test.pred_class is not None
     assert len(test.pred_class) == len(test)
     assert math.isclose(test.p_generated.sum(), scores.p_generated[scores.split == "test"].sum())
+
+
+def test_summary_is_compact_and_takes_the_mean_block_or_computes_it(tmp_path):
+    from pipeline.summary import head_summary, write_summaries
+
+    per_gen = {"a": {"acc": 0.5, "ap": 0.75, "n": 4}, "b": {"acc": 1.0, "ap": None, "n": 4}}
+    block = {"overall": {"acc": 0.7, "ap": 0.8, "auc": 0.9, "n": 8, "r_acc": 0.6}}
+    block.update(per_generator=per_gen, preset="tiny", models={"clip": "tiny-clip"})
+    assert head_summary(block) == {
+        "acc": 0.7,
+        "ap": 0.8,
+        "auc": 0.9,
+        "mean": {"acc": 0.75, "ap": 0.75},  # undefined values are left out of the mean
+        "n": 8,
+        "preset": "tiny",
+    }
+    with_mean = {**block, "mean": {"acc": 0.1, "ap": 0.2, "r_acc": 0.3}}
+    assert head_summary(with_mean)["mean"] == {"acc": 0.1, "ap": 0.2}
+    (tmp_path / "s" / "stale.json").parent.mkdir()
+    (tmp_path / "s" / "stale.json").write_text("{}")
+    paths = write_summaries({"mlp": block, "svm": with_mean, "note": "x"}, tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["mlp.json", "svm.json"]
+    assert json.loads(paths[0].read_text())["mean"] == {"acc": 0.75, "ap": 0.75}

@@ -10,12 +10,23 @@ from pipeline.protocols import list_protocols, protocol_args
 from tests.helpers import ROOT
 
 
+def _has(tree, dotted):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
 def _apply(args):
     """Apply `++key=value` overrides the way DVC does, to the shipped params.yaml."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for flag, item in zip(args[::2], args[1::2]):
         assert flag == "-S"
-        key, value = shlex.split(item)[0].removeprefix("++").split("=", 1)
+        key, value = shlex.split(item)[0].split("=", 1)
+        # DVC refuses a plain -S for a key params.yaml lacks; ++ is only for new keys
+        assert _has(params, key.removeprefix("++")) == (not key.startswith("++")), key
+        key = key.removeprefix("++")
         *parents, leaf = key.split(".")
         node = params
         for part in parents:
@@ -41,3 +52,9 @@ def test_protocol_errors():
         protocol_args("nope")
     with pytest.raises(ConfigError, match="--data-root"):
         protocol_args("item")
+
+
+def test_existing_keys_get_a_plain_set_and_new_keys_plus_plus():
+    args = protocol_args("item", "/data")
+    assert "data.layout=cnndetection" in args and "++data.layout=cnndetection" not in args
+    assert "++evaluate.datasets.ufd_test=/data/UniversalFakeDetect/test" in args

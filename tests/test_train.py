@@ -111,6 +111,7 @@ def test_every_head_trains_and_is_evaluated(tmp_path):
     for key in ("f1", "f1_macro", "f1_weighted"):
         assert 0 <= mt[key] <= 1
     assert (tmp_path / "plots" / "confusion" / "multitask.csv").exists()
+    assert (tmp_path / "plots" / "confusion" / "mlp.csv").exists()  # every head has one
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["mlp"]["overall"]["acc"] == pytest.approx(metrics["mlp"]["overall"]["acc"])
 

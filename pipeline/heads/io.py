@@ -18,7 +18,7 @@ META_FILE = "head.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
-def save_head(head: BaseHead, directory: Path) -> None:
+def save_head(head: BaseHead, directory: Path, provenance: dict[str, Any] | None = None) -> None:
     """Write a fitted head to `directory` without pickle.
 
     `head.json` holds the registry name, class, `get_params()` and small learned metadata such
@@ -28,6 +28,8 @@ def save_head(head: BaseHead, directory: Path) -> None:
     Args:
         head: a fitted head from `pipeline.heads.HEADS`.
         directory: created if missing; existing head files in it are overwritten.
+        provenance: what made the training features (`{"preset", "models"}`), stored in
+            head.json as `provenance` so that the head carries it wherever it is copied.
     """
     from pipeline.heads.registry import name_of
 
@@ -62,6 +64,8 @@ def save_head(head: BaseHead, directory: Path) -> None:
         "state": {k: _encode(v, f"state.{k}", arrays) for k, v in state.items()},
         "children": children,
     }
+    if provenance is not None:
+        meta["provenance"] = provenance
     text = json.dumps(meta, indent=2, allow_nan=True)
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, directory / WEIGHTS_FILE)
     (directory / META_FILE).write_text(text + "\n")

@@ -7,6 +7,9 @@ from typing import Any
 
 from pipeline.config import BaseConfig, ModelsConfig
 from pipeline.models.hf import ModelWeightsMissing, resolve_dtype, resolve_weights
+from pipeline.provenance import needed_roles
+
+__all__ = ["ROLES", "WeightsMissing", "check_weights", "load_model", "needed_roles"]
 
 # role -> (ModelsConfig field, module, class) of the transformers wrappers.
 _HF_ROLES = {
@@ -61,17 +64,6 @@ def load_model(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
         dtype=base.dtype,
         seed=base.seed,
     )
-
-
-def needed_roles(params: Any) -> list[str]:
-    """Every model a full run with these params loads."""
-    roles = ["clip"]
-    if params.caption.source != "dataset":
-        roles.append("captioner")
-    if params.ground.enabled:
-        roles.append("grounder")
-    roles += [r for r, on in (("bert", params.encode.bert), ("dinov2", params.encode.dinov2)) if on]
-    return roles
 
 
 def check_weights(models: ModelsConfig, roles: list[str] | tuple[str, ...]) -> None:

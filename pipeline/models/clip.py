@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 class ClipWeightsMissing(ModelWeightsMissing):
     """open_clip weights are neither at models.clip.path nor in a local cache."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, where: str = "") -> None:
+        self.where = where
         RuntimeError.__init__(self, message)
 
 
@@ -88,11 +89,11 @@ def _find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
                 f"{', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'}. Set "
                 "models.clip.pretrained, or models.clip.path to a checkpoint file"
             )
-        hub = (cfg.get("hf_hub") or "").strip("/")
+        hub, filenames = hub_files(cfg)
         if hub:
             from huggingface_hub import try_to_load_from_cache
 
-            for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            for filename in filenames:
                 hit = try_to_load_from_cache(hub, filename, cache_dir=hf_hub_cache())
                 if isinstance(hit, str) and os.path.isfile(hit):
                     return Path(hit)
@@ -105,11 +106,45 @@ def _find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
             looked.append(str(target))
     raise ClipWeightsMissing(
         f"model weights for '{name}/{pretrained}' not found; looked in: {'; '.join(looked)}. "
-        'Fix: on a machine with network run `python -c "import open_clip; '
-        f"open_clip.create_model('{name}', pretrained='{pretrained}')\"` to fill the cache, or "
-        "set models.clip.path to a local checkpoint file, or run with -S models.preset=tiny "
-        "for an offline smoke run"
+        "Fix: on a machine with network run `misalign weights fetch` to fill the cache, or "
+        "set models.clip.path to a local checkpoint file, or run the offline smoke run "
+        "`dvc exp run -S models.preset=tiny`",
+        "; ".join(looked),
     )
+
+
+def hub_files(cfg: dict) -> tuple[str, list[str]]:
+    """The hub repo of an open_clip pretrained cfg and the files to look for, in open_clip's
+    order: `hf_hub` is `org/repo/` (the default file name) or `org/repo/filename`, and a
+    safetensors twin of a .bin/.pth file is preferred."""
+    hub = cfg.get("hf_hub") or ""
+    if not hub:
+        return "", []
+    repo, filename = os.path.split(hub)
+    filename = filename or "open_clip_pytorch_model.bin"
+    if filename == "open_clip_pytorch_model.bin":
+        safe = ["open_clip_model.safetensors"]
+    elif filename.endswith((".bin", ".pth")):
+        safe = [filename[:-4] + ".safetensors"]
+    else:
+        safe = []
+    return repo, [*safe, filename]
+
+
+def _preprocess_kwargs(cfg: dict) -> dict:
+    """The tag's own preprocessing (mean, std, interpolation, resize mode), which open_clip
+    applies when given the tag but not when given a checkpoint file."""
+    keys = {
+        "mean": "image_mean",
+        "std": "image_std",
+        "interpolation": "image_interpolation",
+        "resize_mode": "image_resize_mode",
+    }
+    return {
+        arg: tuple(cfg[k]) if k in ("mean", "std") else cfg[k]
+        for k, arg in keys.items()
+        if cfg.get(k)
+    }
 
 
 def tiny_checkpoint(seed: int) -> Path:
@@ -176,18 +211,21 @@ class ClipEncoder:
             name, checkpoint, quick_gelu = TINY_CLIP, tiny_checkpoint(seed), False
             check_weights_file(checkpoint, "the tiny-model cache")
             weights_id = f"{TINY_CLIP}/random-seed{seed}"
+            preprocess_kwargs: dict = {}
         else:
             register_tiny_config()
             checkpoint = find_checkpoint(name, pretrained, path)
             cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
             quick_gelu = bool(cfg.get("quick_gelu", False))
             weights_id = f"{name}/{pretrained}" if not path else f"{name}/{checkpoint}"
+            preprocess_kwargs = _preprocess_kwargs(cfg)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name,
                 pretrained=str(checkpoint),
                 device=device,
                 force_quick_gelu=quick_gelu,
+                **preprocess_kwargs,
             )
         except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as err:
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else repr(err)

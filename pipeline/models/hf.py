@@ -38,9 +38,9 @@ class ModelWeightsMissing(MisalignError, RuntimeError):
         self.role = role
         message = (
             f"model weights for '{model_id}' not found in {where}; download it once with "
-            f"`hf download {model_id}` (`huggingface-cli download {model_id}` with older "
-            f"huggingface_hub) on a machine with network, set models.{role}.path to a local "
-            f"save_pretrained directory, or run with -S models.preset=tiny for an offline smoke run"
+            f"`misalign weights fetch` (or `hf download {model_id}`) on a machine with network, "
+            f"set models.{role}.path to a local save_pretrained directory, or run the offline "
+            "smoke run `dvc exp run -S models.preset=tiny`"
         )
         if detail:
             message += f" (loader said: {detail.strip().splitlines()[0]})"
