@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import load_params
+from pipeline.errors import user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--list", action="store_true")
     c.set_defaults(func=_protocol)
     return ap
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input or missing weights: stages and commands report the message
-    (which names the fix), not a traceback. Everything the library raises for such input is a
-    `pipeline.errors.MisalignError`; ValueError and FileNotFoundError stay here only until every
-    raise site names its own error type."""
-    from pipeline.errors import MisalignError
-
-    return (MisalignError, FileNotFoundError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

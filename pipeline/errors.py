@@ -31,3 +31,12 @@ class ModelFileError(MisalignError, RuntimeError):
 
 class DataUnusable(MisalignError, ValueError):
     """The data is readable but cannot serve the step (one class only, an empty split...)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or missing weights: stages and commands report the message
+    (which names the fix), not a traceback. Everything the library raises for such input is a
+    `MisalignError`; ValueError and FileNotFoundError stay here only until every raise site
+    names its own error type. (Here, not in the CLI, so that a stage script imports only what
+    it runs: dvc.yaml's deps follow the imports.)"""
+    return (MisalignError, FileNotFoundError, ValueError)

@@ -11,6 +11,7 @@ All formulas are pure numpy on the raw encoder outputs stored by the encode stag
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "image_color": ("image", "color_hist"),
 }
 CLASS_PROMPTS = "class_prompts.h5"
+# Version of the feature formulas below; recorded in the shards' provenance, which a trained
+# head keeps and `misalign predict` compares. Bump it when a formula's output changes.
+FEATURES_VERSION = 1
 META = ("ids", "label", "generator", "split", "family")
 _PASSTHROUGH = {"bert_text_emb": "bert_text", "dinov2_emb": "dinov2", "color_hist": "color_hist"}
 
@@ -109,12 +113,15 @@ def run_features(
     clip_shards = store.list_shards(clip_dir)
     if not clip_shards:
         raise store.ShardError(f"no encode shards in {clip_dir}; run the encode stage first")
+    clip_attrs = store.dataset_attrs(clip_dir)  # refuses shards of different runs
+    chain = json.loads(str(clip_attrs.get("provenance") or "{}"))
+    fparams = params_hash(cfg, clip_attrs.get("params_hash", ""))
+    chain["features"] = {"step_version": FEATURES_VERSION, "params_hash": params_hash(cfg)}
     total = 0
     for i, path in enumerate(clip_shards):
         clip = store.read_shard(path)
         meta = store.read_shard(Path(ingest_dir) / store.shard_name(i), list(META))
         feats = compute_features(clip, cfg)
-        attrs = store.read_attrs(path)
         missing = [k for k in KINDS[cfg.kind] if k not in feats]
         if missing:
             raise ValueError(
@@ -127,9 +134,13 @@ def run_features(
             {
                 "stage": "features",
                 "dataset": dataset,
-                "model": attrs.get("model", ""),
-                "preset": attrs.get("preset", ""),
-                "params_hash": params_hash(cfg, attrs.get("params_hash", "")),
+                "model": clip_attrs.get("model", ""),
+                "preset": clip_attrs.get("preset", ""),
+                "dtype": clip_attrs.get("dtype", ""),
+                "device_class": clip_attrs.get("device_class", ""),
+                "step_version": FEATURES_VERSION,
+                "provenance": json.dumps(chain, sort_keys=True),
+                "params_hash": fparams,
                 "kind": cfg.kind,
             },
         )
@@ -178,6 +189,7 @@ def load_features(
     shards = store.list_shards(features_dir)
     if not shards:
         raise store.ShardError(f"no feature shards in {features_dir}; run `dvc repro` first")
+    store.dataset_attrs(features_dir)  # refuses shards of different runs
     blocks: list[dict[str, Any]] = []
     for path in shards:
         data = store.read_shard(path, [*META, *KINDS[kind]])

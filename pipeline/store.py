@@ -26,8 +26,6 @@ _STR = h5py.string_dtype(encoding="utf-8")
 Arrays = dict[str, np.ndarray]
 
 
-
-
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.h5"
 
@@ -174,6 +172,56 @@ def concat_rows(parts: Sequence[Arrays]) -> Arrays:
         else:
             out[key] = np.concatenate([np.asarray(p[key]) for p in parts])
     return out
+
+
+# Attributes every shard of one stage folder must share: shards that differ in any of them were
+# made by different code, weights, dtype or settings and must not be read as one dataset.
+CONSISTENT_ATTRS = (
+    "schema_version",
+    "stage",
+    "model",
+    "dtype",
+    "device_class",
+    "step_version",
+    "provenance",
+    "params_hash",
+)
+
+
+def dataset_attrs(directory: str | Path) -> dict[str, Any]:
+    """Attributes of a stage folder's shards, refusing a folder whose shards disagree.
+
+    Raises:
+        ShardError: no shard, or shards made with different settings, naming which and the fix.
+    """
+    directory = Path(directory)
+    shards = list_shards(directory)
+    if not shards:
+        raise ShardError(f"no shards in {directory}; run the stage that writes it first")
+    attrs = [read_attrs(p) for p in shards]
+    problems = []
+    for key in CONSISTENT_ATTRS:
+        groups: dict[str, list[str]] = {}
+        for path, a in zip(shards, attrs):
+            groups.setdefault(str(a.get(key, "<missing>")), []).append(path.name)
+        if len(groups) > 1:
+            problems.append(
+                f"{key}: "
+                + "; ".join(f"{_names(names)} have {value!r}" for value, names in groups.items())
+            )
+    if problems:
+        raise ShardError(
+            f"the shards of {directory} were made by different runs (other code, weights, dtype "
+            "or settings) and cannot be read as one dataset: "
+            + " | ".join(problems)
+            + f". Rebuild them: delete {directory} and rerun the stage that writes it "
+            f"(e.g. `rm -r {directory} && dvc repro`)"
+        )
+    return attrs[0]
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 4 else f"{names[0]} … {names[-1]} ({len(names)})"
 
 
 def check_aligned(directory: str | Path, reference: str | Path) -> None:

@@ -196,7 +196,7 @@ def test_new_images_are_the_only_work_of_a_rerun(run, tmp_path):
     before = {s: _all(cache2 / s) for s in ("captions", "objects", "clip")}
     _run_all(tmp_path, data2, params)
     for stage in ("captions", "objects", "clip"):
-        timings = json.loads((cache2 / stage / "timings.json").read_text())
+        timings = json.loads((cache2 / "timings" / f"{stage}.json").read_text())
         assert timings["n_processed"] == 3, stage
         after = _all(cache2 / stage)
         where = {cid: i for i, cid in enumerate(after["ids"])}
@@ -289,7 +289,7 @@ def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_pat
         # multitask: a generator is named exactly when the head attributes the image to one
         assert r["generator"] != "real"
     assert cli(args) == 0  # second time: everything comes from the cache
-    timings = json.loads((cache / "clip" / "timings.json").read_text())
+    timings = json.loads((cache / "timings" / "clip.json").read_text())
     assert timings["n_processed"] == 0 and timings["n_reused"] == 3
     assert (
         cli(

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.digest import file_digest
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,16 @@ def find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
     )
 
 
+def tiny_weights_id(seed: int) -> str:
+    return f"{TINY_CLIP}/random-seed{seed}"
+
+
+def checkpoint_weights_id(name: str, pretrained: str, checkpoint: str | os.PathLike[str]) -> str:
+    """Identity of real CLIP weights: the checkpoint file's content hash (computed once per
+    file version, see `pipeline.digest`), so new weights at the same path are new rows."""
+    return f"{name}/{pretrained or 'file'}@sha256:{file_digest(checkpoint)[:16]}"
+
+
 def tiny_checkpoint(seed: int) -> Path:
     """Seeded random weights of the tiny architecture, saved once as a checkpoint file."""
     import open_clip
@@ -164,13 +175,13 @@ class ClipEncoder:
                 seed,
             )
             name, checkpoint, quick_gelu = TINY_CLIP, tiny_checkpoint(seed), False
-            weights_id = f"{TINY_CLIP}/random-seed{seed}"
+            weights_id = tiny_weights_id(seed)
         else:
             register_tiny_config()
             checkpoint = find_checkpoint(name, pretrained, path)
             cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
             quick_gelu = bool(cfg.get("quick_gelu", False))
-            weights_id = f"{name}/{pretrained}" if not path else f"{name}/{checkpoint}"
+            weights_id = checkpoint_weights_id(name, pretrained, checkpoint)
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained=str(checkpoint),

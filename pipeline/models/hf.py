@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from pipeline.digest import tree_digest
 from pipeline.errors import MisalignError
 
 logger = logging.getLogger(__name__)
@@ -104,13 +105,20 @@ def resolve_weights(model_id: str, path: str | os.PathLike[str] | None, role: st
         if not (local / "config.json").is_file():
             raise ModelWeightsMissing(model_id, f"{local} (no config.json)", role)
         resolved = local.resolve()
-        return WeightsSource(str(resolved), None, f"{model_id}@local:{resolved}", str(resolved))
+        # The folder's content, not its path: new weights saved at the same path are new rows.
+        weights_id = f"{model_id}@sha256:{tree_digest(resolved)[:16]}"
+        return WeightsSource(str(resolved), None, weights_id, str(resolved))
     cache = hf_hub_cache()
     found = try_to_load_from_cache(model_id, "config.json", cache_dir=cache)
     if not isinstance(found, str):
         raise ModelWeightsMissing(model_id, f"the Hugging Face cache {cache}", role)
-    revision = Path(found).parent.name  # .../snapshots/<commit>/config.json
+    revision = Path(found).parent.name  # .../snapshots/<commit>/config.json: the hub commit
     return WeightsSource(model_id, str(cache), f"{model_id}@{revision}", f"the HF cache {cache}")
+
+
+def tiny_weights_id(name: str, seed: int) -> str:
+    """Identity of a tiny model: what `build_tiny` builds is fixed by name, seed and format."""
+    return f"{name}@seed{seed}-random-format{TINY_FORMAT_VERSION}"
 
 
 def load_pretrained(
@@ -338,7 +346,7 @@ class HFWrapper:
             directory = build_tiny(cls.tiny_name, seed, cls._build_tiny)
             model_id = cls.tiny_name
             source = WeightsSource(
-                str(directory), None, f"{cls.tiny_name}@seed{seed}-random", str(directory)
+                str(directory), None, tiny_weights_id(cls.tiny_name, seed), str(directory)
             )
         else:
             model_id = model_id or cls.default_model_id
