@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,9 @@ def run_features(
     clip_attrs = store.dataset_attrs(clip_dir)  # refuses shards of different runs
     chain = json.loads(str(clip_attrs.get("provenance") or "{}"))
     fparams = params_hash(cfg, clip_attrs.get("params_hash", ""))
-    chain["features"] = {"step_version": FEATURES_VERSION, "params_hash": params_hash(cfg)}
+    # features.kind only picks what heads read; every kind is in the shards.
+    shaping = {k: v for k, v in asdict(cfg).items() if k != "kind"}
+    chain["features"] = {"step_version": FEATURES_VERSION, "params_hash": params_hash(shaping)}
     total = 0
     for i, path in enumerate(clip_shards):
         clip = store.read_shard(path)
@@ -153,6 +155,37 @@ def run_features(
         shutil.copyfile(prompts, out_dir / CLASS_PROMPTS)
     logger.info("features: %d images in %d shards -> %s", total, len(clip_shards), out_dir)
     return total
+
+
+def feature_settings(features_dir: str | Path) -> dict[str, Any]:
+    """What made a features folder, stage by stage (weights, dtype, device class, step
+    versions, feature params): a trained head keeps it, `misalign predict` compares it."""
+    attrs = store.dataset_attrs(features_dir)
+    return {
+        "preset": attrs.get("preset", ""),
+        "provenance": json.loads(str(attrs.get("provenance") or "{}")),
+    }
+
+
+# Compared between a head's training features and the features `predict` builds. The device
+# class is not: a head trained on GPU features serves CPU ones of the same dtype.
+_COMPARED = ("model", "dtype", "step_version", "params_hash")
+
+
+def settings_differences(trained: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`stage.field: trained with X, these features Y` for every difference that matters."""
+    out = []
+    if trained.get("preset") != now.get("preset"):
+        out.append(
+            f"models.preset: trained with {trained.get('preset')!r}, now {now.get('preset')!r}"
+        )
+    a, b = trained.get("provenance", {}), now.get("provenance", {})
+    for stage in sorted(set(a) | set(b)):
+        for key in _COMPARED:
+            x, y = a.get(stage, {}).get(key), b.get(stage, {}).get(key)
+            if x != y:
+                out.append(f"{stage}.{key}: trained with {x!r}, these features {y!r}")
+    return out
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
+from pipeline.atomic import atomic_path
 from pipeline.errors import ShardError
 
 logger = logging.getLogger(__name__)
@@ -60,27 +60,21 @@ def write_shard(path: str | Path, data: Arrays, attrs: dict[str, Any]) -> None:
         offsets = np.asarray(data[OFFSETS])
         if len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
             raise ShardError(f"refusing to write {path}: malformed {OFFSETS}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {
         "schema_version": SCHEMA_VERSION,
         "package_version": __version__,
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **attrs,
     }
-    try:
-        with h5py.File(tmp, "w") as fh:
-            for key, value in meta.items():
-                fh.attrs[key] = value if not isinstance(value, (dict, list)) else repr(value)
-            for key, value in data.items():
-                arr = _as_dataset(value)
-                if arr.dtype == object:
-                    fh.create_dataset(key, data=arr, dtype=_STR)
-                else:
-                    fh.create_dataset(key, data=arr)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+        for key, value in meta.items():
+            fh.attrs[key] = value if not isinstance(value, (dict, list)) else repr(value)
+        for key, value in data.items():
+            arr = _as_dataset(value)
+            if arr.dtype == object:
+                fh.create_dataset(key, data=arr, dtype=_STR)
+            else:
+                fh.create_dataset(key, data=arr)
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:

@@ -19,8 +19,9 @@ from scipy.optimize import minimize
 from scipy.special import expit, logit
 
 from pipeline import store
+from pipeline.atomic import write_text
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.features import CLASS_PROMPTS, FeatureSet, load_features
+from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ def train_heads(
             "n_train": int(len(train.y)),
             "n_val": int(len(val.y)),
             "features_dir": str(features_dir),
+            # What made the features (weights, dtype, versions); predict refuses others.
+            "feature_settings": feature_settings(features_dir),
             "contaminated": contaminated,
         }
         if name in ATTRIBUTION_HEADS:
@@ -256,7 +259,7 @@ def train_heads(
             info["val_threshold"] = float(threshold_for_balanced_accuracy(val.y, p_val))
         info["calibration"] = {"method": cfg.calibration, **cal}
         save_head(head, out_dir / name)
-        (out_dir / name / TRAIN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        write_text(out_dir / name / TRAIN_INFO, json.dumps(info, indent=2, default=str) + "\n")
         report[name] = info
     return report
 

@@ -313,6 +313,22 @@ def test_hf_weights_in_a_local_folder_are_keyed_by_content(tmp_path, monkeypatch
     assert a != b and a.startswith("bert-base-uncased@sha256:")
 
 
+def test_settings_differences_name_each_difference(small):
+    from pipeline.features import feature_settings, settings_differences
+
+    trained = feature_settings(small[0] / "cache" / "features")
+    assert settings_differences(trained, trained) == []
+    now = json.loads(json.dumps(trained))
+    now["provenance"]["objects"]["step_version"] = 2
+    now["provenance"]["clip"]["model"] = "ViT-L-14/openai@sha256:ab"
+    now["provenance"]["clip"]["device_class"] = "cuda"  # not a difference that matters
+    assert settings_differences(trained, now) == [
+        f"clip.model: trained with {trained['provenance']['clip']['model']!r}, these features "
+        "'ViT-L-14/openai@sha256:ab'",
+        "objects.step_version: trained with 1, these features 2",
+    ]
+
+
 # ----------------------------------------------------------------------- batch-partner freedom
 
 

@@ -369,3 +369,20 @@ def test_optional_encoders_give_their_feature_kinds(run, tmp_path):
     np.testing.assert_allclose(
         load_features(tmp_path / "features", "image_color").X[:, : image.shape[1]], image
     )
+
+
+def test_predict_refuses_features_made_otherwise_than_the_heads(run, tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    work, data, _, _ = run
+    info = json.loads((work / "models" / "mlp" / "train.json").read_text())
+    assert info["feature_settings"]["provenance"]["clip"]["dtype"] == "float32"
+    other = _params(tmp_path, **{"base.dtype": "bfloat16"})
+    image = sorted((data / "images").iterdir())[0]
+    args = ["predict", "--head", str(work / "models" / "mlp"), "--out", str(tmp_path / "p.csv")]
+    args += ["--params", other, "--cache", str(tmp_path / "pcache"), str(image)]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert "clip.dtype: trained with 'float32', these features 'bfloat16'" in err
+    assert "captions.dtype" in err and "objects.dtype" in err
+    assert not (tmp_path / "p.csv").exists()

@@ -10,6 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.atomic import atomic_path, write_text
 from pipeline.heads._base import BaseHead
 
 FORMAT_VERSION = 1
@@ -62,8 +63,9 @@ def save_head(head: BaseHead, directory: Path) -> None:
         "children": children,
     }
     text = json.dumps(meta, indent=2, allow_nan=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, directory / WEIGHTS_FILE)
-    (directory / META_FILE).write_text(text + "\n")
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    write_text(directory / META_FILE, text + "\n")
 
 
 def load_head(directory: Path) -> BaseHead:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.atomic import atomic_path
 from pipeline.digest import file_digest
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
 
@@ -122,9 +123,8 @@ def tiny_checkpoint(seed: int) -> Path:
     if not target.is_file():
         torch.manual_seed(seed)
         model = open_clip.create_model(TINY_CLIP, pretrained=None)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            torch.save(model.state_dict(), tmp)
     return target
 
 
