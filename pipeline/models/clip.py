@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, write_text
 from pipeline.digest import file_digest
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
 
@@ -51,7 +51,7 @@ def register_tiny_config() -> None:
         return
     folder = tiny_cache_dir() / "open_clip_configs"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(_TINY_CLIP_CFG, indent=2))
+    write_text(folder / f"{TINY_CLIP}.json", json.dumps(_TINY_CLIP_CFG, indent=2))
     open_clip.add_model_config(folder)
 
 

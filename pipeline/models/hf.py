@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from pipeline.atomic import write_text
 from pipeline.digest import tree_digest
 from pipeline.errors import MisalignError
 
@@ -155,7 +156,7 @@ def build_tiny(name: str, seed: int, build: Callable[[Path], None]) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             build(tmp)
-        (tmp / _TINY_MARKER).write_text(json.dumps(stamp))
+        write_text(tmp / _TINY_MARKER, json.dumps(stamp))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any other
         if _is_current(target, stamp):  # another process finished the same build meanwhile
             return target
@@ -257,7 +258,7 @@ def write_tiny_wordpiece_tokenizer(directory: Path, model_max_length: int) -> in
     """
     vocab = bert_uncased_vocab(TINY_WORDS)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    write_text(directory / "vocab.txt", "\n".join(vocab) + "\n")
     config = {
         "tokenizer_class": "BertTokenizer",
         "do_lower_case": True,
@@ -268,14 +269,14 @@ def write_tiny_wordpiece_tokenizer(directory: Path, model_max_length: int) -> in
         "cls_token": "[CLS]",
         "mask_token": "[MASK]",
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
     return len(vocab)
 
 
 def write_json(path: Path, content: Mapping[str, Any]) -> None:
     """Write a config file the way save_pretrained does."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 _Wrapper = TypeVar("_Wrapper", bound="HFWrapper")
