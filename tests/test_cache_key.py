@@ -237,6 +237,28 @@ def test_a_dtype_change_recomputes_every_encode_row(small, tmp_path):
     assert store.dataset_attrs(cache / "features")["dtype"] == "bfloat16"
 
 
+def test_the_key_has_the_resolved_dtype_and_the_device_class(tmp_path):
+    from pipeline.config import BaseConfig
+    from pipeline.models import runtime_class
+
+    def key(**base):
+        p = _params(tmp_path, **{f"base.{k}": v for k, v in base.items()})
+        step = extract.EncodeStep(
+            Path("i"), Path("c"), Path("o"), p.encode, 0.1, p.models, p.base, "t"
+        )
+        return step.params_hash()
+
+    assert key(dtype="auto", device="cpu") == key(dtype="float32", device="cpu")
+    assert key(dtype="float16", device="cpu") != key(dtype="float32", device="cpu")
+    assert key(dtype="float32", device="cuda") != key(dtype="float32", device="cpu")
+    assert key(dtype="auto", device="cuda") == key(dtype="float16", device="cuda")
+    # Which card is not part of the key (a Dask worker on cuda:1 reuses cuda:0's rows).
+    assert runtime_class(BaseConfig(device="cuda:1", dtype="auto")) == {
+        "dtype": "float16",
+        "device_class": "cuda",
+    }
+
+
 def test_shards_of_different_runs_are_refused(small, tmp_path):
     from pipeline.features import load_features, run_features
 
