@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import load_params
+from pipeline.errors import user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -144,16 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_protocol)
     return ap
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input or missing weights: stages and commands report the message
-    (which names the fix), not a traceback. Everything the library raises for such input is a
-    `pipeline.errors.MisalignError`; any other exception (a ValueError deep in numpy, a
-    KeyError) is a bug and keeps its traceback."""
-    from pipeline.errors import MisalignError
-
-    return (MisalignError,)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_open
 from pipeline.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ POOL_SPLITS = ("unlabelled",)
 REAL = "real"
 _REAL_LABELS = {"0", "real", "nature", "0_real"}
 _FAKE_LABELS = {"1", "fake", "generated", "ai", "synthetic", "1_fake"}
-
-
 
 
 @dataclass
@@ -1030,12 +1029,10 @@ def ingest(
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     """Write a CSV atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_open(path) as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def item_columns() -> list[str]:

@@ -35,3 +35,12 @@ class DataUnusable(MisalignError, ValueError):
 
 class OutputError(MisalignError, OSError):
     """An output folder cannot be written (read-only, not permitted, no space left)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or missing weights: stages and commands report the message
+    (which names the fix), not a traceback. Everything the library raises for such input is a
+    `MisalignError`; any other exception (a ValueError deep in numpy, a KeyError) is a bug and
+    keeps its traceback. (Here, not in the CLI, so that a stage script imports only what it
+    runs: dvc.yaml's deps follow the imports.)"""
+    return (MisalignError,)

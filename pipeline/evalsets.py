@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from pipeline import data as datamod
 from pipeline import store
+from pipeline.atomic import atomic_path
 from pipeline.config import Params
 from pipeline.errors import DataUnusable
 from pipeline.extract import run_caption, run_encode, run_ground, run_ingest
@@ -112,9 +113,8 @@ def perturbed_copy(
         # a file kept from an earlier run could come from other perturbation code.
         image = datamod.load_rgb(row["_root"] / row["path"])
         out = perturb(image, kind, severity, seed=seed, key=str(row["ids"]))
-        tmp = target.with_name(f".{target.name}.tmp")
-        out.save(tmp, format="PNG", compress_level=1)
-        tmp.replace(target)
+        with atomic_path(target) as tmp:
+            out.save(tmp, format="PNG", compress_level=1)
         written.add(target.name)
         row["_rel"] = rel
     for stale in (dest / "images").glob("*.png"):

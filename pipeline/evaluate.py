@@ -3,19 +3,17 @@ score files and curves for DVC metrics/plots. The metrics themselves are in `met
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 import numpy as np
 
+from pipeline.atomic import atomic_open, write_text
 from pipeline.errors import DataUnusable
 from pipeline.metrics import (
     REAL_CLASS,
@@ -39,7 +37,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, ndigits: int | Non
     producing JSON that DVC cannot parse: report undefined values as ``None``.
     """
     text = json.dumps(_jsonable(obj, ndigits, "$"), indent=2, sort_keys=True, allow_nan=False)
-    _write_atomic(Path(path), lambda f: f.write(text + "\n"))
+    write_text(path, text + "\n")
 
 
 def _jsonable(obj: Any, ndigits: int | None, where: str) -> Any:
@@ -59,20 +57,6 @@ def _jsonable(obj: Any, ndigits: int | None, where: str) -> Any:
             )
         return round(obj, ndigits) if ndigits is not None else obj
     raise TypeError(f"{where} has type {type(obj).__name__}, which cannot be written as JSON")
-
-
-def _write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def run_evaluate(
@@ -196,10 +180,11 @@ def _fmt(x: Any) -> str:
 def _write_points(path: Path, points: list[dict[str, Any]]) -> None:
     keys = [k for k in points[0] if k != "threshold"] if points else []
 
-    def write(fh: TextIO) -> None:
+    def write(fh: IO[Any]) -> None:
         writer = csv.writer(fh)
         writer.writerow(keys)
         for p in points:
             writer.writerow([p[k] for k in keys])
 
-    _write_atomic(path, write)
+    with atomic_open(path) as fh:
+        write(fh)

@@ -25,12 +25,20 @@ from pipeline.config import (
     ModelsConfig,
     params_hash,
 )
-from pipeline.errors import CaptionsMissing
+from pipeline.errors import CaptionsMissing, ModelFileError
 from pipeline.features import CLASS_PROMPTS
 from pipeline.runner import Timer, row_hash, run_step
 from pipeline.store import Arrays
 
 logger = logging.getLogger(__name__)
+
+# Version of the code that shapes each step's rows: the step's `compute` here and the model
+# wrapper it calls (models/blip2.py, models/grounding.py, models/clip.py, bert.py, dinov2.py).
+# It is part of every row's key, so bumping it recomputes that step's rows (and downstream rows
+# only where their inputs then change). tests/test_step_versions.py pins each step's output on
+# a fixed fixture: a change of output without a bump here fails it; a refactor that keeps the
+# output passes and invalidates nothing.
+STEP_VERSIONS: dict[str, int] = {"captions": 1, "objects": 1, "clip": 1}
 
 
 # --------------------------------------------------------------------------------------- ingest
@@ -192,8 +200,49 @@ def _aligned(upstream: Path, index: int, ids: np.ndarray, keys: Sequence[str]) -
     return rows
 
 
-def _model_attrs(stage: str, dataset: str, model: str, preset: str) -> dict[str, Any]:
-    return {"stage": stage, "dataset": dataset, "model": model, "preset": preset}
+def runtime_key(stage: str, roles: Sequence[str], models: ModelsConfig, base: BaseConfig) -> dict:
+    """What, besides params and upstream content, shapes a step's rows: its code version, the
+    identity of the weights of each model it runs, and the dtype and device class they run in."""
+    from pipeline.models import runtime_class, weights_identity
+
+    key: dict[str, Any] = {"step_version": STEP_VERSIONS[stage]}
+    if roles:
+        key["weights"] = {r: weights_identity(r, models, base.seed) for r in roles}
+        key.update(runtime_class(base))
+    return key
+
+
+def _model_attrs(
+    stage: str, dataset: str, preset: str, key: dict[str, Any], no_model: str, upstream: str
+) -> dict[str, Any]:
+    """Shard attributes: `model` names the weights actually used (name@revision or
+    name@sha256:...), plus dtype, device class, step version and the provenance chain."""
+    weights = key.get("weights", {})
+    own = {
+        "model": "; ".join(weights.values()) or no_model,
+        "dtype": key.get("dtype", ""),
+        "device_class": key.get("device_class", ""),
+        "step_version": key["step_version"],
+    }
+    chain = json.loads(upstream) if upstream else {}
+    chain[stage] = own
+    return {
+        "stage": stage,
+        "dataset": dataset,
+        "preset": preset,
+        **own,
+        "weights": json.dumps(weights, sort_keys=True),
+        "provenance": json.dumps(chain, sort_keys=True),
+    }
+
+
+def upstream_provenance(*directories: Path) -> str:
+    """The provenance chain of the stages a step reads (each folder's shards must agree)."""
+    chain: dict[str, Any] = {}
+    for directory in directories:
+        attrs = store.dataset_attrs(directory)
+        chain.update(json.loads(str(attrs.get("provenance") or "{}")))
+    return json.dumps(chain, sort_keys=True)
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -215,10 +264,11 @@ class CaptionStep:
     def n_shards(self) -> int:
         return len(store.list_shards(self.ingest_dir))
 
-    def _model_id(self) -> str:
-        if self.cfg.source == "dataset":
-            return "dataset"
-        return "tiny-blip2" if self.models.preset == "tiny" else self.models.blip2.id
+    def roles(self) -> list[str]:
+        return [] if self.cfg.source == "dataset" else ["captioner"]
+
+    def key(self) -> dict[str, Any]:
+        return runtime_key(self.stage, self.roles(), self.models, self.base)
 
     def params_hash(self) -> str:
         decoding = {k: v for k, v in asdict(self.cfg).items() if k != "batch_size"}
@@ -228,10 +278,11 @@ class CaptionStep:
             self.models.preset if uses_model else "",
             asdict(self.models.blip2) if uses_model else "",
             self.base.seed if uses_model and self.models.preset == "tiny" else "",
+            self.key(),
         )
 
     def attrs(self) -> dict[str, Any]:
-        return _model_attrs(self.stage, self.dataset, self._model_id(), self.models.preset)
+        return _model_attrs(self.stage, self.dataset, self.models.preset, self.key(), "dataset", "")
 
     def read(self, index: int) -> Arrays:
         rows = _ingest_rows(self.ingest_dir, index, ["path", "caption"])
@@ -335,9 +386,16 @@ class GroundStep:
     base: BaseConfig
     dataset: str
     stage: str = "objects"
+    upstream: str = ""  # provenance of the captions (JSON), recorded in the shards
 
     def n_shards(self) -> int:
         return len(store.list_shards(self.ingest_dir))
+
+    def roles(self) -> list[str]:
+        return ["grounder"] if self.cfg.enabled else []
+
+    def key(self) -> dict[str, Any]:
+        return runtime_key(self.stage, self.roles(), self.models, self.base)
 
     def params_hash(self) -> str:
         # crop_padding only shapes the encode stage's crops.
@@ -349,13 +407,18 @@ class GroundStep:
             self.models.preset,
             asdict(self.models.grounding),
             self.base.seed if self.models.preset == "tiny" else "",
+            self.key(),
         )
 
     def attrs(self) -> dict[str, Any]:
-        model = "tiny-grounding-dino" if self.models.preset == "tiny" else self.models.grounding.id
-        if not self.cfg.enabled:
-            model = "none (ground.enabled=false)"
-        return _model_attrs(self.stage, self.dataset, model, self.models.preset)
+        return _model_attrs(
+            self.stage,
+            self.dataset,
+            self.models.preset,
+            self.key(),
+            "none (ground.enabled=false)",
+            self.upstream,
+        )
 
     def read(self, index: int) -> Arrays:
         rows = _ingest_rows(self.ingest_dir, index, ["path", "width", "height"])
@@ -411,7 +474,10 @@ def run_ground(
     base: BaseConfig,
     dataset: str,
 ) -> dict[str, Any]:
-    step = GroundStep(Path(ingest_dir), Path(captions_dir), cfg, models, base, dataset)
+    upstream = upstream_provenance(Path(captions_dir))
+    step = GroundStep(
+        Path(ingest_dir), Path(captions_dir), cfg, models, base, dataset, upstream=upstream
+    )
     if cfg.enabled:
         preflight(models, ["grounder"])
     return run_step(step, out_dir, **_sched(base))
@@ -485,9 +551,18 @@ class EncodeStep:
     base: BaseConfig
     dataset: str
     stage: str = "clip"
+    upstream: str = ""  # provenance of the captions and objects (JSON), recorded in the shards
 
     def n_shards(self) -> int:
         return len(store.list_shards(self.ingest_dir))
+
+    def roles(self) -> list[str]:
+        return (
+            ["clip"] + (["bert"] if self.cfg.bert else []) + (["dinov2"] if self.cfg.dinov2 else [])
+        )
+
+    def key(self) -> dict[str, Any]:
+        return runtime_key(self.stage, self.roles(), self.models, self.base)
 
     def params_hash(self) -> str:
         # Only what shapes the stored rows: not the batch size, not the class prompts (written
@@ -503,12 +578,13 @@ class EncodeStep:
             asdict(self.models.bert) if self.cfg.bert else "",
             asdict(self.models.dinov2) if self.cfg.dinov2 else "",
             self.base.seed if self.models.preset == "tiny" else "",
+            self.key(),
         )
 
     def attrs(self) -> dict[str, Any]:
-        clip = self.models.clip
-        model = "tiny-clip" if self.models.preset == "tiny" else f"{clip.id}/{clip.pretrained}"
-        return _model_attrs(self.stage, self.dataset, model, self.models.preset)
+        return _model_attrs(
+            self.stage, self.dataset, self.models.preset, self.key(), "", self.upstream
+        )
 
     def read(self, index: int) -> Arrays:
         rows = _ingest_rows(self.ingest_dir, index, ["path"])
@@ -693,9 +769,9 @@ def run_encode(
         models,
         base,
         dataset,
+        upstream=upstream_provenance(Path(captions_dir), Path(objects_dir)),
     )
-    roles = ["clip"] + (["bert"] if cfg.bert else []) + (["dinov2"] if cfg.dinov2 else [])
-    preflight(models, roles)
+    preflight(models, step.roles())
     _TEXT_MEMO.clear()
     try:
         timings = run_step(step, out_dir, **_sched(base))
@@ -758,11 +834,20 @@ _LOADED: dict[tuple[str, str], Any] = {}
 
 def _load(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
     """Load a model once per process (Dask workers keep theirs between shards)."""
-    from pipeline.models import load_model
+    from pipeline.models import load_model, weights_identity
 
     key = (role, repr((models, base.seed, base.device, base.dtype)))
     if key not in _LOADED:
         _LOADED[key] = load_model(role, models, base)
+    loaded = getattr(_LOADED[key], "weights_id", None)
+    expected = weights_identity(role, models, base.seed)
+    if loaded != expected:
+        # The rows of this run are keyed by `expected`; never write rows of other weights.
+        del _LOADED[key]
+        raise ModelFileError(
+            f"the {role} weights changed during the run (loaded {loaded}, now {expected}); "
+            "rerun the stage"
+        )
     return _LOADED[key]
 
 

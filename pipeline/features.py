@@ -11,9 +11,10 @@ All formulas are pure numpy on the raw encoder outputs stored by the encode stag
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "image_color": ("image", "color_hist"),
 }
 CLASS_PROMPTS = "class_prompts.h5"
+# Version of the feature formulas below; recorded in the shards' provenance, which a trained
+# head keeps and `misalign predict` compares. Bump it when a formula's output changes.
+FEATURES_VERSION = 1
 META = ("ids", "label", "generator", "split", "family", "subset")
 _PASSTHROUGH = {"bert_text_emb": "bert_text", "dinov2_emb": "dinov2", "color_hist": "color_hist"}
 
@@ -119,6 +123,12 @@ def run_features(
     clip_shards = store.list_shards(clip_dir)
     if not clip_shards:
         raise store.ShardError(f"no encode shards in {clip_dir}; run the encode stage first")
+    clip_attrs = store.dataset_attrs(clip_dir)  # refuses shards of different runs
+    chain = json.loads(str(clip_attrs.get("provenance") or "{}"))
+    fparams = params_hash(cfg, clip_attrs.get("params_hash", ""))
+    # features.kind only picks what heads read; every kind is in the shards.
+    shaping = {k: v for k, v in asdict(cfg).items() if k != "kind"}
+    chain["features"] = {"step_version": FEATURES_VERSION, "params_hash": params_hash(shaping)}
     total = 0
     for i, path in enumerate(clip_shards):
         clip = store.read_shard(path)
@@ -133,7 +143,6 @@ def run_features(
                 )
             meta["caption_source"] = caps["caption_source"]
         feats = compute_features(clip, cfg)
-        attrs = store.read_attrs(path)
         missing = [k for k in KINDS[cfg.kind] if k not in feats]
         if missing:
             raise ConfigError(
@@ -146,9 +155,13 @@ def run_features(
             {
                 "stage": "features",
                 "dataset": dataset,
-                "model": attrs.get("model", ""),
-                "preset": attrs.get("preset", ""),
-                "params_hash": params_hash(cfg, attrs.get("params_hash", "")),
+                "model": clip_attrs.get("model", ""),
+                "preset": clip_attrs.get("preset", ""),
+                "dtype": clip_attrs.get("dtype", ""),
+                "device_class": clip_attrs.get("device_class", ""),
+                "step_version": FEATURES_VERSION,
+                "provenance": json.dumps(chain, sort_keys=True),
+                "params_hash": fparams,
                 "kind": cfg.kind,
             },
         )
@@ -161,6 +174,37 @@ def run_features(
         shutil.copyfile(prompts, out_dir / CLASS_PROMPTS)
     logger.info("features: %d images in %d shards -> %s", total, len(clip_shards), out_dir)
     return total
+
+
+def feature_settings(features_dir: str | Path) -> dict[str, Any]:
+    """What made a features folder, stage by stage (weights, dtype, device class, step
+    versions, feature params): a trained head keeps it, `misalign predict` compares it."""
+    attrs = store.dataset_attrs(features_dir)
+    return {
+        "preset": attrs.get("preset", ""),
+        "provenance": json.loads(str(attrs.get("provenance") or "{}")),
+    }
+
+
+# Compared between a head's training features and the features `predict` builds. The device
+# class is not: a head trained on GPU features serves CPU ones of the same dtype.
+_COMPARED = ("model", "dtype", "step_version", "params_hash")
+
+
+def settings_differences(trained: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`stage.field: trained with X, these features Y` for every difference that matters."""
+    out = []
+    if trained.get("preset") != now.get("preset"):
+        out.append(
+            f"models.preset: trained with {trained.get('preset')!r}, now {now.get('preset')!r}"
+        )
+    a, b = trained.get("provenance", {}), now.get("provenance", {})
+    for stage in sorted(set(a) | set(b)):
+        for key in _COMPARED:
+            x, y = a.get(stage, {}).get(key), b.get(stage, {}).get(key)
+            if x != y:
+                out.append(f"{stage}.{key}: trained with {x!r}, these features {y!r}")
+    return out
 
 
 @dataclass
@@ -199,6 +243,7 @@ def load_features(
     shards = store.list_shards(features_dir)
     if not shards:
         raise store.ShardError(f"no feature shards in {features_dir}; run `dvc repro` first")
+    store.dataset_attrs(features_dir)  # refuses shards of different runs
     blocks: list[dict[str, Any]] = []
     for path in shards:
         data = store.read_shard(path, [*META, *KINDS[kind]])

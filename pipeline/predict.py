@@ -10,7 +10,7 @@ from typing import Any
 from pipeline import data as datamod
 from pipeline import store
 from pipeline.config import Params
-from pipeline.errors import ModelFileError
+from pipeline.errors import ConfigError, ModelFileError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,27 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise datamod.DatasetError(f"no image files found in {list(map(str, inputs))}")
     return files
+
+
+def check_settings(head_dir: Path, info: dict[str, Any], features_dir: Path) -> None:
+    """Refuse features made otherwise than the head's training features (other weights, dtype,
+    step versions or feature params): the head's numbers would not mean what they meant."""
+    from pipeline.features import feature_settings, settings_differences
+
+    trained = info.get("feature_settings")
+    if trained is None:
+        raise ConfigError(
+            f"{head_dir} does not record the settings of its training features (trained by an "
+            "older misalign); retrain it (dvc repro train) so that predict can check them"
+        )
+    diffs = settings_differences(trained, feature_settings(features_dir))
+    if diffs:
+        raise ConfigError(
+            f"the features of these images are not made the way {head_dir} was trained "
+            f"(kind {info.get('kind')!r}): " + "; ".join(diffs) + ". Run predict with the params "
+            "the head was trained with (same models, base.dtype, feature settings and code "
+            "version), or retrain the head with these"
+        )
 
 
 def predict(
@@ -87,6 +108,7 @@ def predict(
     for path, reason in result.quarantined:
         logger.error("cannot score %s: %s", path, reason)
     features_dir = extract_ingested(cache, "predict", params)
+    check_settings(head_dir, info, features_dir)
 
     fs = load_features(features_dir, info["kind"])
     if fs.X.shape[1] != head.n_features_in_:

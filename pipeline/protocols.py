@@ -1,4 +1,5 @@
-"""Named protocols of the seed papers: a file of params overrides per protocol (protocols/).
+"""Named protocols of the seed papers: a file of params overrides per protocol, shipped inside
+the package (pipeline/protocol_files/, package data), so that an installed wheel has them.
 
 `misalign protocol item --data-root /data` prints the `-S key=value` arguments, so that
 `eval "dvc exp run $(misalign protocol item --data-root /data)"` runs the protocol as a tracked
@@ -8,18 +9,21 @@ experiment without editing params.yaml.
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import yaml
 
 from pipeline.config import ConfigError
 
-PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "protocols"
+
+def protocol_dir() -> Traversable:
+    return resources.files("pipeline") / "protocol_files"
 
 
 def _load(name: str) -> dict[str, Any]:
-    path = PROTOCOL_DIR / f"{name}.yaml"
+    path = protocol_dir() / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(list_protocols())) or "none"
         raise ConfigError(f"unknown protocol {name!r}; known protocols: {known}")
@@ -29,9 +33,14 @@ def _load(name: str) -> dict[str, Any]:
 
 def list_protocols() -> dict[str, str]:
     """Protocol name -> one-line description."""
+    files = sorted(
+        (p for p in protocol_dir().iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name
+    )
     return {
-        p.stem: " ".join(str(yaml.safe_load(p.read_text()).get("description", "")).split())
-        for p in sorted(PROTOCOL_DIR.glob("*.yaml"))
+        p.name.removesuffix(".yaml"): " ".join(
+            str(yaml.safe_load(p.read_text()).get("description", "")).split()
+        )
+        for p in files
     }
 
 

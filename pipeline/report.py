@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline import store
+from pipeline.atomic import write_text
 from pipeline.data import load_rgb
 from pipeline.errors import DataUnusable
 from pipeline.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
@@ -147,7 +145,7 @@ def build_report(
     ]
     page = _page(title, attrs, sections)
     path = out_dir / "index.html"
-    _write_text_atomic(path, page)
+    write_text(path, page)
     logger.info("report: wrote %s (%.1f kB)", path, len(page.encode()) / 1e3)
     return path
 
@@ -328,20 +326,6 @@ def _page(
         f"<h1>{_esc(title)}</h1>\n{banner}\n<nav>{nav}</nav>\n"
         f'<section id="run">\n<h2>Run</h2>\n{run}\n</section>\n{body}\n</body>\n</html>\n'
     )
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------ figures

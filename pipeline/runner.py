@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import store
-from pipeline.atomic import writable_dir
+from pipeline.atomic import writable_dir, write_text
 from pipeline.store import Arrays
 
 logger = logging.getLogger(__name__)
@@ -96,14 +96,19 @@ def _reuse_index(out_dir: Path, phash: str) -> dict[str, tuple[str, int, str]]:
     return index
 
 
-def _matches(path: Path, phash: str, ids: list[str], hashes: list[str]) -> bool:
-    """Whether the shard at `path` holds exactly these rows made with these params."""
+def _matches(
+    path: Path, phash: str, ids: list[str], hashes: list[str], attrs: dict[str, Any]
+) -> bool:
+    """Whether the shard at `path` holds exactly these rows made with these params, and says
+    so in its attributes (an upstream provenance that changed is rewritten)."""
     if not path.exists():
         return False
     try:
         done = store.read_shard(path, ["ids", "input_hash"])
+        old = store.read_attrs(path)
         return bool(
-            store.read_attrs(path).get("params_hash") == phash
+            old.get("params_hash") == phash
+            and all(old.get(k) == v for k, v in attrs.items())
             and list(done["ids"]) == ids
             and list(done["input_hash"]) == hashes
         )
@@ -122,13 +127,14 @@ def process_shard(
     ids = [str(x) for x in inputs["ids"]]
     hashes = [str(x) for x in inputs["input_hash"]]
     phash = step.params_hash()
+    attrs = step.attrs()
 
     final = Path(out_dir) / store.shard_name(index)
-    if _matches(final, phash, ids, hashes):
+    if _matches(final, phash, ids, hashes, attrs):
         # Already what this run would write: leave the file (and its DVC hash) untouched.
         target.unlink(missing_ok=True)
         return ShardReport(index, 0, len(ids), timer.seconds)
-    if _matches(target, phash, ids, hashes):
+    if _matches(target, phash, ids, hashes, attrs):
         return ShardReport(index, 0, len(ids), timer.seconds)
 
     parts: list[Arrays] = []
@@ -149,7 +155,7 @@ def process_shard(
     position = {str(cid): k for k, cid in enumerate(merged["ids"])}
     ordered = store.take_rows(merged, [position[cid] for cid in ids])
     with timer("write"):
-        store.write_shard(target, ordered, {**step.attrs(), "params_hash": phash})
+        store.write_shard(target, ordered, {**attrs, "params_hash": phash})
     return ShardReport(index, len(todo), len(ids) - len(todo), timer.seconds)
 
 
@@ -170,7 +176,7 @@ def run_step(
     dask_address: str = "",
     n_workers: int = 2,
 ) -> dict[str, Any]:
-    """Run `step` over all shards into `out_dir` and write `<out_dir>/timings.json`.
+    """Run `step` over all shards into `out_dir` and write its timings (`timings_path`).
 
     Returns:
         The timings: seconds per phase, images per second, n_processed, n_reused.
@@ -227,7 +233,7 @@ def run_step(
         "n_shards": n,
         "scheduler": scheduler,
     }
-    (out_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    write_text(timings_path(out_dir), json.dumps(timings, indent=2) + "\n")
     logger.info(
         "%s: %d images processed, %d reused from cache, %d shards in %.1fs",
         step.stage,
@@ -237,6 +243,13 @@ def run_step(
         timings["wall_seconds"],
     )
     return timings
+
+
+def timings_path(out_dir: str | Path) -> Path:
+    """`<dataset cache>/timings/<stage dir>.json`: beside the stage's folder, not in it, so that
+    a rerun that changes no row changes no DVC-tracked output (timings differ at every run)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / "timings" / f"{out_dir.name}.json"
 
 
 def row_hash(*values: Any) -> str:

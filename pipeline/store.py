@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
+from pipeline.atomic import atomic_path
 from pipeline.errors import ShardError
 
 logger = logging.getLogger(__name__)
@@ -24,8 +24,6 @@ _SHARD_RE = re.compile(r"^shard_(\d{5})\.h5$")
 _STR = h5py.string_dtype(encoding="utf-8")
 
 Arrays = dict[str, np.ndarray]
-
-
 
 
 def shard_name(index: int) -> str:
@@ -62,27 +60,21 @@ def write_shard(path: str | Path, data: Arrays, attrs: dict[str, Any]) -> None:
         offsets = np.asarray(data[OFFSETS])
         if len(offsets) != n + 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
             raise ShardError(f"refusing to write {path}: malformed {OFFSETS}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     meta = {
         "schema_version": SCHEMA_VERSION,
         "package_version": __version__,
         "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **attrs,
     }
-    try:
-        with h5py.File(tmp, "w") as fh:
-            for key, value in meta.items():
-                fh.attrs[key] = value if not isinstance(value, (dict, list)) else repr(value)
-            for key, value in data.items():
-                arr = _as_dataset(value)
-                if arr.dtype == object:
-                    fh.create_dataset(key, data=arr, dtype=_STR)
-                else:
-                    fh.create_dataset(key, data=arr)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+        for key, value in meta.items():
+            fh.attrs[key] = value if not isinstance(value, (dict, list)) else repr(value)
+        for key, value in data.items():
+            arr = _as_dataset(value)
+            if arr.dtype == object:
+                fh.create_dataset(key, data=arr, dtype=_STR)
+            else:
+                fh.create_dataset(key, data=arr)
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
@@ -174,6 +166,56 @@ def concat_rows(parts: Sequence[Arrays]) -> Arrays:
         else:
             out[key] = np.concatenate([np.asarray(p[key]) for p in parts])
     return out
+
+
+# Attributes every shard of one stage folder must share: shards that differ in any of them were
+# made by different code, weights, dtype or settings and must not be read as one dataset.
+CONSISTENT_ATTRS = (
+    "schema_version",
+    "stage",
+    "model",
+    "dtype",
+    "device_class",
+    "step_version",
+    "provenance",
+    "params_hash",
+)
+
+
+def dataset_attrs(directory: str | Path) -> dict[str, Any]:
+    """Attributes of a stage folder's shards, refusing a folder whose shards disagree.
+
+    Raises:
+        ShardError: no shard, or shards made with different settings, naming which and the fix.
+    """
+    directory = Path(directory)
+    shards = list_shards(directory)
+    if not shards:
+        raise ShardError(f"no shards in {directory}; run the stage that writes it first")
+    attrs = [read_attrs(p) for p in shards]
+    problems = []
+    for key in CONSISTENT_ATTRS:
+        groups: dict[str, list[str]] = {}
+        for path, a in zip(shards, attrs):
+            groups.setdefault(str(a.get(key, "<missing>")), []).append(path.name)
+        if len(groups) > 1:
+            problems.append(
+                f"{key}: "
+                + "; ".join(f"{_names(names)} have {value!r}" for value, names in groups.items())
+            )
+    if problems:
+        raise ShardError(
+            f"the shards of {directory} were made by different runs (other code, weights, dtype "
+            "or settings) and cannot be read as one dataset: "
+            + " | ".join(problems)
+            + f". Rebuild them: delete {directory} and rerun the stage that writes it "
+            f"(e.g. `rm -r {directory} && dvc repro`)"
+        )
+    return attrs[0]
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 4 else f"{names[0]} … {names[-1]} ({len(names)})"
 
 
 def check_aligned(directory: str | Path, reference: str | Path) -> None:

@@ -20,7 +20,7 @@ from pipeline import store
 from pipeline.atomic import write_text
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import DataUnusable, ModelFileError
-from pipeline.features import CLASS_PROMPTS, FeatureSet, load_features
+from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
 from pipeline.metrics import (
     REAL_CLASS,
     apply_calibration,
@@ -229,7 +229,14 @@ def train_heads(
         train, val = fs.where("train"), fs.where("val")
         fit: dict[str, Any] = {"kind": name_kind, "seed": seed, "features_dir": features_dir}
         head, info = fit_configured_head(name, cfg, train, val, **fit)
-        info.update({"features_dir": str(features_dir), "contaminated": contaminated})
+        info.update(
+            {
+                "features_dir": str(features_dir),
+                # What made the features (weights, dtype, versions); predict refuses others.
+                "feature_settings": feature_settings(features_dir),
+                "contaminated": contaminated,
+            }
+        )
         info = {**(provenance or {}), **info}
         pool = fs.where(pool_split) if pool_split else None
         if pool is not None and not len(pool.y):

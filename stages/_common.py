@@ -7,8 +7,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from pipeline.cli import user_errors
 from pipeline.config import Params, load_params
+from pipeline.errors import user_errors
 
 
 def parser(description: str) -> argparse.ArgumentParser:

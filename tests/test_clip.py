@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ModelsConfig
+from pipeline.digest import file_digest
 from pipeline.extract import encode_texts_once
 from pipeline.models import WeightsMissing, check_weights
 from pipeline.models.clip import TINY_CLIP, ClipEncoder
@@ -42,7 +43,7 @@ def test_checkpoint_file_round_trip_uses_the_real_loading_path(tiny, tmp_path):
     ckpt = tmp_path / "weights.pt"
     torch.save(tiny.model.state_dict(), ckpt)
     loaded = ClipEncoder.load(name=TINY_CLIP, pretrained="", path=str(ckpt), preset="paper")
-    assert str(ckpt) in loaded.weights_id
+    assert loaded.weights_id == f"{TINY_CLIP}/file@sha256:{file_digest(ckpt)[:16]}"
     np.testing.assert_array_equal(loaded.encode_images(_images()), tiny.encode_images(_images()))
     np.testing.assert_array_equal(loaded.encode_texts(["x y"]), tiny.encode_texts(["x y"]))
 

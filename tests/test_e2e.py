@@ -210,7 +210,7 @@ def test_new_images_are_the_only_work_of_a_rerun(run, tmp_path):
     before = {s: _all(cache2 / s) for s in ("captions", "objects", "clip")}
     _run_all(tmp_path, data2, params)
     for stage in ("captions", "objects", "clip"):
-        timings = json.loads((cache2 / stage / "timings.json").read_text())
+        timings = json.loads((cache2 / "timings" / f"{stage}.json").read_text())
         assert timings["n_processed"] == 3, stage
         after = _all(cache2 / stage)
         where = {cid: i for i, cid in enumerate(after["ids"])}
@@ -316,7 +316,7 @@ def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_pat
         # multitask: a generator is named exactly when the head attributes the image to one
         assert r["generator"] != "real"
     assert cli(args) == 0  # second time: everything comes from the cache
-    timings = json.loads((cache / "clip" / "timings.json").read_text())
+    timings = json.loads((cache / "timings" / "clip.json").read_text())
     assert timings["n_processed"] == 0 and timings["n_reused"] == 3
     assert (
         cli(
@@ -418,3 +418,20 @@ def test_optional_encoders_give_their_feature_kinds(run, tmp_path):
     np.testing.assert_allclose(
         load_features(tmp_path / "features", "image_color").X[:, : image.shape[1]], image
     )
+
+
+def test_predict_refuses_features_made_otherwise_than_the_heads(run, tmp_path, capsys):
+    from pipeline.cli import main as cli
+
+    work, data, _, _ = run
+    info = json.loads((work / "models" / "mlp" / "train.json").read_text())
+    assert info["feature_settings"]["provenance"]["clip"]["dtype"] == "float32"
+    other = _params(tmp_path, **{"base.dtype": "bfloat16"})
+    image = sorted((data / "images").iterdir())[0]
+    args = ["predict", "--head", str(work / "models" / "mlp"), "--out", str(tmp_path / "p.csv")]
+    args += ["--params", other, "--cache", str(tmp_path / "pcache"), str(image)]
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert "clip.dtype: trained with 'float32', these features 'bfloat16'" in err
+    assert "captions.dtype" in err and "objects.dtype" in err
+    assert not (tmp_path / "p.csv").exists()

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.digest import tree_digest
 from pipeline.models.bert import BertTextEncoder
 from pipeline.models.blip2 import Blip2Captioner
 from pipeline.models.dinov2 import Dinov2ImageEncoder
 from pipeline.models.grounding import GroundedObject, GroundingDinoGrounder, caption_to_query
-from pipeline.models.hf import HFWrapper, ModelWeightsMissing, resolve_dtype
+from pipeline.models.hf import TINY_FORMAT_VERSION, HFWrapper, ModelWeightsMissing, resolve_dtype
 
 WRAPPERS: list[type[HFWrapper]] = [
     Blip2Captioner,
@@ -81,7 +82,7 @@ def test_tiny_preset_loads_with_provenance_and_a_loud_warning(
     with caplog.at_level(logging.WARNING, logger="pipeline.models.hf"):
         wrapper = cls.load(preset="tiny", seed=0)
     assert wrapper.model_id == cls.tiny_name
-    assert wrapper.weights_id == f"{cls.tiny_name}@seed0-random"
+    assert wrapper.weights_id == f"{cls.tiny_name}@seed0-random-format{TINY_FORMAT_VERSION}"
     assert wrapper.preset == "tiny"
     assert wrapper.dtype == torch.float32
     assert not wrapper.model.training
@@ -123,7 +124,8 @@ def test_save_pretrained_round_trip_through_the_paper_loader(
     real = cls.load(model_id="org/some-model", path=tmp_path / "saved", preset="paper")
     assert real.model_id == "org/some-model"
     assert real.preset == "paper"
-    assert real.weights_id == f"org/some-model@local:{(tmp_path / 'saved').resolve()}"
+    # The folder's content identifies the weights (new weights at the same path: a new id).
+    assert real.weights_id == f"org/some-model@sha256:{tree_digest(tmp_path / 'saved')[:16]}"
     assert _outputs(real) == _outputs(tiny)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import store
-from pipeline.runner import PARTIAL, row_hash, run_step
+from pipeline.runner import PARTIAL, row_hash, run_step, timings_path
 
 
 @dataclass
@@ -71,7 +71,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     for a, b in zip(_read_all(clean), _read_all(out)):
         assert list(a["ids"]) == list(b["ids"])
         np.testing.assert_array_equal(a["out"], b["out"])
-    assert json.loads((out / "timings.json").read_text())["n_processed"] == 3
+    assert json.loads(timings_path(out).read_text())["n_processed"] == 3
+    assert not (out / "timings.json").exists()  # beside the outputs, never among them
 
 
 def test_rerun_computes_only_new_or_changed_rows(tmp_path):

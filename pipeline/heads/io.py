@@ -10,6 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.atomic import atomic_path, write_text
 from pipeline.errors import ModelFileError
 from pipeline.heads._base import BaseHead
 
@@ -67,8 +68,9 @@ def save_head(head: BaseHead, directory: Path, provenance: dict[str, Any] | None
     if provenance is not None:
         meta["provenance"] = provenance
     text = json.dumps(meta, indent=2, allow_nan=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, directory / WEIGHTS_FILE)
-    (directory / META_FILE).write_text(text + "\n")
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+    write_text(directory / META_FILE, text + "\n")
 
 
 def load_head(directory: Path) -> BaseHead:

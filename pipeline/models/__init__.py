@@ -66,6 +66,38 @@ def load_model(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
     )
 
 
+def weights_identity(role: str, models: ModelsConfig, seed: int) -> str:
+    """The identity of the weights `load_model(role, ...)` loads, found without loading them:
+    the hub commit of a cached snapshot, or a content hash of a local checkpoint (remembered by
+    path, size and mtime). A loaded model's `weights_id` equals it; rows are keyed by it."""
+    from pipeline.models.clip import checkpoint_weights_id, find_checkpoint
+    from pipeline.models.clip import tiny_weights_id as clip_tiny_id
+    from pipeline.models.hf import tiny_weights_id
+
+    if role == "clip":
+        if models.preset == "tiny":
+            return clip_tiny_id(seed)
+        spec = models.clip
+        checkpoint = find_checkpoint(spec.id, spec.pretrained, spec.path)
+        return checkpoint_weights_id(spec.id, spec.pretrained, checkpoint)
+    if role not in _HF_ROLES:
+        raise ValueError(f"unknown model role {role!r}; known roles: {', '.join(ROLES)}")
+    field, module, cls_name = _HF_ROLES[role]
+    if models.preset == "tiny":
+        cls = getattr(importlib.import_module(module), cls_name)
+        return tiny_weights_id(cls.tiny_name, seed)
+    spec = getattr(models, field)
+    return resolve_weights(spec.id, spec.path or None, field).weights_id
+
+
+def runtime_class(base: BaseConfig) -> dict[str, str]:
+    """The dtype and device class (cpu, cuda, mps; not the card) models run with: both shape
+    the numbers, so both are part of a row's key."""
+    device = resolve_device(base.device)
+    dtype = str(resolve_dtype(base.dtype, device)).removeprefix("torch.")
+    return {"dtype": dtype, "device_class": device.split(":")[0]}
+
+
 def check_weights(models: ModelsConfig, roles: list[str] | tuple[str, ...]) -> None:
     """Raise `WeightsMissing` listing every needed model whose weights are absent.
 

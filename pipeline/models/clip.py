@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.atomic import atomic_path, write_text
+from pipeline.digest import file_digest
 from pipeline.errors import ModelFileError
 from pipeline.models.files import check_weights_file
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
@@ -53,7 +55,7 @@ def register_tiny_config() -> None:
         return
     folder = tiny_cache_dir() / "open_clip_configs"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(_TINY_CLIP_CFG, indent=2))
+    write_text(folder / f"{TINY_CLIP}.json", json.dumps(_TINY_CLIP_CFG, indent=2))
     open_clip.add_model_config(folder)
 
 
@@ -145,6 +147,14 @@ def _preprocess_kwargs(cfg: dict) -> dict:
         for k, arg in keys.items()
         if cfg.get(k)
     }
+def tiny_weights_id(seed: int) -> str:
+    return f"{TINY_CLIP}/random-seed{seed}"
+
+
+def checkpoint_weights_id(name: str, pretrained: str, checkpoint: str | os.PathLike[str]) -> str:
+    """Identity of real CLIP weights: the checkpoint file's content hash (computed once per
+    file version, see `pipeline.digest`), so new weights at the same path are new rows."""
+    return f"{name}/{pretrained or 'file'}@sha256:{file_digest(checkpoint)[:16]}"
 
 
 def tiny_checkpoint(seed: int) -> Path:
@@ -156,9 +166,8 @@ def tiny_checkpoint(seed: int) -> Path:
     if not target.is_file():
         torch.manual_seed(seed)
         model = open_clip.create_model(TINY_CLIP, pretrained=None)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            torch.save(model.state_dict(), tmp)
     return target
 
 
@@ -210,14 +219,14 @@ class ClipEncoder:
             )
             name, checkpoint, quick_gelu = TINY_CLIP, tiny_checkpoint(seed), False
             check_weights_file(checkpoint, "the tiny-model cache")
-            weights_id = f"{TINY_CLIP}/random-seed{seed}"
+            weights_id = tiny_weights_id(seed)
             preprocess_kwargs: dict = {}
         else:
             register_tiny_config()
             checkpoint = find_checkpoint(name, pretrained, path)
             cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
             quick_gelu = bool(cfg.get("quick_gelu", False))
-            weights_id = f"{name}/{pretrained}" if not path else f"{name}/{checkpoint}"
+            weights_id = checkpoint_weights_id(name, pretrained, checkpoint)
             preprocess_kwargs = _preprocess_kwargs(cfg)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(

@@ -122,10 +122,55 @@ class GroundingDinoGrounder(HFWrapper):
         todo = [i for i, query in enumerate(queries) if query]
         if not todo or max_objects <= 0:
             return results
-        batch_images = [images[i].convert("RGB") for i in todo]
+        rgb = {i: images[i].convert("RGB") for i in todo}
+        for group in self.partner_free_groups([rgb[i] for i in todo], [queries[i] for i in todo]):
+            members = [todo[k] for k in group]
+            found = self._ground_batch(
+                [rgb[i] for i in members],
+                [queries[i] for i in members],
+                box_threshold,
+                text_threshold,
+                max_objects,
+                iou_threshold,
+                min_box_side,
+            )
+            for index, objects in zip(members, found):
+                results[index] = objects
+        return results
+
+    def partner_free_groups(self, images: list[Image.Image], queries: list[str]) -> list[list[int]]:
+        """Split a batch into groups that need no padding: the same preprocessed image size and
+        the same number of text tokens. Padding changes GroundingDINO's boxes (by up to
+        hundreds of pixels: the backbone and deformable attention see the padded area), so an
+        image's boxes would depend on its batch partners; within a group they do not."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for k, (image, query) in enumerate(zip(images, queries)):
+            shape = tuple(
+                self.processor.image_processor(images=image, return_tensors="pt")[
+                    "pixel_values"
+                ].shape[-2:]
+            )
+            n_tokens = len(
+                self.processor.tokenizer(
+                    query, truncation=True, max_length=self.model.config.max_text_len
+                )["input_ids"]
+            )
+            groups.setdefault((shape, n_tokens), []).append(k)
+        return list(groups.values())
+
+    def _ground_batch(
+        self,
+        batch_images: list[Image.Image],
+        batch_queries: list[str],
+        box_threshold: float,
+        text_threshold: float,
+        max_objects: int,
+        iou_threshold: float,
+        min_box_side: float,
+    ) -> list[list[GroundedObject]]:
         batch = self.processor(
             images=batch_images,
-            text=[queries[i] for i in todo],
+            text=batch_queries,
             padding="longest",
             truncation=True,
             max_length=self.model.config.max_text_len,
@@ -144,8 +189,8 @@ class GroundingDinoGrounder(HFWrapper):
             target_sizes=sizes,
         )
         probs = torch.sigmoid(outputs.logits.float())  # (batch, queries, max_text_len)
-        for row, index in enumerate(todo):
-            results[index] = self._objects(
+        return [
+            self._objects(
                 detections[row],
                 probs[row],
                 inputs["input_ids"][row],
@@ -154,11 +199,12 @@ class GroundingDinoGrounder(HFWrapper):
                 box_threshold,
                 text_threshold,
                 max_objects,
-                query=queries[index],
+                query=batch_queries[row],
                 iou_threshold=iou_threshold,
                 min_box_side=min_box_side,
             )
-        return results
+            for row in range(len(batch_images))
+        ]
 
     def _objects(
         self,

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from pipeline.atomic import write_text
+from pipeline.digest import tree_digest
 from pipeline.errors import ConfigError, MisalignError
 from pipeline.models.files import check_model_dir
 
@@ -106,14 +108,21 @@ def resolve_weights(model_id: str, path: str | os.PathLike[str] | None, role: st
             raise ModelWeightsMissing(model_id, f"{local} (no config.json)", role)
         check_model_dir(local, f"models.{role}.path")
         resolved = local.resolve()
-        return WeightsSource(str(resolved), None, f"{model_id}@local:{resolved}", str(resolved))
+        # The folder's content, not its path: new weights saved at the same path are new rows.
+        weights_id = f"{model_id}@sha256:{tree_digest(resolved)[:16]}"
+        return WeightsSource(str(resolved), None, weights_id, str(resolved))
     cache = hf_hub_cache()
     found = try_to_load_from_cache(model_id, "config.json", cache_dir=cache)
     if not isinstance(found, str):
         raise ModelWeightsMissing(model_id, f"the Hugging Face cache {cache}", role)
     check_model_dir(Path(found).parent, f"{model_id} in the Hugging Face cache")
-    revision = Path(found).parent.name  # .../snapshots/<commit>/config.json
+    revision = Path(found).parent.name  # .../snapshots/<commit>/config.json: the hub commit
     return WeightsSource(model_id, str(cache), f"{model_id}@{revision}", f"the HF cache {cache}")
+
+
+def tiny_weights_id(name: str, seed: int) -> str:
+    """Identity of a tiny model: what `build_tiny` builds is fixed by name, seed and format."""
+    return f"{name}@seed{seed}-random-format{TINY_FORMAT_VERSION}"
 
 
 def load_pretrained(
@@ -152,7 +161,7 @@ def build_tiny(name: str, seed: int, build: Callable[[Path], None]) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             build(tmp)
-        (tmp / _TINY_MARKER).write_text(json.dumps(stamp))
+        write_text(tmp / _TINY_MARKER, json.dumps(stamp))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is as readable as any other
         if _is_current(target, stamp):  # another process finished the same build meanwhile
             return target
@@ -254,7 +263,7 @@ def write_tiny_wordpiece_tokenizer(directory: Path, model_max_length: int) -> in
     """
     vocab = bert_uncased_vocab(TINY_WORDS)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    write_text(directory / "vocab.txt", "\n".join(vocab) + "\n")
     config = {
         "tokenizer_class": "BertTokenizer",
         "do_lower_case": True,
@@ -265,14 +274,14 @@ def write_tiny_wordpiece_tokenizer(directory: Path, model_max_length: int) -> in
         "cls_token": "[CLS]",
         "mask_token": "[MASK]",
     }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2))
     return len(vocab)
 
 
 def write_json(path: Path, content: Mapping[str, Any]) -> None:
     """Write a config file the way save_pretrained does."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=2) + "\n")
+    write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 _Wrapper = TypeVar("_Wrapper", bound="HFWrapper")
@@ -343,7 +352,7 @@ class HFWrapper:
             directory = build_tiny(cls.tiny_name, seed, cls._build_tiny)
             model_id = cls.tiny_name
             source = WeightsSource(
-                str(directory), None, f"{cls.tiny_name}@seed{seed}-random", str(directory)
+                str(directory), None, tiny_weights_id(cls.tiny_name, seed), str(directory)
             )
         else:
             model_id = model_id or cls.default_model_id
