@@ -447,7 +447,7 @@ class EncodeStep:
         n, off = len(rows["ids"]), rows["obj_offsets"]
         image_emb = np.zeros((n, clip.dim), np.float32)
         obj_image_emb = np.zeros((int(off[-1]), clip.dim), np.float32)
-        extra: dict[str, list[np.ndarray]] = {"bert": [], "dinov2": [], "color": []}
+        extra: dict[str, list[np.ndarray]] = {"bert": [], "dinov2": [], "color": [], "pooled": []}
         for sl in tqdm(_batches(n, self.cfg.batch_size), desc="encode", leave=False):
             with timer("read"):
                 images = [datamod.load_rgb(p) for p in rows["path"][sl]]
@@ -458,6 +458,8 @@ class EncodeStep:
                         slots.append(j)
             with timer("model"):
                 image_emb[sl] = clip.encode_images(images)
+                if self.cfg.clip_pooled:
+                    extra["pooled"].append(clip.encode_images_pooled(images))
                 for s in _batches(len(crops), self.cfg.batch_size):
                     obj_image_emb[slots[s]] = clip.encode_images(crops[s])
                 if self.cfg.dinov2:
@@ -486,7 +488,12 @@ class EncodeStep:
             "obj_image_emb": obj_image_emb,
             "obj_text_emb": obj_text_emb,
         }
-        names = {"bert": "bert_text_emb", "dinov2": "dinov2_emb", "color": "color_hist"}
+        names = {
+            "bert": "bert_text_emb",
+            "dinov2": "dinov2_emb",
+            "color": "color_hist",
+            "pooled": "image_pooled_emb",
+        }
         for key, blocks in extra.items():
             if blocks:
                 out[names[key]] = np.concatenate(blocks).astype(np.float32)

@@ -33,7 +33,8 @@ def test_every_protocol_yields_valid_params(name):
     if name == "item":
         assert params.evaluate.datasets == {"ufd_test": "/data/UniversalFakeDetect/test"}
     if name == "ct2":
-        assert params.train.head_kinds["multitask"] == "bert_image" and params.encode.bert
+        assert params.train.head_kinds["multitask"] == "bert_image_pooled" and params.encode.bert
+        assert params.encode.clip_pooled and params.models.clip.id == "ViT-B-32"
 
 
 def test_protocol_errors():

@@ -193,6 +193,36 @@ class ClipEncoder:
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
         return self.model.encode_image(batch).float().cpu().numpy()  # type: ignore[operator]
 
+    @property
+    def pooled_dim(self) -> int:
+        """Width of `encode_images_pooled`: the vision tower's width before its projection."""
+        proj = getattr(self.model.visual, "proj", None)
+        if proj is None:
+            raise ValueError(
+                f"CLIP {self.name} has no vision projection to stop before; "
+                "encode.clip_pooled needs an open_clip VisionTransformer (ViT-*) model"
+            )
+        return int(proj.shape[0])
+
+    @torch.inference_mode()
+    def encode_images_pooled(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The vision tower's pooled output before the projection into the joint space (what
+        Hugging Face's `CLIPVisionModel` calls `pooler_output`, CT2's image feature)."""
+        visual = self.model.visual
+        dim = self.pooled_dim
+        if not images:
+            return np.zeros((0, dim), np.float32)
+        batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
+        proj = visual.proj
+        visual.proj = None  # type: ignore[assignment]
+        try:
+            pooled = visual(batch)
+        finally:
+            visual.proj = proj
+        if isinstance(pooled, tuple):
+            pooled = pooled[0]
+        return pooled.float().cpu().numpy()
+
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
