@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -208,13 +209,13 @@ class ClipEncoder:
     def encode_images_pooled(self, images: Sequence[Image.Image]) -> np.ndarray:
         """The vision tower's pooled output before the projection into the joint space (what
         Hugging Face's `CLIPVisionModel` calls `pooler_output`, CT2's image feature)."""
-        visual = self.model.visual
+        visual: Any = self.model.visual
         dim = self.pooled_dim
         if not images:
             return np.zeros((0, dim), np.float32)
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
         proj = visual.proj
-        visual.proj = None  # type: ignore[assignment]
+        visual.proj = None
         try:
             pooled = visual(batch)
         finally:
