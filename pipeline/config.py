@@ -142,6 +142,9 @@ class EncodeConfig:
     dinov2: bool = False
     # Colour histograms (RGB, HSV, YCbCr) of the decoded image, bins per channel (0 = off).
     color_bins: int = 0
+    # Also cache CLIP's vision output before its projection (CT2's image feature; kinds
+    # image_pooled, bert_image_pooled). ViT models only.
+    clip_pooled: bool = False
     # CLIP prompts of the classes (index 0 real, 1 generated) for zero-shot logits, e.g. in
     # Tip-Adapter. Encoded once per run into class_prompts.h5; not part of the rows' cache key.
     class_prompts: list[str] = field(
@@ -637,6 +640,7 @@ def _check_names(params: Params) -> None:
         "bert_text": ("encode.bert", params.encode.bert),
         "dinov2": ("encode.dinov2", params.encode.dinov2),
         "color_hist": ("encode.color_bins", params.encode.color_bins > 0),
+        "image_pooled": ("encode.clip_pooled", params.encode.clip_pooled),
     }
     for key, kind in kinds.items():
         for dataset in KINDS[kind]:

@@ -638,6 +638,7 @@ class EncodeStep:
         )
         # Outputs stay on the device until the shard is done: one synchronisation per shard.
         view_emb: list[Any] = []
+        pooled_emb: list[Any] = []
         dino_emb: list[Any] = []
         colors: list[np.ndarray] = []
         with tqdm(total=n, desc="encode", leave=False) as bar:
@@ -650,6 +651,10 @@ class EncodeStep:
                     pixels = batch["pixels"]
                     for s in _batches(len(pixels), size):
                         view_emb.append(clip.encode_pixels(pixels[s]))
+                    if self.cfg.clip_pooled:
+                        # CT2's image feature: the whole image's view only, before projection.
+                        first = torch.cumsum(batch["n_views"], 0) - batch["n_views"]
+                        pooled_emb.append(clip.encode_pixels_pooled(pixels[first]))
                     if dino is not None:
                         dino_emb.append(dino.encode_pixels(batch["dinov2"]))
                 if "color" in batch:
@@ -664,7 +669,14 @@ class EncodeStep:
             owner = np.repeat(np.arange(n), counts)
             image_emb = views[off[:-1] + np.arange(n)] if n else np.zeros((0, clip.dim), np.float32)
             obj_image_emb = views[np.arange(int(off[-1])) + owner + 1]
-        extra: dict[str, list[np.ndarray]] = {"bert": [], "dinov2": [], "color": colors}
+        extra: dict[str, list[np.ndarray]] = {
+            "bert": [],
+            "dinov2": [],
+            "color": colors,
+            "pooled": [],
+        }
+        if pooled_emb:
+            extra["pooled"].append(torch.cat(pooled_emb).float().cpu().numpy())
         if dino_emb:
             extra["dinov2"].append(torch.cat(dino_emb).float().cpu().numpy())
         phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
@@ -685,7 +697,12 @@ class EncodeStep:
             "obj_image_emb": obj_image_emb,
             "obj_text_emb": obj_text_emb,
         }
-        names = {"bert": "bert_text_emb", "dinov2": "dinov2_emb", "color": "color_hist"}
+        names = {
+            "bert": "bert_text_emb",
+            "dinov2": "dinov2_emb",
+            "color": "color_hist",
+            "pooled": "image_pooled_emb",
+        }
         for key, blocks in extra.items():
             if blocks:
                 out[names[key]] = np.concatenate(blocks).astype(np.float32)

@@ -38,6 +38,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "image_text": ("image", "text"),
     # Optional encoders (encode.bert / encode.dinov2 / encode.color_bins must be on).
     "bert_image": ("bert_text", "image"),
+    # CT2's exact inputs: BERT [CLS] and CLIP's vision output before projection (raw).
+    "bert_image_pooled": ("bert_text", "image_pooled"),
+    "image_pooled": ("image_pooled",),
     "dinov2": ("dinov2",),
     "image_dinov2": ("image", "dinov2"),
     "color": ("color_hist",),
@@ -48,7 +51,12 @@ CLASS_PROMPTS = "class_prompts.h5"
 # head keeps and `misalign predict` compares. Bump it when a formula's output changes.
 FEATURES_VERSION = 1
 META = ("ids", "label", "generator", "split", "family", "subset")
-_PASSTHROUGH = {"bert_text_emb": "bert_text", "dinov2_emb": "dinov2", "color_hist": "color_hist"}
+_PASSTHROUGH = {
+    "bert_text_emb": "bert_text",
+    "dinov2_emb": "dinov2",
+    "color_hist": "color_hist",
+    "image_pooled_emb": "image_pooled",
+}
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -147,7 +155,8 @@ def run_features(
         if missing:
             raise ConfigError(
                 f"features.kind={cfg.kind!r} needs {missing}, which the encode stage did not "
-                "store; turn on encode.bert / encode.dinov2 / encode.color_bins"
+                "store; turn on encode.bert / encode.dinov2 / encode.color_bins / "
+                "encode.clip_pooled"
             )
         store.write_shard(
             out_dir / store.shard_name(i),

@@ -162,3 +162,15 @@ def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_pat
     out = store.read_shard(tmp_path / "clip" / store.shard_name(1))
     first = store.read_shard(tmp_path / "clip" / store.shard_name(0))
     np.testing.assert_array_equal(out["text_emb"][0], first["text_emb"][0])  # same caption
+
+
+def test_pooled_vision_output_is_the_embedding_before_projection(tiny):
+    """encode.clip_pooled: the vision tower's output before `proj`; projecting it gives the
+    CLIP image embedding."""
+
+    images = [Image.new("RGB", (40, 30), (i * 60, 20, 200 - i * 50)) for i in range(3)]
+    pooled = tiny.encode_images_pooled(images)
+    assert pooled.shape == (3, tiny.pooled_dim) and tiny.pooled_dim != tiny.dim
+    proj = tiny.model.visual.proj.detach().float().numpy()
+    np.testing.assert_allclose(pooled @ proj, tiny.encode_images(images), atol=1e-4)
+    assert tiny.model.visual.proj is not None  # restored

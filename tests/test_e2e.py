@@ -374,7 +374,13 @@ def test_optional_encoders_give_their_feature_kinds(run, tmp_path):
 
     work, _, _, cache = run
     params = _params(
-        tmp_path, **{"encode.bert": True, "encode.dinov2": True, "encode.color_bins": 8}
+        tmp_path,
+        **{
+            "encode.bert": True,
+            "encode.dinov2": True,
+            "encode.color_bins": 8,
+            "encode.clip_pooled": True,
+        },
     )
     common = ["--params", params, "--name", "t"]
     assert (
@@ -409,7 +415,15 @@ def test_optional_encoders_give_their_feature_kinds(run, tmp_path):
     )
     n = len(_all(cache / "ingest", ["ids"])["ids"])
     image = load_features(tmp_path / "features", "image").X
-    for kind in ("bert_image", "dinov2", "color", "image_color", "image_dinov2"):
+    for kind in (
+        "bert_image",
+        "dinov2",
+        "color",
+        "image_color",
+        "image_dinov2",
+        "image_pooled",
+        "bert_image_pooled",
+    ):
         X = load_features(tmp_path / "features", kind).X
         assert X.shape[0] == n and np.isfinite(X).all(), kind
     color = load_features(tmp_path / "features", "color").X

@@ -433,3 +433,16 @@ def test_near_duplicate_and_tiny_boxes_are_dropped(grounder: GroundingDinoGround
         ("dog", pytest.approx(0.7)),
         ("cat", pytest.approx(0.6)),
     ]
+
+
+def test_bert_features_are_the_cls_state_of_last_hidden_state(tiny_dir: Path) -> None:
+    """CT2 takes BERT's last_hidden_state[:, 0], not pooler_output."""
+    encoder = BertTextEncoder.load(preset="tiny")
+    batch = encoder.processor(
+        TEXTS[:2], padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        out = encoder.model(**batch)
+    got = encoder.encode(TEXTS[:2])
+    np.testing.assert_allclose(got, out.last_hidden_state[:, 0].numpy(), atol=1e-5)
+    assert not np.allclose(got, out.pooler_output.numpy(), atol=1e-3)

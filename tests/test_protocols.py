@@ -35,7 +35,7 @@ def _apply(args):
     return params
 
 
-@pytest.mark.parametrize("name", ["item", "ct2", "qf"])
+@pytest.mark.parametrize("name", ["item", "tidy", "ct2", "qf"])
 def test_every_protocol_yields_valid_params(name):
     assert name in list_protocols()
     params = params_from_dict(_apply(protocol_args(name, "/data")))
@@ -43,8 +43,11 @@ def test_every_protocol_yields_valid_params(name):
         assert params.evaluate.qf_matrix == [40, 65, 90] and params.features.kind == "image"
     if name == "item":
         assert params.evaluate.datasets == {"ufd_test": "/data/UniversalFakeDetect/test"}
+    if name == "tidy":
+        assert params.features.kind == "tidy" and params.caption.source == "blip2"
     if name == "ct2":
-        assert params.train.head_kinds["multitask"] == "bert_image" and params.encode.bert
+        assert params.train.head_kinds["multitask"] == "bert_image_pooled" and params.encode.bert
+        assert params.encode.clip_pooled and params.models.clip.id == "ViT-B-32"
 
 
 def test_protocol_errors():

@@ -16,7 +16,7 @@ _TINY_MAX_LENGTH = 64
 
 
 class BertTextEncoder(HFWrapper):
-    """Encode texts with BERT's pooled [CLS] output."""
+    """Encode texts with BERT's final [CLS] hidden state (CT2's text feature)."""
 
     default_model_id = "bert-base-uncased"
     tiny_name = "tiny-bert"
@@ -38,9 +38,10 @@ class BertTextEncoder(HFWrapper):
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Embed texts.
 
-        Pooling is BERT's `pooler_output`: the final [CLS] hidden state passed through the
-        pre-trained dense + tanh layer (the NSP head's input), not a mean over tokens. Texts
-        longer than the model's maximum length are truncated.
+        The embedding is `last_hidden_state[:, 0]`, the final hidden state of [CLS], as CT2's
+        `model.py` takes it; not `pooler_output` (that state through the NSP head's dense +
+        tanh layer) and not a mean over tokens. Texts longer than the model's maximum length
+        are truncated.
 
         Args:
             texts: Strings to embed.
@@ -62,8 +63,8 @@ class BertTextEncoder(HFWrapper):
                 return_tensors="pt",
             ).to(self.device)
             with torch.inference_mode():
-                pooled = self.model(**batch).pooler_output
-            chunks.append(pooled.float().cpu().numpy())
+                cls = self.model(**batch).last_hidden_state[:, 0]
+            chunks.append(cls.float().cpu().numpy())
         return np.concatenate(chunks, axis=0)
 
     @staticmethod

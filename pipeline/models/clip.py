@@ -8,6 +8,7 @@ import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -268,6 +269,42 @@ class ClipEncoder:
         """
         batch = pixels.to(self.device, self.dtype, non_blocking=True)
         return self.model.encode_image(batch)  # type: ignore[operator,no-any-return]
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of `encode_images_pooled`: the vision tower's width before its projection."""
+        proj = getattr(self.model.visual, "proj", None)
+        if proj is None:
+            raise ValueError(
+                f"CLIP {self.name} has no vision projection to stop before; "
+                "encode.clip_pooled needs an open_clip VisionTransformer (ViT-*) model"
+            )
+        return int(proj.shape[0])
+
+    @torch.inference_mode()
+    def encode_images_pooled(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The vision tower's pooled output before the projection into the joint space (what
+        Hugging Face's `CLIPVisionModel` calls `pooler_output`, CT2's image feature)."""
+        if not images:
+            return np.zeros((0, self.pooled_dim), np.float32)
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        return self.encode_pixels_pooled(pixels).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_pixels_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`encode_images_pooled` of preprocessed images (N, 3, H, W), left on the device."""
+        visual: Any = self.model.visual
+        self.pooled_dim  # noqa: B018 (refuses a model without a vision projection)
+        batch = pixels.to(self.device, self.dtype, non_blocking=True)
+        proj = visual.proj
+        visual.proj = None
+        try:
+            pooled = visual(batch)
+        finally:
+            visual.proj = proj
+        if isinstance(pooled, tuple):
+            pooled = pooled[0]
+        return pooled  # type: ignore[no-any-return]
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
