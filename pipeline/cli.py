@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,13 @@ def _info(args: argparse.Namespace) -> int:
     from pipeline import store
 
     target = Path(args.path)
+    if not target.exists():
+        folders = sorted(str(p.parent) for p in Path("cache").glob("*/*/shard_00000.h5"))
+        hint = f"stage folders here: {', '.join(folders)}" if folders else "no cache/ here yet"
+        raise store.ShardError(
+            f"{target} does not exist; give a shard file or a stage folder such as "
+            f"cache/sample/clip ({hint})"
+        )
     shards = store.list_shards(target) if target.is_dir() else [target]
     if not shards:
         raise store.ShardError(f"no shards in {target}")
@@ -156,8 +164,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (MisalignError, FileNotFoundError, ValueError)
 
 
+def setup_logging(fmt: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """INFO from this project, WARNING and above from everything else.
+
+    A root logger at INFO would let libraries that log through the root (open_clip) print
+    dozens of lines; transformers' and huggingface_hub's loading bars are turned off too
+    (the stages show their own progress). Call once, before those libraries are imported.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.WARNING, format=fmt)
+    for name in ("pipeline", "stages", "__main__"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     # OSError too: e.g. `misalign info` on a file that is not HDF5.
     errors: tuple[type[BaseException], ...] = (*user_errors(), OSError)
