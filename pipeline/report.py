@@ -508,7 +508,7 @@ def _robustness_section(
         # Severities as evenly spaced categories (clean, then from mild to harsh): on a linear
         # axis "clean" (0) and "σ 0.001" would print on top of each other.
         xs = np.arange(len(points), dtype=float)
-        spread = 0.12 if len(heads) > 1 else 0.0
+        spread = 0.1 if len(heads) > 1 else 0.0  # total sideways spread of the heads
         for ax, metric in zip(axes, ("acc", "ap")):
             for k, head in enumerate(heads):
                 ys = [
@@ -516,7 +516,7 @@ def _robustness_section(
                 ]
                 # Heads side by side within each category, each with its own marker and line
                 # style, so that identical curves stay visible instead of hiding each other.
-                offset = spread * (k - (len(heads) - 1) / 2) / max(1, len(heads) - 1) * 2
+                offset = spread * (k - (len(heads) - 1) / 2) / max(1, len(heads) - 1)
                 ax.plot(
                     xs + offset,
                     ys,
