@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.errors import user_errors
+from pipeline.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,13 @@ def _info(args: argparse.Namespace) -> int:
     from pipeline import store
 
     target = Path(args.path)
+    if not target.exists():
+        folders = sorted(str(p.parent) for p in Path("cache").glob("*/*/shard_00000.h5"))
+        hint = f"stage folders here: {', '.join(folders)}" if folders else "no cache/ here yet"
+        raise store.ShardError(
+            f"{target} does not exist; give a shard file or a stage folder such as "
+            f"cache/sample/clip ({hint})"
+        )
     shards = store.list_shards(target) if target.is_dir() else [target]
     if not shards:
         raise store.ShardError(f"no shards in {target}")
@@ -148,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     # OSError too: e.g. `misalign info` on a file that is not HDF5.
     errors: tuple[type[BaseException], ...] = (*user_errors(), OSError)

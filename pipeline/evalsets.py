@@ -181,6 +181,6 @@ def qf_matrix(
                 "QF matrix %s, train QF %s: %s",
                 name,
                 q_train,
-                {k: v["acc"] for k, v in row.items()},
+                ", ".join(f"test QF {k} acc {v['acc']:.3f}" for k, v in row.items()),
             )
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -53,11 +54,28 @@ TSNE_MAX_POINTS = 2000
 #: Longer side of gallery thumbnails, in pixels.
 THUMB_SIZE = 320
 _BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6")
-_AXIS = {"noise": "noise σ ([0, 1] pixel scale)", "blur": "blur σ (pixels)", "jpeg": "JPEG quality"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_LINESTYLES = ("-", "--", "-.", ":")
+# Fonts tried, in order, for labels drawn into thumbnails (object phrases may be CJK); the first
+# installed one that covers every character of a label is used.
+_LABEL_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK KR",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
+    "DejaVu Sans",
+)
+_AXIS = {
+    "noise": "noise σ ([0, 1] pixel scale)",
+    "blur": "blur σ (pixels)",
+    "jpeg": "JPEG quality (lower is harsher)",
+}
 _SHORT = {"noise": "σ", "blur": "σ", "jpeg": "q"}
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC",
+"Noto Sans CJK JP","WenQuanYi Zen Hei","Droid Sans Fallback",sans-serif;margin:0 auto;
 max-width:1200px;padding:0 16px 48px;color:#1d1d1f;background:#fff}
 h1{margin:24px 0 4px}h2{margin-top:40px;border-bottom:2px solid #ddd;padding-bottom:4px}
 nav a{margin-right:14px}
@@ -93,6 +111,7 @@ def build_report(
     n_gallery: int = 12,
     seed: int = 0,
     title: str = "misalign report",
+    clip_dir: Path | None = None,
 ) -> Path:
     """Write `out_dir/index.html`: one HTML file with every picture embedded, openable offline.
 
@@ -106,6 +125,7 @@ def build_report(
         scores_dir: per-image scores, one `<head>.csv` per head.
         features_dir: features shards, for the t-SNE plot.
         ingest_dir, captions_dir, objects_dir: row-aligned shards, for the gallery.
+        clip_dir: encode shards, for the Run table (default: `clip/` beside `ingest_dir`).
         kind: feature kind of the t-SNE plot (`pipeline.features.KINDS`).
         n_gallery: number of gallery images.
         seed: seeds the gallery choice, the t-SNE subsample and t-SNE itself.
@@ -123,6 +143,7 @@ def build_report(
             "ingest": Path(ingest_dir),
             "captions": Path(captions_dir),
             "objects": Path(objects_dir),
+            "encode": Path(clip_dir) if clip_dir is not None else Path(ingest_dir).parent / "clip",
             "features": Path(features_dir),
         }
     )
@@ -405,12 +426,16 @@ def _curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
         pr = pr_points(s.label, s.p_generated)
         auc = roc_auc_score(s.label, s.p_generated)
         ap = average_precision_score(s.label, s.p_generated)
-        roc_ax.plot([r["fpr"] for r in roc], [r["tpr"] for r in roc], label=f"{head} ({auc:.3f})")
+        style = {"ls": _LINESTYLES[drawn % len(_LINESTYLES)], "lw": 2.2 - 0.3 * (drawn % 4)}
+        roc_ax.plot(
+            [r["fpr"] for r in roc], [r["tpr"] for r in roc], label=f"{head} ({auc:.3f})", **style
+        )
         pr_ax.step(
             [r["recall"] for r in pr],
             [r["precision"] for r in pr],
             where="post",
             label=f"{head} ({ap:.3f})",
+            **style,
         )
         drawn += 1
     parts = []
@@ -423,7 +448,10 @@ def _curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
         roc_ax.legend(fontsize=8, loc="lower right")
         pr_ax.legend(fontsize=8, loc="lower left")
         parts.append(_img(_png_uri(fig), "ROC and precision-recall curves per head"))
-        parts.append("<p>Generated is the positive class; one curve per head.</p>")
+        parts.append(
+            "<p>Generated is the positive class; one curve per head, each with its own line "
+            "style and width, so that heads with identical curves stay visible.</p>"
+        )
     if skipped:
         parts.append(_note(f"no curve for {', '.join(skipped)}: the scores hold only one class"))
     for head, s in scores.items():
@@ -472,8 +500,9 @@ def _robustness_section(
         parts.append(_note("no eval.json: the curves have no clean point"))
     else:
         parts.append(
-            "<p>The clean test set is the severity-0 point of noise and blur; for JPEG it is "
-            "drawn at quality 100, and the quality axis runs from clean to most compressed.</p>"
+            "<p>The clean test set is the first point of each curve, then the severities from "
+            "mild to harsh, evenly spaced. Heads are drawn side by side within each point, with "
+            "their own marker, so that curves with the same values do not hide each other.</p>"
         )
     for kind in PERTURBATION_KINDS:
         if kind not in perturbed:
@@ -488,16 +517,27 @@ def _robustness_section(
         heads = sorted({h for _, _, data in points for h in data})
         fig = _figure(10, 3.8)
         axes = fig.subplots(1, 2)
+        # Severities as evenly spaced categories (clean, then from mild to harsh): on a linear
+        # axis "clean" (0) and "σ 0.001" would print on top of each other.
+        xs = np.arange(len(points), dtype=float)
+        spread = 0.1 if len(heads) > 1 else 0.0  # total sideways spread of the heads
         for ax, metric in zip(axes, ("acc", "ap")):
-            for head in heads:
+            for k, head in enumerate(heads):
                 ys = [
                     _percent(d.get(head, {}).get("overall", {}).get(metric)) for _, _, d in points
                 ]
-                ax.plot([x for x, _, _ in points], ys, marker="o", label=head)
-            ax.set_xticks([x for x, _, _ in points], [lab for _, lab, _ in points], fontsize=8)
+                # Heads side by side within each category, each with its own marker and line
+                # style, so that identical curves stay visible instead of hiding each other.
+                offset = spread * (k - (len(heads) - 1) / 2) / max(1, len(heads) - 1)
+                ax.plot(
+                    xs + offset,
+                    ys,
+                    marker=_MARKERS[k % len(_MARKERS)],
+                    ls=_LINESTYLES[k % len(_LINESTYLES)],
+                    label=head,
+                )
+            ax.set_xticks(xs, [lab for _, lab, _ in points], fontsize=8)
             ax.set(xlabel=_AXIS[kind], ylabel=f"{metric} (%)", title=f"{kind}: {metric}")
-            if kind == "jpeg":
-                ax.invert_xaxis()
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         parts.append(f"<h3>{_esc(kind)}</h3>")
@@ -801,14 +841,44 @@ def _thumbnail(
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     thumb = image.resize(size, Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(thumb)
-    font = ImageFont.load_default()
     for k, (box, phrase, score) in enumerate(zip(boxes, phrases, obj_scores)):
         colour = _BOX_COLOURS[k % len(_BOX_COLOURS)]
         x0, x1 = sorted(min(max(float(v) * scale, 0.0), size[0] - 1.0) for v in box[0::2])
         y0, y1 = sorted(min(max(float(v) * scale, 0.0), size[1] - 1.0) for v in box[1::2])
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
-        _label(draw, (x0, y0), f"{phrase} {float(score):.2f}", colour, font)
+        font, text = _font_for(f"{phrase} {float(score):.2f}")
+        _label(draw, (x0, y0), text, colour, font)
     return thumb
+
+
+@functools.lru_cache(maxsize=1)
+def _label_fonts() -> tuple[tuple[str, frozenset[int]], ...]:
+    """(file, covered code points) of the installed fonts of `_LABEL_FONTS`, in that order."""
+    from matplotlib import font_manager, ft2font
+
+    files = {f.name: f.fname for f in font_manager.fontManager.ttflist}
+    found = []
+    for family in _LABEL_FONTS:
+        path = files.get(family)
+        if not path:
+            continue
+        try:
+            found.append((path, frozenset(ft2font.FT2Font(path).get_charmap())))
+        except (OSError, RuntimeError):
+            continue
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=256)
+def _font_for(text: str) -> tuple[Any, str]:
+    """The first label font that covers all of `text`, and the text to draw with it. When no
+    installed font covers it, Pillow's default font and `text` with '?' for what it cannot
+    draw (never tofu boxes); `apt-get install fonts-noto-cjk` draws CJK phrases."""
+    needed = {ord(c) for c in text if not c.isspace()}
+    for path, covered in _label_fonts():
+        if needed <= covered:
+            return ImageFont.truetype(path, 11), text
+    return ImageFont.load_default(), text.encode("latin-1", "replace").decode("latin-1")
 
 
 def _label(

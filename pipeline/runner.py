@@ -188,7 +188,9 @@ def run_step(
     reuse = _reuse_index(out_dir, phash)
     n = step.n_shards()
     reports: list[ShardReport] = []
-    bar = tqdm(total=n, desc=step.stage, unit="shard")
+    # Counted in images over the whole stage (a shard is 64 of them), so that the rate and the
+    # ETA mean something; rows reused from the cache count as done.
+    bar = tqdm(total=_n_images(step), desc=step.stage, unit="img", smoothing=0.1)
     if scheduler == "dask":
         client = _client(scheduler, dask_address, n_workers)
         try:
@@ -200,13 +202,13 @@ def run_step(
 
             for fut in as_completed(futures):
                 reports.append(fut.result())
-                bar.update()
+                bar.update(reports[-1].n_processed + reports[-1].n_reused)
         finally:
             client.close()
     else:
         for i in range(n):
             reports.append(process_shard(step, i, str(out_dir), reuse))
-            bar.update()
+            bar.update(reports[-1].n_processed + reports[-1].n_reused)
     bar.close()
 
     # Every shard is complete: swap them in, then drop shards the dataset no longer has.
@@ -250,6 +252,15 @@ def timings_path(out_dir: str | Path) -> Path:
     a rerun that changes no row changes no DVC-tracked output (timings differ at every run)."""
     out_dir = Path(out_dir)
     return out_dir.parent / "timings" / f"{out_dir.name}.json"
+def _n_images(step: Step) -> int | None:
+    """Rows the step will go through: those of its ingest shards (None when unknown)."""
+    ingest = getattr(step, "ingest_dir", None)
+    if ingest is None:
+        return None
+    total = 0
+    for path in store.list_shards(ingest):
+        total += len(store.read_shard(path, ["ids"])["ids"])
+    return total
 
 
 def row_hash(*values: Any) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from pipeline.config import Params, load_params
 from pipeline.errors import user_errors
+from pipeline.logs import setup_logging
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -24,10 +25,12 @@ def run(
     body: Callable[[argparse.Namespace, Params], None],
     needs_models: bool = False,
 ) -> int:
-    """Parse args, load params, run `body`; user errors exit 1 with one clear message."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """Parse args, load and validate the whole params file, then run `body`; user errors exit 1
+    with one clear message.
+
+    The order matters: nothing heavy (torch, transformers, open_clip) is imported before the
+    params are valid, so a bad value is reported in seconds; `body` imports what it needs."""
+    setup_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params)

@@ -67,3 +67,25 @@ def test_shipped_params_equal_the_library_defaults():
 def test_head_params_are_checked_at_load():
     with pytest.raises(ConfigError, match="hiden"):
         params_from_dict({"train": {"mlp": {"hiden": 3}}})
+
+
+def test_check_stage_refuses_a_missing_data_path_and_a_misspelt_key(tmp_path, capsys):
+    from stages import check
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["path"] = str(tmp_path / "no_such_folder")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    stamp = tmp_path / "params.ok"
+    assert check.main(["--params", str(path), "--out", str(stamp)]) == 1
+    err = capsys.readouterr().err
+    assert f"data.path = '{tmp_path / 'no_such_folder'}' does not exist" in err
+    params["data"]["path"] = str(ROOT / "data" / "sample")
+    params["train"]["mlp"]["hiden"] = 256
+    path.write_text(yaml.safe_dump(params))
+    assert check.main(["--params", str(path), "--out", str(stamp)]) == 1
+    assert "train.mlp.hiden" in capsys.readouterr().err and not stamp.exists()
+    del params["train"]["mlp"]["hiden"]
+    path.write_text(yaml.safe_dump(params))
+    assert check.main(["--params", str(path), "--out", str(stamp)]) == 0
+    assert stamp.read_text() == check.STAMP

@@ -366,6 +366,9 @@ def test_info_describes_shards(run, capsys):
     out = capsys.readouterr().out
     for word in ("schema_version", "image_emb", "obj_offsets", "preset = tiny", "shards"):
         assert word in out
+    assert cli(["info", str(cache / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert f"{cache / 'nope'} does not exist" in err and "stage folder" in err
 
 
 def test_optional_encoders_give_their_feature_kinds(run, tmp_path):

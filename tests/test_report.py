@@ -106,6 +106,11 @@ def make_run(root: Path, preset: str = "tiny", n_images: int = 12) -> dict[str, 
             },
             {**common, "stage": "features"},
         )
+        store.write_shard(
+            root / "cache" / "clip" / name,
+            {**base, "image_emb": features[rows]},
+            {**common, "stage": "clip", "model": "tiny-clip"},
+        )
     test = split == "test"
     p = 1 / (1 + np.exp(-(features[:, 0] - 1.0)))
     true_class = np.where(label == 1, generator, "real")
@@ -259,7 +264,19 @@ def test_tiny_preset_shows_a_banner_and_other_presets_do_not(
     dirs = make_run(tmp_path, preset="paper", n_images=4)
     html = build(dirs, tmp_path / "report").read_text(encoding="utf-8")
     assert 'id="tiny-banner"' not in html and "MEANINGLESS" not in html
-    assert "paper" in parse(tmp_path / "report" / "index.html").sections["run"]
+    run = parse(tmp_path / "report" / "index.html").sections["run"]
+    assert "paper" in run and "encode" in run and "tiny-clip" in run  # the Run table's encode row
+
+
+def test_thumbnail_labels_never_draw_tofu():
+    """A CJK phrase is drawn with an installed font that covers it, or with '?' for what no
+    installed font covers; Latin text is kept as it is."""
+    from pipeline.report import _font_for, _label_fonts
+
+    font, text = _font_for("猫 0.52")
+    covering = [p for p, cps in _label_fonts() if ord("猫") in cps]
+    assert text == ("猫 0.52" if covering else "? 0.52")
+    assert _font_for("a cat 0.50")[1] == "a cat 0.50"
 
 
 def test_absent_inputs_leave_a_note_per_section(tmp_path: Path) -> None:
