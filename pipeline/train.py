@@ -185,10 +185,14 @@ def train_heads(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     report: dict[str, Any] = {}
+    # Each kind is read once and shared by the heads that use it (train/val are views of it).
+    by_kind: dict[str, FeatureSet] = {}
     for name in cfg.heads:
         params = head_params(cfg, name, seed)
         name_kind = head_kind(cfg, name, kind)
-        fs = load_features(features_dir, name_kind, splits=splits)
+        if name_kind not in by_kind:
+            by_kind[name_kind] = load_features(features_dir, name_kind, splits=splits)
+        fs = by_kind[name_kind]
         train, val = fs.where("train"), fs.where("val")
         if len(np.unique(train.y)) < 2:
             raise ValueError(
