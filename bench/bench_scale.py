@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -28,10 +27,6 @@ sys.path.insert(0, str(ROOT))
 DIM = 768
 SHARD_ROWS = 8192
 SPLITS = ("train", "val", "test")
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_clip_shards(root: Path, n: int, seed: int = 0) -> None:
@@ -73,26 +68,67 @@ def make_clip_shards(root: Path, n: int, seed: int = 0) -> None:
         )
 
 
-def child(task: str, root: Path, head: str, epochs: int) -> dict:
-    """One measurement in this (fresh) process."""
-    import numpy as np  # noqa: F401 - part of the baseline
+class PeakRss:
+    """Highest resident set size seen (sampled every 2 ms from /proc) while the block runs."""
 
-    from pipeline.config import FeaturesConfig, TrainConfig
-    from pipeline.features import run_features
-    from pipeline.heads import HEADS  # noqa: F401 - imports torch and sklearn: baseline
+    def __enter__(self) -> PeakRss:
+        import threading
+
+        self.peak = self.start = _current_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _current_mib())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_mib())
+
+
+def _current_mib() -> float:
+    import os
+
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _train(features: Path, out: Path, head: str, epochs: int) -> None:
+    from pipeline.config import TrainConfig
     from pipeline.train import train_heads
 
-    baseline = _rss_mib()
-    start = time.perf_counter()
+    cfg = TrainConfig(heads=[head])
+    for name in ("mlp", "multitask"):
+        getattr(cfg, name)["epochs"] = epochs
+    kind = "image" if head == "tip_adapter" else "item"
+    train_heads(features, out, cfg, kind, seed=0)
+
+
+def child(task: str, root: Path, head: str, epochs: int) -> dict:
+    """One measurement in this (fresh) process, after a warm-up on the small `warm` set that
+    imports and initialises everything (libraries, torch's allocator and thread pools), so that
+    the peak above the RSS before the run is what the run's data costs."""
+    from pipeline.config import FeaturesConfig
+    from pipeline.features import run_features
+
+    warm = root.parent / "warm"
     if task == "features":
-        run_features(root / "ingest", root / "clip", root / "features", FeaturesConfig(), "bench")
+        run_features(warm / "ingest", warm / "clip", warm / "features_w", FeaturesConfig(), "w")
     else:
-        cfg = TrainConfig(heads=[head])
-        for name in ("mlp", "multitask"):
-            getattr(cfg, name)["epochs"] = epochs
-        kind = "image" if head == "tip_adapter" else "item"
-        train_heads(root / "features", root / "models" / head, cfg, kind, seed=0)
-    return {"seconds": time.perf_counter() - start, "peak_mib": _rss_mib() - baseline}
+        _train(warm / "features", warm / f"models_{head}", head, 1)
+    start = time.perf_counter()
+    with PeakRss() as rss:
+        if task == "features":
+            run_features(
+                root / "ingest", root / "clip", root / "features", FeaturesConfig(), "bench"
+            )
+        else:
+            _train(root / "features", root / "models" / head, head, epochs)
+    return {"seconds": time.perf_counter() - start, "peak_mib": rss.peak - rss.start}
 
 
 def _run_child(task: str, root: Path, head: str, epochs: int, timeout: float) -> dict:
@@ -129,8 +165,20 @@ def main() -> None:
     print(
         f"{'rows':>8s} {'task':>12s} {'seconds':>9s} {'peak MiB':>9s} {'X MiB':>7s} {'peak/X':>7s}"
     )
+    top = Path(tempfile.mkdtemp(prefix="misalign-bench-scale-"))
+    from pipeline.config import FeaturesConfig
+    from pipeline.features import run_features
+
+    make_clip_shards(top / "warm", 2000, seed=1)
+    run_features(
+        top / "warm" / "ingest",
+        top / "warm" / "clip",
+        top / "warm" / "features",
+        FeaturesConfig(),
+        "w",
+    )
     for n in args.sizes:
-        work = Path(tempfile.mkdtemp(prefix="misalign-bench-scale-"))
+        work = top / f"n{n}"
         try:
             make_clip_shards(work, n)
             x_mib = None
@@ -150,6 +198,7 @@ def main() -> None:
                 )
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(top, ignore_errors=True)
 
 
 def _train_val_rows(root: Path) -> int:

@@ -108,6 +108,8 @@ def fit_head(head: Any, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: 
     if accepts_val and len(X_val):
         # Validation rows of a class the head never saw in train cannot inform selection.
         keep = np.isin(y_val, np.unique(y))
+        if keep.all():  # the usual case: no copy of the validation matrix
+            return head.fit(X, y, X_val=X_val, y_val=y_val)
         if keep.any():
             return head.fit(X, y, X_val=X_val[keep], y_val=y_val[keep])
     return head.fit(X, y)
