@@ -123,7 +123,12 @@ def test_two_dask_workers_give_the_local_loop_rows(extracted, tmp_path):
         local, dask = _stage(runs[0], stage), _stage(cache, stage)
         assert set(local) == set(dask)
         for key in local:
-            assert np.array_equal(local[key], dask[key]), (stage, key)
+            if stage == "clip" and local[key].dtype == np.float32:
+                # Each worker has its own text memo, so strings meet other batch partners than
+                # in one process: equal to float32 rounding, not bit for bit.
+                np.testing.assert_allclose(local[key], dask[key], rtol=1e-5, atol=1e-6)
+            else:
+                assert np.array_equal(local[key], dask[key]), (stage, key)
     prompts = store.read_shard(cache / "clip" / "class_prompts.h5")
     np.testing.assert_array_equal(
         prompts["text_emb"], store.read_shard(runs[0] / "clip" / "class_prompts.h5")["text_emb"]
