@@ -92,7 +92,12 @@ def _open_clip_model(arch: str, quick_gelu: bool) -> Any:
 
 
 def clip_bare(
-    model: Any, pixels: torch.Tensor, device: str, dtypes: list[torch.dtype], batch: int
+    model: Any,
+    pixels: torch.Tensor,
+    device: str,
+    dtypes: list[torch.dtype],
+    batch: int,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """images/s of `encode_image` alone, per dtype, on pixels already on the device."""
     out: dict[str, Any] = {}
@@ -106,7 +111,7 @@ def clip_bare(
                 for c in chunks:
                     m.encode_image(c)
 
-        seconds, _ = _timed(device, run, repeats=3)
+        seconds, _ = _timed(device, run, repeats=repeats)
         out[str(dtype).replace("torch.", "")] = {
             "images_per_second": round(len(x) / seconds, 2),
             "seconds_per_pass": round(seconds, 4),
@@ -125,6 +130,7 @@ def clip_pipeline(
     dtype: str,
     batch_images: int,
     decode_workers: int,
+    warm_up: bool = True,
 ) -> dict[str, Any]:
     """The encode stage on the images (dataset captions, no grounding), model pre-loaded."""
     from pipeline import extract
@@ -184,7 +190,8 @@ def clip_pipeline(
             "gpu_check",
         )
 
-    encode()  # warm-up: CUDA kernels, allocator, file cache
+    if warm_up:
+        encode()  # CUDA kernels, allocator, file cache
     _sync(device)
     start = time.perf_counter()
     timings = encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import OrderedDict
@@ -790,14 +791,22 @@ def run_encode(
     )
     preflight(models, step.roles())
     _TEXT_MEMO.clear()
+    # The class prompts are encoded where the shards were (a Dask worker's loaded CLIP), not
+    # by a second CLIP in this process.
+    finish = functools.partial(
+        _write_class_prompts_task, Path(out_dir), list(cfg.class_prompts), models, base, dataset
+    )
     try:
-        timings = run_step(step, out_dir, **_sched(base))
+        timings = run_step(step, out_dir, finish=finish, **_sched(base))
     finally:
         _TEXT_MEMO.clear()
-    write_class_prompts(
-        Path(out_dir), cfg.class_prompts, _load("clip", models, base), models.preset, dataset
-    )
     return timings
+
+
+def _write_class_prompts_task(
+    out_dir: Path, prompts: list[str], models: ModelsConfig, base: BaseConfig, dataset: str
+) -> None:
+    write_class_prompts(out_dir, prompts, _load("clip", models, base), models.preset, dataset)
 
 
 def write_class_prompts(

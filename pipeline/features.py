@@ -229,8 +229,13 @@ class FeatureSet:
     subset: np.ndarray  # dataset folder of each row ("" when the dataset has none)
 
     def take(self, mask: np.ndarray) -> FeatureSet:
-        """Rows where `mask` is true (boolean mask or integer indices)."""
-        return FeatureSet(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
+        """Rows where `mask` holds; a contiguous run of rows is a view, not a copy."""
+        index = np.flatnonzero(mask)
+        if len(index) and index[-1] - index[0] + 1 == len(index):
+            rows: Any = slice(int(index[0]), int(index[-1]) + 1)
+        else:
+            rows = index
+        return FeatureSet(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
 
     def where(self, split: str) -> FeatureSet:
         return self.take(self.split == split)
@@ -253,25 +258,47 @@ def load_features(
     if not shards:
         raise store.ShardError(f"no feature shards in {features_dir}; run `dvc repro` first")
     store.dataset_attrs(features_dir)  # refuses shards of different runs
-    blocks: list[dict[str, Any]] = []
-    for path in shards:
-        data = store.read_shard(path, [*META, *KINDS[kind]])
-        data["X"] = np.concatenate(
-            [data[k].reshape(len(data["ids"]), -1) for k in KINDS[kind]], axis=1
-        )
-        blocks.append(data)
-    fs = FeatureSet(
-        X=np.concatenate([b["X"] for b in blocks]).astype(np.float32),
-        y=np.concatenate([b["label"] for b in blocks]).astype(np.int64),
-        ids=np.concatenate([b["ids"] for b in blocks]),
-        generator=np.concatenate([b["generator"] for b in blocks]),
-        split=np.concatenate([b["split"] for b in blocks]),
-        family=np.concatenate([b["family"] for b in blocks]),
-        subset=np.concatenate([b["subset"] for b in blocks]),
+    # Metadata first (small), then X written straight into one float32 matrix: no per-shard
+    # blocks concatenated, no float64 copy, no full matrix subset afterwards.
+    metas = [store.read_shard(path, list(META)) for path in shards]
+    keeps = [
+        np.isin(m["split"], splits) if splits is not None else np.ones(len(m["ids"]), bool)
+        for m in metas
+    ]
+    meta = {k: np.concatenate([m[k][keep] for m, keep in zip(metas, keeps)]) for k in META}
+    n = len(meta["ids"])
+    # With `splits`, rows are grouped by split in that order (file order within a split), so
+    # that `where(split)` is a view of X.
+    order = (
+        np.concatenate([np.flatnonzero(meta["split"] == s) for s in dict.fromkeys(splits)])
+        if splits is not None
+        else np.arange(n)
     )
-    if splits is not None:
-        fs = fs.take(np.isin(fs.split, splits))
-    return fs
+    dest = np.empty(n, np.int64)
+    dest[order] = np.arange(n)
+    X: np.ndarray | None = None
+    start = 0
+    for path, keep in zip(shards, keeps):
+        data = store.read_shard(path, list(KINDS[kind]))
+        blocks = [np.asarray(data[k]).reshape(len(keep), -1)[keep] for k in KINDS[kind]]
+        if X is None:
+            X = np.empty((n, sum(b.shape[1] for b in blocks)), np.float32)
+        rows = dest[start : start + int(keep.sum())]
+        col = 0
+        for b in blocks:
+            X[rows, col : col + b.shape[1]] = b
+            col += b.shape[1]
+        start += len(rows)
+    assert X is not None
+    return FeatureSet(
+        X=X,
+        y=meta["label"][order].astype(np.int64),
+        ids=meta["ids"][order],
+        generator=meta["generator"][order],
+        split=meta["split"][order],
+        family=meta["family"][order],
+        subset=meta["subset"][order],
+    )
 
 
 def caption_provenance_of(features_dir: str | Path, split: str | None) -> dict[str, Any] | None:

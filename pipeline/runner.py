@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,13 +159,50 @@ def process_shard(
     return ShardReport(index, len(todo), len(ids) - len(todo), timer.seconds)
 
 
+def _n_gpus() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA means no GPU to share out
+        return 0
+
+
+def local_cluster(n_workers: int) -> Any:
+    """A cluster on this machine: one worker process per GPU when there are GPUs (dask-cuda's
+    LocalCUDACluster when installed, else one Nanny per GPU with its own
+    CUDA_VISIBLE_DEVICES), else `n_workers` CPU worker processes.
+
+    Workers are not daemonic, so that each can start its own decode processes.
+    """
+    import dask
+    from dask.distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    n_gpus = _n_gpus()
+    with dask.config.set({"distributed.worker.daemon": False}):
+        if not n_gpus:
+            return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True)
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            workers = {
+                f"gpu{i}": {
+                    "cls": Nanny,
+                    "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i)}},
+                }
+                for i in range(n_gpus)
+            }
+            scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+            return SpecCluster(workers=workers, scheduler=scheduler)
+        return LocalCUDACluster(threads_per_worker=1)
+
+
 def _client(scheduler: str, address: str, n_workers: int) -> Any:
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     if address:
         return Client(address)
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True)
-    return Client(cluster)
+    return Client(local_cluster(n_workers))
 
 
 def run_step(
@@ -175,8 +212,12 @@ def run_step(
     scheduler: str = "local",
     dask_address: str = "",
     n_workers: int = 2,
+    finish: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Run `step` over all shards into `out_dir` and write its timings (`timings_path`).
+
+    `finish` (picklable) runs once after the shards, on a worker under Dask (where the models
+    are already loaded), e.g. to encode the class prompts.
 
     Returns:
         The timings: seconds per phase, images per second, n_processed, n_reused.
@@ -203,12 +244,16 @@ def run_step(
             for fut in as_completed(futures):
                 reports.append(fut.result())
                 bar.update(reports[-1].n_processed + reports[-1].n_reused)
+            if finish is not None:
+                client.submit(finish, pure=False).result()
         finally:
             client.close()
     else:
         for i in range(n):
             reports.append(process_shard(step, i, str(out_dir), reuse))
             bar.update(reports[-1].n_processed + reports[-1].n_reused)
+        if finish is not None:
+            finish()
     bar.close()
 
     # Every shard is complete: swap them in, then drop shards the dataset no longer has.

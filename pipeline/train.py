@@ -71,6 +71,8 @@ def fit_head(head: Any, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: 
     if accepts_val and len(X_val):
         # Validation rows of a class the head never saw in train cannot inform selection.
         keep = np.isin(y_val, np.unique(y))
+        if keep.all():  # the usual case: no copy of the validation matrix
+            return head.fit(X, y, X_val=X_val, y_val=y_val)
         if keep.any():
             return head.fit(X, y, X_val=X_val[keep], y_val=y_val[keep])
     return head.fit(X, y)
@@ -223,9 +225,13 @@ def train_heads(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     report: dict[str, Any] = {}
+    # Each kind is read once and shared by the heads that use it (train/val are views of it).
+    by_kind: dict[str, FeatureSet] = {}
     for name in cfg.heads:
         name_kind = head_kind(cfg, name, kind)
-        fs = load_features(features_dir, name_kind, splits=splits)
+        if name_kind not in by_kind:
+            by_kind[name_kind] = load_features(features_dir, name_kind, splits=splits)
+        fs = by_kind[name_kind]
         train, val = fs.where("train"), fs.where("val")
         fit: dict[str, Any] = {"kind": name_kind, "seed": seed, "features_dir": features_dir}
         head, info = fit_configured_head(name, cfg, train, val, **fit)

@@ -50,12 +50,12 @@ def _dataset(root: Path, n: int) -> Path:
     return write_manifest(root / "manifest.csv", rows)
 
 
-def _extract(data: Path, cache: Path, workers: int, **encode: object):
+def _extract(data: Path, cache: Path, workers: int, base: dict | None = None, **encode: object):
     params = params_from_dict(
         {
             "models": {"preset": "tiny"},
             "ingest": {"shard_size": 5},
-            "base": {"decode_workers": workers},
+            "base": {"decode_workers": workers, **(base or {})},
             "caption": {"batch_size": 3},
             "ground": {"batch_size": 2, "box_threshold": 0.0, "text_threshold": 0.0},
             "encode": {"batch_size": 4, **encode},
@@ -111,6 +111,28 @@ def test_rows_are_identical_with_0_and_2_decode_workers(extracted, stage):
         assert len(zero["obj_boxes"]) > 5
     if stage == "ingest":
         assert len(zero["ids"]) == 11  # broken file quarantined, duplicate dropped
+
+
+def test_two_dask_workers_give_the_local_loop_rows(extracted, tmp_path):
+    """caption/ground/encode as Dask tasks on a 2-worker LocalCluster, each worker with its
+    own decode processes and models, the class prompts encoded on a worker."""
+    data, runs, _ = extracted
+    cache = tmp_path / "cache"
+    _extract(data, cache, 2, {"scheduler": "dask", "n_workers": 2}, color_bins=4)
+    for stage in ("captions", "objects", "clip"):
+        local, dask = _stage(runs[0], stage), _stage(cache, stage)
+        assert set(local) == set(dask)
+        for key in local:
+            if stage == "clip" and local[key].dtype == np.float32:
+                # Each worker has its own text memo, so strings meet other batch partners than
+                # in one process: equal to float32 rounding, not bit for bit.
+                np.testing.assert_allclose(local[key], dask[key], rtol=1e-5, atol=1e-6)
+            else:
+                assert np.array_equal(local[key], dask[key]), (stage, key)
+    prompts = store.read_shard(cache / "clip" / "class_prompts.h5")
+    np.testing.assert_array_equal(
+        prompts["text_emb"], store.read_shard(runs[0] / "clip" / "class_prompts.h5")["text_emb"]
+    )
 
 
 def test_encoded_rows_equal_each_image_and_crop_encoded_alone(extracted):

@@ -16,6 +16,7 @@ from pipeline.heads._base import (
     seed_from,
     softmax_rows,
     standardise,
+    standardise_f32,
     to_numpy_state,
     torch_seeded,
     train_torch,
@@ -78,7 +79,7 @@ class MLPHead(BaseHead):
         n_out = 1 if len(classes) == 2 else len(classes)
 
         def tensor(a: np.ndarray) -> Any:
-            return torch.as_tensor(standardise(a, self.mean_, self.scale_), dtype=torch.float32)
+            return torch.from_numpy(standardise_f32(a, self.mean_, self.scale_))
 
         Xt = tensor(X).to(device)
         yt = torch.as_tensor(y_idx).to(device)

@@ -18,6 +18,7 @@ from pipeline.heads._base import (
     seed_from,
     softmax_rows,
     standardise,
+    standardise_f32,
     to_numpy_state,
     torch_seeded,
     train_torch,
@@ -114,9 +115,9 @@ class MultiTaskHead(BaseHead):
         self.mean_, self.scale_ = fit_standardiser(X)
 
         def tensors(Xa: np.ndarray, ya: np.ndarray) -> tuple[Any, Any, Any]:
-            z = standardise(Xa, self.mean_, self.scale_)
+            z = standardise_f32(Xa, self.mean_, self.scale_)
             return (
-                torch.as_tensor(z, dtype=torch.float32).to(device),
+                torch.from_numpy(z).to(device),
                 torch.as_tensor(ya != self.real_index_, dtype=torch.float32).to(device),
                 torch.as_tensor(gen_position[ya]).to(device),
             )

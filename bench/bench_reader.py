@@ -1,0 +1,236 @@
+"""Feeding benchmark, side by side in one run (this machine is shared and noisy).
+
+1. images/s through the reader (`pipeline.reader.read_batches` with the encode stage's loader:
+   decode once, cut 3 object crops, CLIP-preprocess every view) into a model that does
+   nothing, at 0, 1 and 2 decode workers, on a few hundred distinct images in a temp folder;
+2. the encode stage (tiny preset) on the same images with `base.decode_workers` 0 and 2,
+   alternated over rounds, its rows compared for identity, and the speed-up printed;
+3. with `--vit-l N`: the encode stage on the real ViT-L/14 architecture (random weights loaded
+   from a checkpoint file, the way real weights are) against the bare `encode_image` forward
+   on the same N images (no objects), with the ratio.
+
+    python bench/bench_reader.py [--n-images 300] [--rounds 2] [--vit-l 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from pipeline import extract, reader, store  # noqa: E402
+from pipeline.config import params_from_dict  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+assert _spec is not None and _spec.loader is not None
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+N_OBJECTS = 3
+PHRASES = ("car", "tree", "person", "dog", "red sofa", "street")
+
+
+def _nothing(batch: object) -> None:
+    """The model of part 1: takes the batch, does no work."""
+
+
+def feeding_rate(items: list, load: object, batch: int, workers: int) -> float:
+    start = time.perf_counter()
+    n = 0
+    for out in reader.read_batches(items, load, batch, workers, extract.collate_views):  # type: ignore[arg-type]
+        _nothing(out)
+        n += len(out["n_views"])
+    return n / (time.perf_counter() - start)
+
+
+def _objects(images: list[Path], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """N_OBJECTS boxes per image inside its bounds (the grounder's output, synthesised)."""
+    from PIL import Image
+
+    boxes = []
+    for path in images:
+        with Image.open(path) as im:
+            w, h = im.size
+        for _ in range(N_OBJECTS):
+            x0, y0 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
+            boxes.append([x0, y0, x0 + rng.uniform(16, w * 0.4), y0 + rng.uniform(16, h * 0.4)])
+    offsets = np.arange(0, N_OBJECTS * len(images) + 1, N_OBJECTS, dtype=np.int64)
+    return np.asarray(boxes, np.float32), offsets
+
+
+def prepare(work: Path, images: list[Path], shard_size: int) -> Path:
+    """Ingest, dataset captions, and synthesised objects shards for the encode stage."""
+    import csv
+
+    data = images[0].parent
+    with (data / "manifest.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "generator", "caption"])
+        w.writerows([p.name, i % 2, "g", f"a photo of thing {i}"] for i, p in enumerate(images))
+    params = params_from_dict(
+        {
+            "models": {"preset": "tiny"},
+            "ingest": {"shard_size": shard_size},
+            "caption": {"source": "dataset"},
+        }
+    )
+    cache = work / "cache"
+    p = params
+    extract.run_ingest(data, cache / "ingest", p.ingest, p.base, "bench")
+    extract.run_caption(cache / "ingest", cache / "captions", p.caption, p.models, p.base, "bench")
+    rng = np.random.default_rng(0)
+    for shard in store.list_shards(cache / "ingest"):
+        rows = store.read_shard(shard, ["ids", "path"])
+        paths = [data / Path(str(x)).name for x in rows["path"]]
+        boxes, offsets = _objects(paths, rng)
+        phrases = rng.choice(PHRASES, len(boxes)).astype(object)
+        store.write_shard(
+            cache / "objects" / shard.name,
+            {"ids": rows["ids"], "obj_offsets": offsets, "obj_boxes": boxes, "obj_phrase": phrases},
+            {"stage": "objects", "params_hash": "synthetic"},
+        )
+    return cache
+
+
+def encode_stage(cache: Path, workers: int, out: str) -> tuple[float, dict]:
+    params = params_from_dict(
+        {"models": {"preset": "tiny"}, "base": {"decode_workers": workers}, "encode": {}}
+    )
+    shutil.rmtree(cache / out, ignore_errors=True)
+    extract._TEXT_MEMO.clear()
+    start = time.perf_counter()
+    extract.run_encode(
+        cache / "ingest",
+        cache / "captions",
+        cache / "objects",
+        cache / out,
+        params.encode,
+        params.ground.crop_padding,
+        params.models,
+        params.base,
+        "bench",
+    )
+    seconds = time.perf_counter() - start
+    rows = store.concat_rows([store.read_shard(s) for s in store.list_shards(cache / out)])
+    return seconds, rows
+
+
+def same_rows(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def vit_l(work: Path, n: int) -> None:
+    import torch
+
+    images = gpu_check.synthetic_images(work / "vitl_images", n, 256, seed=1)
+    torch.manual_seed(0)
+    model = gpu_check._open_clip_model("ViT-L-14", True)
+    checkpoint = work / "vitl_random.pt"
+    torch.save(model.state_dict(), checkpoint)
+    import open_clip
+
+    from pipeline.data import load_rgb
+
+    _, _, preprocess = open_clip.create_model_and_transforms(
+        "ViT-L-14", pretrained=None, force_quick_gelu=True
+    )
+    pixels = torch.stack([preprocess(load_rgb(p)) for p in images])
+    # Bare image forward, then the text forward of the stage's captions (also part of encode).
+    bare = gpu_check.clip_bare(model, pixels, "cpu", [torch.float32], batch=16, repeats=1)
+    tokens = open_clip.get_tokenizer("ViT-L-14")([f"{gpu_check.CAPTION} {i}" for i in range(n)])
+    with torch.inference_mode():
+        model.encode_text(tokens)
+        start = time.perf_counter()
+        model.encode_text(tokens)
+        text_s = time.perf_counter() - start
+    del model
+    stage = gpu_check.clip_pipeline(
+        work / "vitl", images, checkpoint, "ViT-L-14", "cpu", "float32", 16, -1, warm_up=False
+    )
+    bare_s = n / bare["float32"]["images_per_second"]
+    print(
+        f"ViT-L/14 on {n} images (CPU, float32): bare image forward {bare_s:.2f}s, bare text "
+        f"forward {text_s:.2f}s, encode stage {stage['wall_seconds']:.2f}s "
+        f"(reader wait {stage['stage_timings']['seconds']['read']:.2f}s); stage/bare image "
+        f"{stage['wall_seconds'] / bare_s:.3f}, stage/(bare image+text) "
+        f"{stage['wall_seconds'] / (bare_s + text_s):.3f}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n-images", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of 0 and 2 workers")
+    ap.add_argument("--vit-l", type=int, default=0, help="images for the ViT-L/14 check (0: skip)")
+    ap.add_argument("--skip-feeding", action="store_true")
+    ap.add_argument("--skip-encode", action="store_true")
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    work = Path(tempfile.mkdtemp(prefix="misalign-bench-reader-"))
+    try:
+        images = gpu_check.synthetic_images(work / "images", args.n_images, 288)
+        print(
+            f"{args.n_images} distinct {288 * 4 // 3}x288 JPEGs, {N_OBJECTS} objects each, "
+            f"{reader.available_cpus()} CPUs visible"
+        )
+        cache = prepare(work, images, shard_size=64)
+        if not args.skip_feeding:
+            clip = extract._load("clip", *_tiny())
+            rng = np.random.default_rng(0)
+            boxes, offsets = _objects(images, rng)
+            items = [(str(p), boxes[offsets[k] : offsets[k + 1]]) for k, p in enumerate(images)]
+            load = extract.EncodeLoad(clip.preprocess, 0.1)
+            rates: dict[int, list[float]] = {0: [], 1: [], 2: []}
+            for _ in range(args.rounds):
+                for w in rates:
+                    rates[w].append(feeding_rate(items, load, 16, w))
+            med = {w: statistics.median(r) for w, r in rates.items()}
+            print("reader into a do-nothing model (images/s, median of rounds):")
+            for w, r in med.items():
+                print(
+                    f"  {w} workers: {r:7.1f} images/s  ({r / med[0]:.2f} x 0 workers; "
+                    f"rounds {', '.join(f'{x:.1f}' for x in rates[w])})"
+                )
+        seconds: dict[int, list[float]] = {0: [], 2: []}
+        rows: dict[int, dict] = {}
+        for _ in range(0 if args.skip_encode else args.rounds):
+            for w in (0, 2):
+                s, rows[w] = encode_stage(cache, w, f"clip_{w}")
+                seconds[w].append(s)
+        if not args.skip_encode:
+            report_encode(args.n_images, seconds, same_rows(rows[0], rows[2]))
+        if args.vit_l:
+            vit_l(work, args.vit_l)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report_encode(n_images: int, seconds: dict[int, list[float]], identical: bool) -> None:
+    t0, t2 = statistics.median(seconds[0]), statistics.median(seconds[2])
+    print(
+        f"encode stage (tiny preset, {n_images} images, {N_OBJECTS} objects each): "
+        f"decode_workers=0 {t0:.2f}s, decode_workers=2 {t2:.2f}s; speed-up {t0 / t2:.2f}x "
+        f"(rounds 0: {', '.join(f'{x:.2f}' for x in seconds[0])}; "
+        f"2: {', '.join(f'{x:.2f}' for x in seconds[2])}); rows identical: {identical}"
+    )
+
+
+def _tiny():
+    p = params_from_dict({"models": {"preset": "tiny"}})
+    return p.models, p.base
+
+
+if __name__ == "__main__":
+    main()
