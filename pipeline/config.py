@@ -468,8 +468,13 @@ def _check_plain_name(key: str, name: str) -> None:
         )
 
 
+# The heads' registry names (pipeline.heads.HEADS, equal by test), known here without importing
+# scikit-learn so that their checks run in the fast pass.
+HEAD_NAMES = ("mlp", "svm", "multitask", "tip_adapter", "meta")
+
+
 def _check_head_params(train: TrainConfig) -> None:
-    for head in ("mlp", "svm", "multitask", "tip_adapter", "meta"):
+    for head in HEAD_NAMES:
         given = getattr(train, head, None)
         if given is None:
             continue
@@ -490,8 +495,15 @@ def _check_head_params(train: TrainConfig) -> None:
                     if not item.ok(v):
                         raise _refuse(key, value, f"a non-empty list of {item.allowed()}", [1.0])
             if name == "base_heads":
-                if not isinstance(value, (list, tuple)) or not value:
-                    raise _refuse(key, value, "a non-empty list of head names", ["mlp", "svm"])
+                bases = [h for h in HEAD_NAMES if h != "meta"]
+                if (
+                    not isinstance(value, (list, tuple))
+                    or not value
+                    or not all(isinstance(b, str) and b in bases for b in value)
+                ):
+                    raise _refuse(
+                        key, value, f"a non-empty list of head names among {bases}", ["mlp", "svm"]
+                    )
 
 
 _HEAD_EXAMPLES: dict[str, Any] = {

@@ -197,6 +197,7 @@ def test_head_ranges_accept_the_heads_own_defaults():
     from pipeline import config
     from pipeline.heads import HEADS
 
+    assert set(config.HEAD_NAMES) == set(HEADS)
     for name, cls in HEADS.items():
         for p in inspect.signature(cls.__init__).parameters.values():
             rule = config._HEAD_RANGES.get(p.name)
