@@ -178,9 +178,7 @@ class TrainConfig:
     svm: dict[str, Any] = field(default_factory=lambda: {"C": 1.0})
     multitask: dict[str, Any] = field(default_factory=lambda: {"hidden": 512, "epochs": 50})
     # Tip-Adapter-F as published: a cache of 16 shots per class (seeded), paper's affinity.
-    tip_adapter: dict[str, Any] = field(
-        default_factory=lambda: {"finetune": True, "n_shots": 16}
-    )
+    tip_adapter: dict[str, Any] = field(default_factory=lambda: {"finetune": True, "n_shots": 16})
     meta: dict[str, Any] = field(default_factory=lambda: {"base_heads": ["mlp", "svm"]})
     # Feature kind per head where it differs from features.kind: Tip-Adapter's zero-shot term
     # compares CLIP *image* features with CLIP text embeddings of the class prompts.
@@ -382,6 +380,10 @@ def _fraction(why: str) -> _Range:
 _RANGES: dict[str, _Range] = {
     "base.seed": _Range(True, 0, 2**32 - 1, why="numpy and torch seeds"),
     "base.n_workers": _positive_int("Dask workers"),
+    "base.decode_workers": _Range(
+        True, -1, 64, why="decode processes; -1 = auto, 0 = main process"
+    ),
+    "base.cuda_batch_scale": _positive_int("batch-size multiplier on CUDA"),
     "ingest.shard_size": _positive_int("images per shard"),
     "ingest.min_side": _positive_int("pixels"),
     "ingest.caption_similarity": _Range(
@@ -397,6 +399,10 @@ _RANGES: dict[str, _Range] = {
     "ground.box_threshold": _fraction("a score"),
     "ground.text_threshold": _fraction("a score"),
     "ground.max_objects": _count("objects kept per image"),
+    "ground.iou_threshold": _fraction(
+        "IoU above which boxes of one phrase are merged; 1 keeps all"
+    ),
+    "ground.min_box_side": _count("pixels; smaller boxes are dropped"),
     "ground.crop_padding": _Range(False, 0, 10, why="fraction of the box size"),
     "encode.batch_size": _positive_int("images per batch"),
     "encode.color_bins": _Range(True, 0, 256, why="bins per channel, 0 = off"),
