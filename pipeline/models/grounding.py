@@ -61,6 +61,15 @@ def merge_duplicates(objects: list[GroundedObject], iou_threshold: float) -> lis
     return kept
 
 
+def _partner_free(encoded: list[dict[str, Any]]) -> list[list[int]]:
+    """Indices of `encoded` grouped by (image size, token count): items that batch unpadded."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for k, item in enumerate(encoded):
+        key = (tuple(item["pixel_values"].shape[-2:]), int(item["input_ids"].shape[-1]))
+        groups.setdefault(key, []).append(k)
+    return list(groups.values())
+
+
 def caption_to_query(caption: str) -> str:
     """Turn a caption into a GroundingDINO text query: lowercase, single spaces, ending in ".".
 
@@ -122,20 +131,21 @@ class GroundingDinoGrounder(HFWrapper):
         todo = [i for i, query in enumerate(queries) if query]
         if not todo or max_objects <= 0:
             return results
-        rgb = {i: images[i].convert("RGB") for i in todo}
-        for group in self.partner_free_groups([rgb[i] for i in todo], [queries[i] for i in todo]):
-            members = [todo[k] for k in group]
+        rgb = [images[i].convert("RGB") for i in todo]
+        encoded = self._encode_each(rgb, [queries[i] for i in todo])
+        for group in _partner_free(encoded):
             found = self._ground_batch(
-                [rgb[i] for i in members],
-                [queries[i] for i in members],
+                [rgb[k] for k in group],
+                [queries[todo[k]] for k in group],
+                {key: torch.cat([encoded[k][key] for k in group]) for key in encoded[group[0]]},
                 box_threshold,
                 text_threshold,
                 max_objects,
                 iou_threshold,
                 min_box_side,
             )
-            for index, objects in zip(members, found):
-                results[index] = objects
+            for k, objects in zip(group, found):
+                results[todo[k]] = objects
         return results
 
     def partner_free_groups(self, images: list[Image.Image], queries: list[str]) -> list[list[int]]:
@@ -143,39 +153,34 @@ class GroundingDinoGrounder(HFWrapper):
         the same number of text tokens. Padding changes GroundingDINO's boxes (by up to
         hundreds of pixels: the backbone and deformable attention see the padded area), so an
         image's boxes would depend on its batch partners; within a group they do not."""
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for k, (image, query) in enumerate(zip(images, queries)):
-            shape = tuple(
-                self.processor.image_processor(images=image, return_tensors="pt")[
-                    "pixel_values"
-                ].shape[-2:]
-            )
-            n_tokens = len(
-                self.processor.tokenizer(
-                    query, truncation=True, max_length=self.model.config.max_text_len
-                )["input_ids"]
-            )
-            groups.setdefault((shape, n_tokens), []).append(k)
-        return list(groups.values())
+        return _partner_free(self._encode_each(images, queries))
+
+    def _encode_each(self, images: list[Image.Image], queries: list[str]) -> list[dict[str, Any]]:
+        """Processor inputs of each (image, query) on its own, each image preprocessed once:
+        pixel_values/pixel_mask (1, 3, H, W) and the query's tokens (1, L), unpadded. Stacking
+        items of equal shapes gives what the processor gives for them as one batch."""
+        max_len = self.model.config.max_text_len
+        return [
+            {
+                **self.processor.image_processor(images=image, return_tensors="pt"),
+                **self.processor.tokenizer(
+                    query, truncation=True, max_length=max_len, return_tensors="pt"
+                ),
+            }
+            for image, query in zip(images, queries)
+        ]
 
     def _ground_batch(
         self,
         batch_images: list[Image.Image],
         batch_queries: list[str],
+        batch: dict[str, Any],
         box_threshold: float,
         text_threshold: float,
         max_objects: int,
         iou_threshold: float,
         min_box_side: float,
     ) -> list[list[GroundedObject]]:
-        batch = self.processor(
-            images=batch_images,
-            text=batch_queries,
-            padding="longest",
-            truncation=True,
-            max_length=self.model.config.max_text_len,
-            return_tensors="pt",
-        )
         inputs = to_model_inputs(batch, self.device, self.dtype)
         with torch.inference_mode():
             outputs = self.model(**inputs)
