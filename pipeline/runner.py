@@ -304,7 +304,7 @@ def _n_images(step: Step) -> int | None:
         return None
     total = 0
     for path in store.list_shards(ingest):
-        total += len(store.read_shard(path, ["ids"])["ids"])
+        total += len(store.read_ids(path))
     return total
 
 
