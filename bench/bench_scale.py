@@ -50,6 +50,7 @@ def make_clip_shards(root: Path, n: int, seed: int = 0) -> None:
                 "generator": generator.astype(object),
                 "split": split,
                 "family": generator.astype(object),
+                "subset": np.full(m, "", dtype=object),
             },
             {"stage": "ingest"},
         )

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -563,3 +564,93 @@ def test_tip_adapter_defaults_are_the_official_formula() -> None:
     tip_logits = clip_logits + cache_logits * alpha
     expected = softmax(tip_logits, axis=1)
     assert np.max(np.abs(head.predict_proba(query) - expected)) <= 1e-6
+
+
+# --- the SVM's own solver, and heads that hold no copy of their features -------------------------
+
+
+def _svm_data(n: int, d: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, d))
+    # A common offset and unequal spreads, as CLIP difference features have.
+    X = (centres[y] + rng.normal(size=(n, d))) * rng.uniform(0.2, 3.0, d) + 4.0
+    return X, y
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0, 30.0])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_svm_solves_linearsvcs_problem(C: float, classes: int) -> None:
+    """The Newton solver reaches liblinear's optimum (LinearSVC, primal, bias regularised),
+    one-vs-rest, on the head's own standardisation."""
+    from sklearn.svm import LinearSVC
+
+    from pipeline.heads._base import standardise
+
+    X, y = _svm_data(600, 10, classes)
+    head = SVMHead(C=C, tol=1e-10).fit(X, y)
+    Z = standardise(X, head.mean_, head.scale_)
+    ref = LinearSVC(C=C, dual=False, tol=1e-12, max_iter=100_000).fit(Z, y)
+    scale = np.abs(ref.coef_).max()
+    np.testing.assert_allclose(head.coef_, ref.coef_, atol=1e-6 * scale)
+    np.testing.assert_allclose(head.intercept_, ref.intercept_, atol=1e-6 * scale)
+
+
+def test_squared_hinge_rows_and_warm_start_give_the_same_optimum() -> None:
+    """Fitting on `rows` equals fitting on the copied rows; a warm start changes nothing;
+    float32 input gives the float64 result (standardised in float64 either way)."""
+    from pipeline.heads._base import fit_standardiser
+    from pipeline.heads.svm import fit_squared_hinge
+
+    X, y = _svm_data(20_000, 6, 2, seed=3)  # more than two row blocks
+    mean, scale = fit_standardiser(X)
+    pm = np.where(y == 1, 1.0, -1.0)
+    rows = np.flatnonzero(np.arange(len(X)) % 3 != 1)
+    kw = {"tol": 1e-12, "max_iter": 200}
+    on_rows, _ = fit_squared_hinge(X, mean, scale, pm[rows], 0.5, rows=rows, **kw)
+    on_copy, _ = fit_squared_hinge(X[rows], mean, scale, pm[rows], 0.5, **kw)
+    warm, _ = fit_squared_hinge(X[rows], mean, scale, pm[rows], 0.5, init=on_copy * 3, **kw)
+    f32, _ = fit_squared_hinge(X.astype(np.float32), mean, scale, pm, 0.5, **kw)
+    f64, _ = fit_squared_hinge(X.astype(np.float32).astype(np.float64), mean, scale, pm, 0.5, **kw)
+    np.testing.assert_allclose(on_rows, on_copy, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(warm, on_copy, rtol=1e-7, atol=1e-10)
+    np.testing.assert_array_equal(f32, f64)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        SVMHead(C_grid=(0.1, 1.0)),
+        MLPHead(hidden=32, epochs=2, batch_size=256),
+        MultiTaskHead(hidden=32, epochs=2, batch_size=256),
+        TipAdapterHead(finetune=True, epochs=2, n_shots=4, alpha_grid=(1.0,), beta_grid=(1.0,)),
+    ],
+    ids=lambda h: type(h).__name__,
+)
+def test_heads_train_and_predict_without_copying_the_features(
+    head: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fitting on float32 train/val views and predicting hold no NumPy temporary larger than
+    a small fraction of the matrix (the old code made float64 and standardised copies).
+    The row blocks are made small here so that the matrix is many blocks."""
+    import tracemalloc
+
+    from pipeline.heads import _base
+
+    monkeypatch.setattr(_base, "_BLOCK_BYTES", 128 << 10)
+    X, y = _svm_data(24_000, 128, 2, seed=5)
+    X = X.astype(np.float32)
+    if isinstance(head, MultiTaskHead):
+        y = np.where(y == 0, "real", np.where(np.arange(len(y)) % 2, "gen_a", "gen_b"))
+    train, val = slice(0, 18_000), slice(18_000, None)
+    # Warm-up: the first fit imports modules (torch's optimiser machinery), which tracemalloc
+    # would count.
+    clone(head).fit(X[:2000], y[:2000], X_val=X[2000:3000], y_val=y[2000:3000])
+    tracemalloc.start()
+    try:
+        head.fit(X[train], y[train], X_val=X[val], y_val=y[val])
+        head.predict_proba(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.25 * X.nbytes, f"peak NumPy allocation {peak / X.nbytes:.2f}x the features"

@@ -72,8 +72,10 @@ class BaseHead(ClassifierMixin, BaseEstimator):
         return X_val, np.searchsorted(classes, y_val).astype(np.int64)
 
     def _validate_predict(self, X: Any) -> np.ndarray:
+        """Validate prediction rows; float32 is kept as is (no float64 copy of a big matrix:
+        heads compute on float64 row blocks, see `map_row_blocks`)."""
         check_is_fitted(self)
-        return validate_data(self, X, dtype=np.float64, reset=False)
+        return validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
 
     # --- prediction -----------------------------------------------------------------------------
 
@@ -117,12 +119,33 @@ def check_sgd_params(head: Any) -> None:
     check_positive("weight_decay", head.weight_decay, allow_zero=True)
 
 
-# Rows per block when a whole-matrix temporary would be as large as the features themselves.
-_BLOCK_ROWS = 8192
+# Bytes of one float64 row block: whole-matrix temporaries (a float64 or standardised copy,
+# hidden activations) are made block by block instead, so they stay this small.
+_BLOCK_BYTES = 32 << 20
 
 
-def _blocks(n: int) -> list[slice]:
-    return [slice(s, min(s + _BLOCK_ROWS, n)) for s in range(0, n, _BLOCK_ROWS)]
+def row_blocks(n: int, width: int) -> list[slice]:
+    """Consecutive row slices covering range(n), each a float64 block of `width` columns of
+    about `_BLOCK_BYTES` (at least one row)."""
+    rows = max(1, _BLOCK_BYTES // (8 * max(1, width)))
+    return [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+def map_row_blocks(fn: Callable[[np.ndarray], Any], X: np.ndarray) -> Any:
+    """`fn` applied to float64 copies of consecutive row blocks of X, its outputs (an array or
+    a tuple of arrays, one row per input row) stacked in row order.
+
+    Every head's per-row computation goes through this, so predicting on a float32 matrix
+    never holds a float64 copy, a standardised copy or hidden activations of all its rows;
+    the values equal those of the whole matrix at once because each row is computed alone.
+    """
+    outs = [
+        fn(np.asarray(X[b], dtype=np.float64))
+        for b in row_blocks(len(X), X.shape[1]) or [slice(0, 0)]
+    ]
+    if isinstance(outs[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*outs))
+    return np.concatenate(outs)
 
 
 def fit_standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +153,11 @@ def fit_standardiser(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     size); constant features get scale 1 so they map to 0, not NaN."""
     n = max(1, len(X))
     mean = np.zeros(X.shape[1], np.float64)
-    for b in _blocks(len(X)):
+    for b in row_blocks(len(X), X.shape[1]):
         mean += X[b].sum(axis=0, dtype=np.float64)
     mean /= n
     var = np.zeros(X.shape[1], np.float64)
-    for b in _blocks(len(X)):
+    for b in row_blocks(len(X), X.shape[1]):
         var += np.square(X[b] - mean).sum(axis=0)
     std = np.sqrt(var / n)
     # Relative threshold: CLIP differences can share an offset far larger than their spread.
@@ -148,12 +171,54 @@ def standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarra
 
 
 def standardise_f32(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """`standardise` computed in float64 block by block and stored as float32: the one copy
-    of the features a torch head trains on (no float64 matrix of X's size)."""
+    """`standardise` computed in float64 block by block and stored as float32 (no float64
+    matrix of X's size)."""
     out = np.empty(X.shape, np.float32)
-    for b in _blocks(len(X)):
+    for b in row_blocks(len(X), X.shape[1]):
         np.divide(X[b] - mean, scale, out=out[b], casting="same_kind")
     return out
+
+
+class StandardisedRows:
+    """The standardised rows of X, made on demand for each minibatch or block as float32
+    tensors on `device`, so a torch head never holds a standardised copy of its training or
+    validation matrix (the values are `standardise_f32`'s, row for row).
+
+    On CUDA the raw matrix is copied to the device once and standardised there (float64
+    arithmetic, like the CPU path); on the CPU the rows are gathered from X itself.
+    """
+
+    def __init__(self, X: np.ndarray, mean: np.ndarray, scale: np.ndarray, device: Any) -> None:
+        import torch
+
+        self.device = device
+        self._mean, self._scale = mean, scale
+        self._on_device = device.type != "cpu"
+        self._X: Any
+        if self._on_device:
+            self._X = torch.from_numpy(np.ascontiguousarray(X)).to(device)
+            self._mean_t = torch.as_tensor(mean, dtype=torch.float64, device=device)
+            self._scale_t = torch.as_tensor(scale, dtype=torch.float64, device=device)
+        else:
+            self._X = X
+
+    def __len__(self) -> int:
+        return len(self._X)
+
+    def rows(self, idx: Any) -> Any:
+        """Standardised float32 rows at `idx` (a tensor of row indices or a slice)."""
+        import torch
+
+        if self._on_device:
+            picked = self._X[idx.to(self.device) if isinstance(idx, torch.Tensor) else idx]
+            return ((picked.double() - self._mean_t) / self._scale_t).float()
+        picked = self._X[idx.numpy() if isinstance(idx, torch.Tensor) else idx]
+        return torch.from_numpy(standardise_f32(picked, self._mean, self._scale))
+
+    def blocks(self) -> Iterator[tuple[slice, Any]]:
+        """(row slice, standardised rows) over consecutive blocks covering every row."""
+        for b in row_blocks(len(self), self._X.shape[1]):
+            yield b, self.rows(b)
 
 
 def threads_for(rows: int, width: int, hidden: int) -> int:

@@ -8,15 +8,16 @@ import numpy as np
 
 from pipeline.heads._base import (
     BaseHead,
+    StandardisedRows,
     State,
     binary_proba,
     check_device,
     check_sgd_params,
     fit_standardiser,
+    map_row_blocks,
     seed_from,
     softmax_rows,
     standardise,
-    standardise_f32,
     to_numpy_state,
     torch_seeded,
     train_torch,
@@ -77,17 +78,14 @@ class MLPHead(BaseHead):
         self.classes_ = classes
         self.mean_, self.scale_ = fit_standardiser(X)
         n_out = 1 if len(classes) == 2 else len(classes)
-
-        def tensor(a: np.ndarray) -> Any:
-            return torch.from_numpy(standardise_f32(a, self.mean_, self.scale_))
-
-        Xt = tensor(X).to(device)
+        Xt = StandardisedRows(X, self.mean_, self.scale_, device)
         yt = torch.as_tensor(y_idx).to(device)
         if n_out == 1:
-            loss_fn: Any = torch.nn.BCEWithLogitsLoss()
+            # Summed, so the validation loss adds up over blocks (divided by the row count).
+            loss_fn: Any = torch.nn.BCEWithLogitsLoss(reduction="sum")
             target = yt.float().unsqueeze(1)
         else:
-            loss_fn = torch.nn.CrossEntropyLoss()
+            loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
             target = yt
 
         with torch_seeded(seed_from(self.random_state)) as generator:
@@ -98,16 +96,20 @@ class MLPHead(BaseHead):
             ).to(device)
             val_loss = None
             if val is not None:
-                Xv = tensor(val[0]).to(device)
+                Xv = StandardisedRows(val[0], self.mean_, self.scale_, device)
                 yv = torch.as_tensor(val[1]).to(device)
                 tv = yv.float().unsqueeze(1) if n_out == 1 else yv
 
                 def val_loss() -> float:
-                    return float(loss_fn(net(Xv), tv))
+                    total = sum(float(loss_fn(net(z), tv[b])) for b, z in Xv.blocks())
+                    return total / max(1, len(Xv))
+
+            def batch_loss(idx: Any) -> Any:
+                return loss_fn(net(Xt.rows(idx)), target[idx.to(device)]) / len(idx)
 
             self.best_epoch_, self.val_loss_ = train_torch(
                 net,
-                lambda idx: loss_fn(net(Xt[idx]), target[idx]),
+                batch_loss,
                 n_rows=len(X),
                 epochs=self.epochs,
                 lr=self.lr,
@@ -121,8 +123,13 @@ class MLPHead(BaseHead):
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         w = {k: v.astype(np.float64) for k, v in self.weights_.items()}
-        h = np.maximum(standardise(X, self.mean_, self.scale_) @ w["0.weight"].T + w["0.bias"], 0)
-        return h @ w["2.weight"].T + w["2.bias"]
+
+        def block(Xb: np.ndarray) -> np.ndarray:
+            z = standardise(Xb, self.mean_, self.scale_)
+            h = np.maximum(z @ w["0.weight"].T + w["0.bias"], 0)
+            return h @ w["2.weight"].T + w["2.bias"]
+
+        return map_row_blocks(block, X)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, columns in `classes_` order."""

@@ -11,14 +11,15 @@ from scipy.special import expit
 from pipeline.errors import DataUnusable
 from pipeline.heads._base import (
     BaseHead,
+    StandardisedRows,
     State,
     check_device,
     check_sgd_params,
     fit_standardiser,
+    map_row_blocks,
     seed_from,
     softmax_rows,
     standardise,
-    standardise_f32,
     to_numpy_state,
     torch_seeded,
     train_torch,
@@ -115,27 +116,31 @@ class MultiTaskHead(BaseHead):
         self.mean_, self.scale_ = fit_standardiser(X)
 
         def tensors(Xa: np.ndarray, ya: np.ndarray) -> tuple[Any, Any, Any]:
-            z = standardise_f32(Xa, self.mean_, self.scale_)
             return (
-                torch.from_numpy(z).to(device),
+                StandardisedRows(Xa, self.mean_, self.scale_, device),
                 torch.as_tensor(ya != self.real_index_, dtype=torch.float32).to(device),
                 torch.as_tensor(gen_position[ya]).to(device),
             )
 
-        bce = torch.nn.BCEWithLogitsLoss()
+        bce = torch.nn.BCEWithLogitsLoss(reduction="sum")
         ce = torch.nn.CrossEntropyLoss(reduction="sum")
         use_detector = self.real_index_ >= 0
 
         with torch_seeded(seed_from(self.random_state)) as generator:
             net = _build_net(X.shape[1], self.hidden, len(self.generator_indices_)).to(device)
 
-            def loss(Xt: Any, gen: Any, pos: Any) -> Any:
-                detect, attribute = net(Xt)
-                total = bce(detect[:, 0], gen) if use_detector else detect.sum() * 0.0
+            def loss_sums(z: Any, gen: Any, pos: Any) -> tuple[Any, Any, Any]:
+                """Summed detection and attribution losses, and the generated-row count."""
+                detect, attribute = net(z)
+                detection = bce(detect[:, 0], gen) if use_detector else detect.sum() * 0.0
                 mask = pos >= 0
-                # Mean over the generated rows of the batch; zero when the batch has none.
-                n_gen = mask.sum().clamp(min=1)
-                return total + ce(attribute[mask], pos[mask]) / n_gen
+                return detection, ce(attribute[mask], pos[mask]), mask.sum()
+
+            def loss(sums: tuple[Any, Any, Any], n_rows: int) -> Any:
+                # Mean detection loss over the rows plus mean attribution loss over the
+                # generated rows (zero when there are none).
+                detection, attribution, n_gen = sums
+                return detection / n_rows + attribution / n_gen.clamp(min=1)
 
             train = tensors(X, y_idx)
             val_loss = None
@@ -143,11 +148,17 @@ class MultiTaskHead(BaseHead):
                 val_t = tensors(*val)
 
                 def val_loss() -> float:
-                    return float(loss(*val_t))
+                    parts = [loss_sums(z, val_t[1][b], val_t[2][b]) for b, z in val_t[0].blocks()]
+                    total = tuple(sum(p[i] for p in parts) for i in range(3))
+                    return float(loss(total, max(1, len(val_t[0]))))  # type: ignore[arg-type]
+
+            def batch_loss(idx: Any) -> Any:
+                on = idx.to(device)
+                return loss(loss_sums(train[0].rows(idx), train[1][on], train[2][on]), len(idx))
 
             self.best_epoch_, self.val_loss_ = train_torch(
                 net,
-                lambda idx: loss(train[0][idx], train[1][idx], train[2][idx]),
+                batch_loss,
                 n_rows=len(X),
                 epochs=self.epochs,
                 lr=self.lr,
@@ -162,12 +173,16 @@ class MultiTaskHead(BaseHead):
     def _forward(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         X = self._validate_predict(X)
         w = {k: v.astype(np.float64) for k, v in self.weights_.items()}
-        h = standardise(X, self.mean_, self.scale_) @ w["shared.weight"].T + w["shared.bias"]
-        h = np.maximum(h, 0.0)
-        detect = h @ w["detect.weight"].T + w["detect.bias"]
-        attribute = h @ w["attribute.weight"].T + w["attribute.bias"]
-        p_gen = expit(detect[:, 0]) if self.real_index_ >= 0 else np.ones(len(X))
-        return p_gen, softmax_rows(attribute)
+
+        def block(Xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            z = standardise(Xb, self.mean_, self.scale_)
+            h = np.maximum(z @ w["shared.weight"].T + w["shared.bias"], 0.0)
+            detect = h @ w["detect.weight"].T + w["detect.bias"]
+            attribute = h @ w["attribute.weight"].T + w["attribute.bias"]
+            p_gen = expit(detect[:, 0]) if self.real_index_ >= 0 else np.ones(len(Xb))
+            return p_gen, softmax_rows(attribute)
+
+        return map_row_blocks(block, X)  # type: ignore[no-any-return]
 
     def p_generated(self, X: Any) -> np.ndarray:
         """Probability that each row is generated (not `real_label`), shape (n,)."""

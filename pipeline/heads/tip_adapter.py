@@ -16,6 +16,7 @@ from pipeline.heads._base import (
     cross_entropy,
     fit_standardiser,
     l2_normalise,
+    map_row_blocks,
     minibatches,
     seed_from,
     softmax_rows,
@@ -150,9 +151,8 @@ class TipAdapterHead(BaseHead):
             self.mean_, self.scale_ = np.zeros(X.shape[1]), np.ones(X.shape[1])
         rng = np.random.RandomState(seed_from(self.random_state))
         cache_rows = self._cache_rows(y_idx, rng)
-        feats = self._cache_features(X)
         self.cache_rows_ = cache_rows
-        self.cache_keys_ = feats[cache_rows]
+        self.cache_keys_ = map_row_blocks(self._cache_features, X[cache_rows])
         self.cache_labels_ = y_idx[cache_rows]
         self.alpha_, self.beta_ = float(self.alpha), float(self.beta)
         if self.finetune:
@@ -204,8 +204,16 @@ class TipAdapterHead(BaseHead):
 
         device = check_device(self.device)
         n_classes = len(self.classes_)
-        feats = torch.as_tensor(self._cache_features(X), dtype=torch.float32, device=device)
-        prior = torch.as_tensor(self._zero_shot(X), dtype=torch.float32, device=device)
+
+        def rows(idx: Any) -> tuple[Any, Any]:
+            """Cache features and zero-shot logits of a minibatch, made on demand (no copy
+            of the training matrix)."""
+            Xb = np.asarray(X[idx.numpy()], dtype=np.float64)
+            return (
+                torch.as_tensor(self._cache_features(Xb), dtype=torch.float32, device=device),
+                torch.as_tensor(self._zero_shot(Xb), dtype=torch.float32, device=device),
+            )
+
         targets = torch.as_tensor(y_idx, device=device)
         values = torch.nn.functional.one_hot(
             torch.as_tensor(self.cache_labels_, device=device), n_classes
@@ -228,14 +236,15 @@ class TipAdapterHead(BaseHead):
             )
             best_epoch, best_score, best_keys = self.epochs, None, None
             for epoch in range(1, self.epochs + 1):
-                for idx in minibatches(len(X), self.batch_size, generator):
-                    idx = idx.to(device)
-                    affinity = torch.exp(-beta * (1.0 - feats[idx] @ keys.T))
+                for cpu_idx in minibatches(len(X), self.batch_size, generator):
+                    feats, prior = rows(cpu_idx)
+                    idx = cpu_idx.to(device)
+                    affinity = torch.exp(-beta * (1.0 - feats @ keys.T))
                     own = cache_pos_t[idx]
                     hit = torch.nonzero(own >= 0).squeeze(1)
                     mask = torch.ones_like(affinity)
                     mask[hit, own[hit]] = 0.0
-                    logits = alpha * (affinity * mask) @ values + prior[idx]
+                    logits = alpha * (affinity * mask) @ values + prior
                     loss = ce(logits, targets[idx])
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
@@ -263,10 +272,10 @@ class TipAdapterHead(BaseHead):
             check_positive("alpha_grid entry", value, allow_zero=True)
         for value in betas:
             check_positive("beta_grid entry", value)
-        prior = self._zero_shot(X_val)
+        prior = map_row_blocks(self._zero_shot, X_val)
         best: tuple[tuple[float, float], float, float] | None = None
         for beta in betas:
-            cache = self._cache_logits(X_val, beta)
+            cache = map_row_blocks(lambda Xb: self._cache_logits(Xb, beta), X_val)  # noqa: B023
             for alpha in alphas:
                 score = _score(alpha * cache + prior, y_val)
                 if best is None or score > best[0]:
@@ -293,7 +302,10 @@ class TipAdapterHead(BaseHead):
         return out
 
     def _logits(self, X: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-        return alpha * self._cache_logits(X, beta) + self._zero_shot(X)
+        def block(Xb: np.ndarray) -> np.ndarray:
+            return alpha * self._cache_logits(Xb, beta) + self._zero_shot(Xb)
+
+        return map_row_blocks(block, X)  # type: ignore[no-any-return]
 
     def logits(self, X: Any) -> np.ndarray:
         """Tip-Adapter logits, shape (n, n_classes), columns in `classes_` order."""
