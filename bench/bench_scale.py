@@ -103,8 +103,9 @@ def _train(features: Path, out: Path, head: str, epochs: int) -> None:
     from pipeline.train import train_heads
 
     cfg = TrainConfig(heads=[head])
-    for name in ("mlp", "multitask"):
+    for name in ("mlp", "multitask", "tip_adapter"):
         getattr(cfg, name)["epochs"] = epochs
+    cfg.meta["base_heads"] = [["mlp", {"epochs": epochs}], "svm"]
     kind = "image" if head == "tip_adapter" else "item"
     train_heads(features, out, cfg, kind, seed=0)
 
@@ -147,9 +148,11 @@ def _run_child(task: str, root: Path, head: str, epochs: int, timeout: float) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
-    ap.add_argument("--heads", nargs="+", default=["mlp", "multitask", "svm"])
     ap.add_argument(
-        "--epochs", type=int, default=5, help="mlp/multitask epochs (memory does not depend on it)"
+        "--heads", nargs="+", default=["mlp", "multitask", "svm", "tip_adapter", "meta"]
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=5, help="epochs of the torch-trained heads (memory does not depend on them)"
     )
     ap.add_argument("--max-head-rows", type=int, default=100_000, help="heads skip larger sizes")
     ap.add_argument("--timeout", type=float, default=900)

@@ -597,10 +597,11 @@ def test_svm_solves_linearsvcs_problem(C: float, classes: int) -> None:
 
 
 def test_squared_hinge_rows_and_warm_start_give_the_same_optimum() -> None:
-    """Fitting on `rows` equals fitting on the copied rows; a warm start changes nothing;
-    float32 input gives the float64 result (standardised in float64 either way)."""
+    """Fitting on `rows` equals fitting on the copied rows; a warm start and a Hessian made
+    from the Gram matrix minus the inactive rows change nothing; float32 input gives the
+    float64 result (standardised in float64 either way)."""
     from pipeline.heads._base import fit_standardiser
-    from pipeline.heads.svm import fit_squared_hinge
+    from pipeline.heads.svm import augmented_gram, fit_squared_hinge
 
     X, y = _svm_data(20_000, 6, 2, seed=3)  # more than two row blocks
     mean, scale = fit_standardiser(X)
@@ -612,6 +613,9 @@ def test_squared_hinge_rows_and_warm_start_give_the_same_optimum() -> None:
     warm, _ = fit_squared_hinge(X[rows], mean, scale, pm[rows], 0.5, init=on_copy * 3, **kw)
     f32, _ = fit_squared_hinge(X.astype(np.float32), mean, scale, pm, 0.5, **kw)
     f64, _ = fit_squared_hinge(X.astype(np.float32).astype(np.float64), mean, scale, pm, 0.5, **kw)
+    gram = augmented_gram(X, mean, scale, rows)
+    via_gram, _ = fit_squared_hinge(X, mean, scale, pm[rows], 0.5, rows=rows, gram=gram, **kw)
+    np.testing.assert_allclose(via_gram, on_copy, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(on_rows, on_copy, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(warm, on_copy, rtol=1e-7, atol=1e-10)
     np.testing.assert_array_equal(f32, f64)
