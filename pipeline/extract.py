@@ -183,7 +183,10 @@ def _decoding_hash(rows: Arrays) -> np.ndarray:
     if flags is None:
         return rows["input_hash"]
     return np.array(
-        [h if f else row_hash(h, "exif_transpose=false") for h, f in zip(rows["input_hash"], flags)],
+        [
+            h if f else row_hash(h, "exif_transpose=false")
+            for h, f in zip(rows["input_hash"], flags)
+        ],
         dtype=object,
     )
 
@@ -360,7 +363,7 @@ def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) 
     """Count caption sources per class into `<captions_dir>/provenance.json`; warn loudly
     when they are class-correlated (see `metrics.caption_provenance`)."""
     from pipeline.atomic import write_text
-    from pipeline.metrics import caption_provenance, warn_if_correlated
+    from pipeline.metrics import caption_provenance, describe_provenance, warn_if_correlated
 
     labels, sources = [], []
     for i, path in enumerate(store.list_shards(ingest_dir)):
@@ -370,7 +373,7 @@ def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) 
     provenance = caption_provenance(np.concatenate(labels), np.concatenate(sources))
     provenance["caption.source"] = source
     write_text(captions_dir / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
-    logger.info("caption provenance: %s", provenance)
+    logger.info("caption sources (caption.source=%s): %s", source, describe_provenance(provenance))
     warn_if_correlated(provenance, str(captions_dir))
     return provenance
 
