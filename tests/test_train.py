@@ -113,6 +113,10 @@ def test_every_head_trains_and_is_evaluated(tmp_path):
         assert 0 <= mt[key] <= 1
     assert (tmp_path / "plots" / "confusion" / "multitask.csv").exists()
     assert (tmp_path / "plots" / "confusion" / "mlp.csv").exists()  # every head has one
+    for curve, columns in (("roc", "head,fpr,tpr"), ("pr", "head,recall,precision")):
+        lines = (tmp_path / "plots" / curve / "svm.csv").read_text().splitlines()
+        # The head's name on every row: the plots' templates head each plot with it.
+        assert lines[0] == columns and {line.split(",")[0] for line in lines[1:]} == {"svm"}
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["mlp"]["overall"]["acc"] == pytest.approx(metrics["mlp"]["overall"]["acc"])
 
