@@ -16,24 +16,26 @@ logger = logging.getLogger(__name__)
 
 
 def _info(args: argparse.Namespace) -> int:
-    import h5py
-
     from pipeline import store
 
     target = Path(args.path)
+    folders = sorted(str(p.parent) for p in Path("cache").glob("*/*/shard_00000.h5"))
+    give = (
+        "give a shard file (shard_00000.h5) or a stage folder such as cache/sample/clip ("
+        + (f"stage folders here: {', '.join(folders)}" if folders else "no cache/ here yet")
+        + ")"
+    )
     if not target.exists():
-        folders = sorted(str(p.parent) for p in Path("cache").glob("*/*/shard_00000.h5"))
-        hint = f"stage folders here: {', '.join(folders)}" if folders else "no cache/ here yet"
-        raise store.ShardError(
-            f"{target} does not exist; give a shard file or a stage folder such as "
-            f"cache/sample/clip ({hint})"
-        )
+        raise store.ShardError(f"{target} does not exist; {give}")
     shards = store.list_shards(target) if target.is_dir() else [target]
     if not shards:
-        raise store.ShardError(f"no shards in {target}")
+        raise store.ShardError(f"no shards in {target}; {give}")
     total = 0
     for shard in shards:
-        with h5py.File(shard, "r") as fh:
+        # A damaged shard inside a stage folder is the stage's to rewrite (open_shard's own
+        # fix); a file the user named may simply be the wrong file.
+        opened = store.open_shard(shard) if target.is_dir() else store.open_shard(shard, give)
+        with opened as fh:
             n = len(fh["ids"]) if "ids" in fh else 0
             total += n
             if shard is shards[0] or not target.is_dir():
@@ -158,11 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    # OSError too: e.g. `misalign info` on a file that is not HDF5.
-    errors: tuple[type[BaseException], ...] = (*user_errors(), OSError)
     try:
         return int(args.func(args))
-    except errors as err:
+    except user_errors() as err:
         sys.stderr.write(f"misalign {args.command}: error: {err}\n")
         return 1
 

@@ -178,13 +178,16 @@ def _fmt(x: Any) -> str:
 
 
 def _write_points(path: Path, points: list[dict[str, Any]]) -> None:
+    """A plot's CSV, `<plots>/<curve>/<head>.csv`. Its first column, `head`, is the file's
+    name on every row: DVC gives a plot's template only the rows, and the project's templates
+    (plots_template/) title each plot with it."""
     keys = [k for k in points[0] if k != "threshold"] if points else []
 
     def write(fh: IO[Any]) -> None:
         writer = csv.writer(fh)
-        writer.writerow(keys)
+        writer.writerow(["head", *keys])
         for p in points:
-            writer.writerow([p[k] for k in keys])
+            writer.writerow([path.stem, *(p[k] for k in keys)])
 
     with atomic_open(path) as fh:
         write(fh)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline import data as datamod
 from pipeline import reader, store
@@ -183,7 +182,10 @@ def _decoding_hash(rows: Arrays) -> np.ndarray:
     if flags is None:
         return rows["input_hash"]
     return np.array(
-        [h if f else row_hash(h, "exif_transpose=false") for h, f in zip(rows["input_hash"], flags)],
+        [
+            h if f else row_hash(h, "exif_transpose=false")
+            for h, f in zip(rows["input_hash"], flags)
+        ],
         dtype=object,
     )
 
@@ -315,7 +317,7 @@ class CaptionStep:
                 size,
                 _decode_workers(self.base),
             )
-            for sl in tqdm(_batches(len(need), size), desc="caption", leave=False):
+            for sl in _batches(len(need), size):
                 chunk = need[sl]
                 with timer("read"):
                     images = next(batches)
@@ -329,6 +331,7 @@ class CaptionStep:
                 for i, text in zip(chunk, out):
                     captions[i] = text
                     sources[i] = model.model_id
+                timer.advance(len(chunk))
         return {
             "ids": rows["ids"],
             "input_hash": rows["input_hash"],
@@ -360,7 +363,7 @@ def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) 
     """Count caption sources per class into `<captions_dir>/provenance.json`; warn loudly
     when they are class-correlated (see `metrics.caption_provenance`)."""
     from pipeline.atomic import write_text
-    from pipeline.metrics import caption_provenance, warn_if_correlated
+    from pipeline.metrics import caption_provenance, describe_provenance, warn_if_correlated
 
     labels, sources = [], []
     for i, path in enumerate(store.list_shards(ingest_dir)):
@@ -370,7 +373,7 @@ def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) 
     provenance = caption_provenance(np.concatenate(labels), np.concatenate(sources))
     provenance["caption.source"] = source
     write_text(captions_dir / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
-    logger.info("caption provenance: %s", provenance)
+    logger.info("caption sources (caption.source=%s): %s", source, describe_provenance(provenance))
     warn_if_correlated(provenance, str(captions_dir))
     return provenance
 
@@ -440,7 +443,7 @@ class GroundStep:
                 size,
                 _decode_workers(self.base),
             )
-            for sl in tqdm(_batches(n, size), desc="ground", leave=False):
+            for sl in _batches(n, size):
                 with timer("read"):
                     images = next(batches)
                 with timer("model"):
@@ -454,6 +457,7 @@ class GroundStep:
                         min_box_side=self.cfg.min_box_side,
                     )
                 found[sl] = out
+                timer.advance(len(out))
         counts = np.array([len(f) for f in found], dtype=np.int64)
         flat = [o for f in found for o in f]
         return {
@@ -642,25 +646,24 @@ class EncodeStep:
         pooled_emb: list[Any] = []
         dino_emb: list[Any] = []
         colors: list[np.ndarray] = []
-        with tqdm(total=n, desc="encode", leave=False) as bar:
-            while True:
-                with timer("read"):
-                    batch = next(batches, None)
-                if batch is None:
-                    break
-                with timer("model"):
-                    pixels = batch["pixels"]
-                    for s in _batches(len(pixels), size):
-                        view_emb.append(clip.encode_pixels(pixels[s]))
-                    if self.cfg.clip_pooled:
-                        # CT2's image feature: the whole image's view only, before projection.
-                        first = torch.cumsum(batch["n_views"], 0) - batch["n_views"]
-                        pooled_emb.append(clip.encode_pixels_pooled(pixels[first]))
-                    if dino is not None:
-                        dino_emb.append(dino.encode_pixels(batch["dinov2"]))
-                if "color" in batch:
-                    colors.append(batch["color"].numpy())
-                bar.update(len(batch["n_views"]))
+        while True:
+            with timer("read"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            with timer("model"):
+                pixels = batch["pixels"]
+                for s in _batches(len(pixels), size):
+                    view_emb.append(clip.encode_pixels(pixels[s]))
+                if self.cfg.clip_pooled:
+                    # CT2's image feature: the whole image's view only, before projection.
+                    first = torch.cumsum(batch["n_views"], 0) - batch["n_views"]
+                    pooled_emb.append(clip.encode_pixels_pooled(pixels[first]))
+                if dino is not None:
+                    dino_emb.append(dino.encode_pixels(batch["dinov2"]))
+            if "color" in batch:
+                colors.append(batch["color"].numpy())
+            timer.advance(len(batch["n_views"]))
         with timer("model"):
             views = (
                 torch.cat(view_emb).float().cpu().numpy()

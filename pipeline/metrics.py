@@ -284,7 +284,7 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
             "reals": "own" if own else "all",
         }
     logger.info(
-        "evaluated %d images (%d real, %d generators, split(s) %s) at threshold %g",
+        "evaluated %d images (%d real, %d generators, split(s) %s) at threshold %.3f",
         len(scores),
         int(real.sum()),
         len(per_generator),
@@ -588,17 +588,28 @@ def caption_provenance(label: ArrayLike, source: ArrayLike) -> dict[str, Any]:
     return out
 
 
+def format_counts(counts: dict[str, int]) -> str:
+    """`{"a": 3, "b": 1}` as `a 3, b 1` for a log line (`none` when empty)."""
+    return ", ".join(f"{key} {n}" for key, n in counts.items()) or "none"
+
+
+def describe_provenance(provenance: dict[str, Any]) -> str:
+    """One readable line for :func:`caption_provenance`'s result."""
+    return (
+        f"real: {format_counts(provenance['real'])}; "
+        f"generated: {format_counts(provenance['generated'])}; "
+        f"largest share gap {provenance['max_gap']:.2f}"
+    )
+
+
 def warn_if_correlated(provenance: dict[str, Any], where: str) -> None:
     """Log a loud warning when :func:`caption_provenance` found class-correlated captions."""
     if provenance.get("class_correlated"):
         logger.warning(
             "CAPTION SHORTCUT in %s: caption sources differ between real and generated images "
-            "(real %s, generated %s; share gap %.2f > %.2f). The caption's style then tells "
-            "the label, which no deployed detector can rely on; set caption.source=blip2 to "
-            "caption every image with the same model",
+            "(%s > %.2f). The caption's style then tells the label, which no deployed detector "
+            "can rely on; set caption.source=blip2 to caption every image with the same model",
             where,
-            provenance["real"],
-            provenance["generated"],
-            provenance["max_gap"],
+            describe_provenance(provenance),
             PROVENANCE_MAX_GAP,
         )

@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -94,7 +94,7 @@ img.plot{max-width:100%;height:auto;display:block;margin:8px 0}
 .tag.real{background:#2e7d32}.tag.generated{background:#c62828}
 .missing{padding:40px 8px;text-align:center;background:#eee;color:#555}
 .caption{font-style:italic}.meta{color:#666;font-size:12px;word-break:break-all}
-ul.objects{margin:4px 0;padding-left:18px;font-size:12px}
+ol.objects{margin:4px 0;padding-left:18px;font-size:12px}
 """
 
 
@@ -791,8 +791,9 @@ def _card(
         lo, hi = int(objects[store.OFFSETS][i]), int(objects[store.OFFSETS][i + 1])
         boxes = objects["obj_boxes"][lo:hi]
         phrases, obj_scores = objects["obj_phrase"][lo:hi], objects["obj_score"][lo:hi]
+    labels = [_box_label(k, str(p), float(s)) for k, (p, s) in enumerate(zip(phrases, obj_scores))]
     try:
-        thumb = _thumbnail(load_rgb(path), boxes, phrases, obj_scores)
+        thumb = _thumbnail(load_rgb(path), boxes, labels)
         picture = _img(_jpeg_uri(thumb), f"image {Path(path).name}", cls="thumb")
     except OSError as err:
         logger.warning("report: cannot show %s in the gallery: %s", path, err)
@@ -812,10 +813,17 @@ def _card(
         lines.append(f'<p class="meta">caption source: {_esc(captions["caption_source"][i])}</p>')
     if objects is not None:
         if len(phrases):
-            items = "".join(
-                f"<li>{_esc(p)} ({float(s):.2f})</li>" for p, s in zip(phrases, obj_scores)
-            )
-            lines.append(f'<ul class="objects">{items}</ul>')
+            items = []
+            for phrase, score, label in zip(phrases, obj_scores, labels):
+                note = (
+                    f' <span class="meta">(drawn as “{_esc(label.text)}”: no installed font '
+                    "has its characters)</span>"
+                    if label.numbered
+                    else ""
+                )
+                items.append(f"<li>{_esc(phrase)} ({float(score):.2f}){note}</li>")
+            # Numbered as in the thumbnail, where a phrase no font can draw is labelled "#k".
+            lines.append(f'<ol class="objects">{"".join(items)}</ol>')
         else:
             lines.append('<p class="meta">no grounded object</p>')
     rows = []
@@ -832,22 +840,25 @@ def _card(
     return f'<figure class="card">{picture}<figcaption>{"".join(lines)}</figcaption></figure>'
 
 
-def _thumbnail(
-    image: Image.Image, boxes: np.ndarray, phrases: np.ndarray, obj_scores: np.ndarray
-) -> Image.Image:
+class _BoxLabel(NamedTuple):
+    font: Any
+    text: str
+    numbered: bool  # drawn as "#k" because no installed font covers the phrase
+
+
+def _thumbnail(image: Image.Image, boxes: np.ndarray, labels: list[_BoxLabel]) -> Image.Image:
     """`image` resized to THUMB_SIZE on its longer side, with the boxes (original pixels) drawn."""
     w, h = image.size
     scale = THUMB_SIZE / max(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     thumb = image.resize(size, Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(thumb)
-    for k, (box, phrase, score) in enumerate(zip(boxes, phrases, obj_scores)):
+    for k, (box, label) in enumerate(zip(boxes, labels)):
         colour = _BOX_COLOURS[k % len(_BOX_COLOURS)]
         x0, x1 = sorted(min(max(float(v) * scale, 0.0), size[0] - 1.0) for v in box[0::2])
         y0, y1 = sorted(min(max(float(v) * scale, 0.0), size[1] - 1.0) for v in box[1::2])
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
-        font, text = _font_for(f"{phrase} {float(score):.2f}")
-        _label(draw, (x0, y0), text, colour, font)
+        _label(draw, (x0, y0), label.text, colour, label.font)
     return thumb
 
 
@@ -870,25 +881,31 @@ def _label_fonts() -> tuple[tuple[str, frozenset[int]], ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def _font_for(text: str) -> tuple[Any, str]:
-    """The first label font that covers all of `text`, and the text to draw with it. When no
-    installed font covers it, Pillow's default font and `text` with '?' for what it cannot
-    draw (never tofu boxes); `apt-get install fonts-noto-cjk` draws CJK phrases."""
+def _font_for(text: str) -> Any | None:
+    """The first label font that covers every character of `text`; None when none does."""
     needed = {ord(c) for c in text if not c.isspace()}
     for path, covered in _label_fonts():
         if needed <= covered:
-            return ImageFont.truetype(path, 11), text
-    return ImageFont.load_default(), text.encode("latin-1", "replace").decode("latin-1")
+            return ImageFont.truetype(path, 11)
+    return None
+
+
+def _box_label(k: int, phrase: str, score: float) -> _BoxLabel:
+    """What the label of object `k` draws: its phrase and score or, when no installed font
+    covers the phrase (CJK without `fonts-noto-cjk`), its number in the card's list of objects,
+    which shows the phrase as HTML text in the browser's own fonts. Never tofu boxes or '?'."""
+    text = f"{phrase} {score:.2f}"
+    font = _font_for(text)
+    if font is not None:
+        return _BoxLabel(font, text, False)
+    text = f"#{k + 1} {score:.2f}"
+    return _BoxLabel(_font_for(text) or ImageFont.load_default(), text, True)
 
 
 def _label(
     draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: str, font: Any
 ) -> None:
-    try:
-        left, top, right, bottom = draw.textbbox(xy, text, font=font)
-    except UnicodeEncodeError:  # Pillow's bitmap fallback font is Latin-1 only
-        text = text.encode("latin-1", "replace").decode("latin-1")
-        left, top, right, bottom = draw.textbbox(xy, text, font=font)
+    left, top, right, bottom = draw.textbbox(xy, text, font=font)
     height = bottom - top
     y = xy[1] - height - 2 if xy[1] >= height + 2 else xy[1]  # above the box when it fits
     draw.rectangle((left, y, right + 2, y + height + 2), fill=colour)

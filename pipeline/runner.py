@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import store
 from pipeline.atomic import writable_dir, write_text
@@ -38,9 +39,18 @@ PHASES = ("read", "model", "write")
 
 @dataclass
 class Timer:
-    """Accumulates seconds per phase."""
+    """Accumulates seconds per phase, and passes the images a step has finished inside a shard
+    (`advance`) to the stage's progress bar, which then moves per batch rather than per shard.
+    """
 
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    on_advance: Callable[[int], Any] | None = None
+    n_advanced: int = 0
+
+    def advance(self, n_images: int) -> None:
+        self.n_advanced += n_images
+        if self.on_advance is not None:
+            self.on_advance(n_images)
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -67,7 +77,9 @@ class Step(Protocol):
         ...
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
-        """Outputs for `rows` (a subset of `read`), including `ids` and `input_hash`."""
+        """Outputs for `rows` (a subset of `read`), including `ids` and `input_hash`; calls
+        `timer.advance(n)` after each batch of n images (optional: the runner counts the rest
+        when the shard is done)."""
         ...
 
 
@@ -117,10 +129,28 @@ def _matches(
 
 
 def process_shard(
-    step: Step, index: int, out_dir: str, reuse: dict[str, tuple[str, int, str]]
+    step: Step,
+    index: int,
+    out_dir: str,
+    reuse: dict[str, tuple[str, int, str]],
+    progress: Callable[[int], Any] | None = None,
 ) -> ShardReport:
-    """Build shard `index` into `<out_dir>/.partial/`, reusing rows where allowed."""
-    timer = Timer()
+    """Build shard `index` into `<out_dir>/.partial/`, reusing rows where allowed.
+
+    Args:
+        progress: called with numbers of images done, adding up to the shard's rows.
+    """
+    timer = Timer(on_advance=progress)
+    report = _build_shard(step, index, out_dir, reuse, timer)
+    rest = report.n_processed + report.n_reused - timer.n_advanced
+    if rest > 0:  # reused rows, and a step's batches that it did not report
+        timer.advance(rest)
+    return report
+
+
+def _build_shard(
+    step: Step, index: int, out_dir: str, reuse: dict[str, tuple[str, int, str]], timer: Timer
+) -> ShardReport:
     target = Path(out_dir) / PARTIAL / store.shard_name(index)
     with timer("read"):
         inputs = step.read(index)
@@ -230,31 +260,31 @@ def run_step(
     n = step.n_shards()
     reports: list[ShardReport] = []
     # Counted in images over the whole stage (a shard is 64 of them), so that the rate and the
-    # ETA mean something; rows reused from the cache count as done.
+    # ETA mean something; rows reused from the cache count as done. Log lines (a model loading
+    # inside the first shard) are written above the bar, not into it.
     bar = tqdm(total=_n_images(step), desc=step.stage, unit="img", smoothing=0.1)
-    if scheduler == "dask":
-        client = _client(scheduler, dask_address, n_workers)
-        try:
-            futures = [
-                client.submit(process_shard, step, i, str(out_dir), reuse, pure=False)
-                for i in range(n)
-            ]
-            from dask.distributed import as_completed
+    with bar, logging_redirect_tqdm():
+        if scheduler == "dask":
+            client = _client(scheduler, dask_address, n_workers)
+            try:
+                futures = [
+                    client.submit(process_shard, step, i, str(out_dir), reuse, pure=False)
+                    for i in range(n)
+                ]
+                from dask.distributed import as_completed
 
-            for fut in as_completed(futures):
-                reports.append(fut.result())
-                bar.update(reports[-1].n_processed + reports[-1].n_reused)
+                for fut in as_completed(futures):  # a worker's batches cannot reach this bar
+                    reports.append(fut.result())
+                    bar.update(reports[-1].n_processed + reports[-1].n_reused)
+                if finish is not None:
+                    client.submit(finish, pure=False).result()
+            finally:
+                client.close()
+        else:
+            for i in range(n):
+                reports.append(process_shard(step, i, str(out_dir), reuse, bar.update))
             if finish is not None:
-                client.submit(finish, pure=False).result()
-        finally:
-            client.close()
-    else:
-        for i in range(n):
-            reports.append(process_shard(step, i, str(out_dir), reuse))
-            bar.update(reports[-1].n_processed + reports[-1].n_reused)
-        if finish is not None:
-            finish()
-    bar.close()
+                finish()
 
     # Every shard is complete: swap them in, then drop shards the dataset no longer has.
     for i in range(n):
@@ -297,6 +327,8 @@ def timings_path(out_dir: str | Path) -> Path:
     a rerun that changes no row changes no DVC-tracked output (timings differ at every run)."""
     out_dir = Path(out_dir)
     return out_dir.parent / "timings" / f"{out_dir.name}.json"
+
+
 def _n_images(step: Step) -> int | None:
     """Rows the step will go through: those of its ingest shards (None when unknown)."""
     ingest = getattr(step, "ingest_dir", None)

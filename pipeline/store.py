@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,7 +79,7 @@ def write_shard(path: str | Path, data: Arrays, attrs: dict[str, Any]) -> None:
 
 
 def read_attrs(path: str | Path) -> dict[str, Any]:
-    with _open(path) as fh:
+    with open_shard(path) as fh:
         return {k: _attr(v) for k, v in fh.attrs.items()}
 
 
@@ -90,11 +91,31 @@ def _attr(value: Any) -> Any:
     return value
 
 
-def _open(path: str | Path) -> h5py.File:
+def open_shard(
+    path: str | Path, fix: str = "delete it and rerun the stage that writes it"
+) -> h5py.File:
+    """Open a shard for reading.
+
+    Args:
+        fix: what the user should do when it cannot be read; the default suits a stage's own
+            inputs, a command reading a path the user typed says what to give instead.
+
+    Raises:
+        ShardError: missing, unreadable or not HDF5, naming the path, the reason and `fix`.
+    """
     try:
         return h5py.File(path, "r")
-    except (OSError, FileNotFoundError) as err:
-        raise ShardError(f"cannot read shard {path}: {err}; delete it and rerun the stage") from err
+    except OSError as err:
+        # h5py's text ("Unable to synchronously open file (file signature not found)") names
+        # neither the file nor what is wrong with it in a user's words.
+        text = " ".join(str(err).split())
+        if err.errno:
+            reason = os.strerror(err.errno)
+        elif "file signature not found" in text:
+            reason = "not an HDF5 file"
+        else:
+            reason = text
+        raise ShardError(f"cannot read shard {path}: {reason}; {fix}") from err
 
 
 def read_shard(path: str | Path, keys: Iterable[str] | None = None) -> Arrays:
@@ -104,7 +125,7 @@ def read_shard(path: str | Path, keys: Iterable[str] | None = None) -> Arrays:
         keys: datasets to read; None reads all. Only what is asked for is loaded.
     """
     out: Arrays = {}
-    with _open(path) as fh:
+    with open_shard(path) as fh:
         names = list(fh.keys()) if keys is None else list(keys)
         for key in names:
             if key not in fh:

@@ -25,6 +25,7 @@ from pipeline.metrics import (
     REAL_CLASS,
     apply_calibration,
     fit_calibration,
+    format_counts,
     p_generated,
     threshold_for_balanced_accuracy,
 )
@@ -178,7 +179,10 @@ def pseudo_label(head: Any, pool: FeatureSet, threshold: float, seed: int) -> di
     rng = np.random.default_rng(seed)
     rng.shuffle(idx)
     n_train = int(round(0.8 * len(idx)))
-    labels, counts = np.unique(pred[idx].astype(str), return_counts=True)
+    chosen = pred[idx]
+    # Binary heads predict 0/1; train.json and the log name the classes as attribution heads do.
+    names = np.where(chosen == 1, "generated", REAL) if chosen.dtype.kind in "biu" else chosen
+    labels, counts = np.unique(np.asarray(names, dtype=str), return_counts=True)
     return {
         "train": idx[:n_train],
         "val": idx[n_train:],
@@ -264,7 +268,18 @@ def train_heads(
                 extra_val=(pool.X[pl["val"]], pseudo_y[pl["val"]]),
             )
             info["pseudo_labels"] = pl["report"]
-            logger.info("%s pseudo-labels: %s", name, pl["report"])
+            rep = pl["report"]
+            logger.info(
+                "%s pseudo-labels: %d of %d pool rows above threshold %.3f (%d to train, %d to "
+                "val; per class: %s)",
+                name,
+                rep["n_added_train"] + rep["n_added_val"],
+                rep["n_pool"],
+                rep["threshold"],
+                rep["n_added_train"],
+                rep["n_added_val"],
+                format_counts(rep["per_class"]),
+            )
         cal = {"a": 1.0, "b": 0.0}
         # A head that calibrates itself on val (the SVM's Platt fit) is not calibrated twice.
         method = "none" if getattr(head, "calibrates_on_val", False) else cfg.calibration

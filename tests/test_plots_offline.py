@@ -3,6 +3,7 @@ page inlines vega (plots_template/), and headless Chromium with no network paint
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -14,9 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.evaluate import roc_points
+from pipeline.evaluate import _write_points
+from pipeline.metrics import pr_points, roc_points
 from tests.helpers import ROOT
 from tests.test_report import _Chromium, _require_chromium
+
+HEADS = {"mlp": 2.0, "svm": 0.5}  # head -> class separation of its made-up scores
 
 
 def _dvc(repo: Path, *args: str) -> str:
@@ -34,31 +38,31 @@ def _dvc(repo: Path, *args: str) -> str:
 
 
 def _plots_page(tmp: Path, with_project_config: bool) -> Path:
-    """`dvc plots show` in a repo holding the project's dvc.yaml, params.yaml and, when asked,
-    .dvc/config and plots_template/, with ROC / PR / confusion data of two heads."""
+    """`dvc plots show` in a repo holding the project's dvc.yaml, params.yaml, plots_template/
+    (the plots' templates) and, when asked, .dvc/config (which sets the offline page), with
+    ROC / PR / confusion data of two heads."""
     repo = tmp / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "plots_template", repo / "plots_template")
     if with_project_config:
         shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
-        shutil.copytree(ROOT / "plots_template", repo / "plots_template")
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(50), np.ones(50)].astype(int)
-    for head, sep in (("mlp", 2.0), ("svm", 0.5)):
+    for head, sep in HEADS.items():
         p = 1 / (1 + np.exp(-(rng.normal(size=100) + sep * (2 * y - 1))))
-        for sub in ("roc", "pr", "confusion"):
-            (repo / "plots" / sub).mkdir(parents=True, exist_ok=True)
-        rows = roc_points(y, p)
-        lines = ["fpr,tpr"] + [f"{r['fpr']},{r['tpr']}" for r in rows]
-        (repo / "plots" / "roc" / f"{head}.csv").write_text("\n".join(lines) + "\n")
-        (repo / "plots" / "pr" / f"{head}.csv").write_text("recall,precision\n0,1\n1,0.5\n")
         pred = np.where(p > 0.5, "generated", "real")
         truth = np.where(y == 1, "generated", "real")
-        conf = ["actual,predicted"] + [f"{a},{b}" for a, b in zip(truth, pred)]
-        (repo / "plots" / "confusion" / f"{head}.csv").write_text("\n".join(conf) + "\n")
+        confusion = [{"actual": a, "predicted": b} for a, b in zip(truth, pred)]
+        for sub, points in (
+            ("roc", roc_points(y, p)),
+            ("pr", pr_points(y, p)),
+            ("confusion", confusion),
+        ):
+            _write_points(repo / "plots" / sub / f"{head}.csv", points)  # as evaluate writes
     _dvc(repo, "plots", "show", "-o", "out")
     return repo / "out" / "index.html"
 
@@ -123,6 +127,30 @@ def test_plots_render_offline_with_the_project_template(tmp_path):
     assert requests == []
     assert drawn >= 3  # ROC, PR, confusion
     assert _coloured_fraction(image) > 0.002, "the page is blank: no curve was drawn"
+
+
+def test_each_plot_names_its_curve_and_its_head(tmp_path):
+    """Every plot of the page says which curve of which head it is: the title the curve (from
+    dvc.yaml), the header the head (the project's templates read the CSVs' `head` column)."""
+    page = _plots_page(tmp_path, with_project_config=True)
+    plots = json.loads(_dvc(page.parent.parent, "plots", "show", "--json"))["data"]
+    titles = {
+        "roc": ("ROC curve", "false positive rate", "true positive rate"),
+        "pr": ("Precision-recall curve", "recall", "precision"),
+        "confusion": ("Confusion matrix", "predicted class", "actual class"),
+    }
+    assert sorted(plots) == sorted(f"plots/{c}/{h}.csv" for c in titles for h in HEADS)
+    for path, (plot,) in plots.items():
+        curve, head = path.split("/")[1], Path(path).stem
+        title, x_label, y_label = titles[curve]
+        spec = plot["content"]
+        assert spec["title"]["text"].startswith(f"{title}, test split, models.preset=")
+        assert {row["head"] for row in spec["data"]["values"]} == {head}
+        header = spec["facet"]["column"]["field"]
+        label = {t["as"]: t["calculate"] for t in spec["transform"]}[header]
+        assert label.startswith("'head ' + datum.head"), label
+        axes = spec["spec"]["encoding"]
+        assert (axes["x"]["title"], axes["y"]["title"]) == (x_label, y_label)
 
 
 def test_without_the_template_the_page_needs_the_network(tmp_path):

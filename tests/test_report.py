@@ -35,7 +35,9 @@ GENERATORS = ["real", "sd14", "real", "midjourney", "real", "dalle2"] * 2
 SPLITS = ["test"] * 8 + ["train"] * 4
 
 
-def make_run(root: Path, preset: str = "tiny", n_images: int = 12) -> dict[str, Path]:
+def make_run(
+    root: Path, preset: str = "tiny", n_images: int = 12, first_phrase: str = EVIL_PHRASE
+) -> dict[str, Path]:
     """Every input of the report for `n_images` small images, as the pipeline writes them."""
     data = root / "data"
     dirs = {
@@ -58,7 +60,7 @@ def make_run(root: Path, preset: str = "tiny", n_images: int = 12) -> dict[str, 
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n_obj = int(offsets[-1])
     boxes = np.tile(np.array([[4.0, 6.0, 30.0, 40.0], [35.0, 70.0, 2.0, 20.0]]), (n_obj // 2, 1))
-    phrases = np.array([EVIL_PHRASE if j == 0 else f"thing {j}" for j in range(n_obj)], object)
+    phrases = np.array([first_phrase if j == 0 else f"thing {j}" for j in range(n_obj)], object)
     captions = np.array(
         [EVIL_CAPTION if i == 0 else f"caption of image {i}" for i in range(n_images)], object
     )
@@ -268,15 +270,46 @@ def test_tiny_preset_shows_a_banner_and_other_presets_do_not(
     assert "paper" in run and "encode" in run and "tiny-clip" in run  # the Run table's encode row
 
 
-def test_thumbnail_labels_never_draw_tofu():
-    """A CJK phrase is drawn with an installed font that covers it, or with '?' for what no
-    installed font covers; Latin text is kept as it is."""
-    from pipeline.report import _font_for, _label_fonts
+CJK_PHRASE = "黑猫 on a 桌子"
 
-    font, text = _font_for("猫 0.52")
-    covering = [p for p, cps in _label_fonts() if ord("猫") in cps]
-    assert text == ("猫 0.52" if covering else "? 0.52")
-    assert _font_for("a cat 0.50")[1] == "a cat 0.50"
+
+def _covers(text: str) -> bool:
+    """Whether an installed label font (as matplotlib's font manager lists them) covers `text`."""
+    from pipeline.report import _label_fonts
+
+    return any({ord(c) for c in text if not c.isspace()} <= cps for _, cps in _label_fonts())
+
+
+def test_thumbnail_labels_never_draw_tofu():
+    """A phrase is drawn when an installed font covers it, else as the object's number; what is
+    drawn is always covered by the font drawing it. (This machine has no CJK font.)"""
+    from pipeline.report import _box_label, _label_fonts
+
+    assert _box_label(0, "a cat", 0.5)[1:] == ("a cat 0.50", False)
+    label = _box_label(2, CJK_PHRASE, 0.524)
+    if _covers(CJK_PHRASE):
+        assert label[1:] == (f"{CJK_PHRASE} 0.52", False)
+    else:
+        assert label[1:] == ("#3 0.52", True)
+    assert _covers(label.text) or not _label_fonts()
+
+
+def test_cjk_phrase_without_a_cjk_font_is_html_text_and_no_glyph_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    dirs = make_run(tmp_path, n_images=4, first_phrase=CJK_PHRASE)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        path = build(dirs, tmp_path / "report")
+    glyph = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in glyph if "glyph" in m.lower()], glyph
+    gallery = parse(path).sections["gallery"]
+    assert f"{CJK_PHRASE} (0.30)" in gallery  # the original text, in the browser's fonts
+    drawn_as_number = "(drawn as “#1 0.30”: no installed font has its characters)" in gallery
+    assert drawn_as_number != _covers(CJK_PHRASE)
+    assert "thing 1 (0.50)" in gallery and "drawn as “#2" not in gallery
 
 
 def test_absent_inputs_leave_a_note_per_section(tmp_path: Path) -> None:

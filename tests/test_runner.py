@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from pipeline import store
+from pipeline import runner, store
 from pipeline.runner import PARTIAL, row_hash, run_step, timings_path
 
 
@@ -113,3 +113,42 @@ def test_rerun_with_nothing_new_leaves_shards_untouched(tmp_path):
     run_step(step, tmp_path)
     assert step.computed == []
     assert {p.name: p.read_bytes() for p in store.list_shards(tmp_path)} == before
+
+
+class Batched(Doubler):
+    """Reports each row as a batch done, as the extraction steps do after each model call."""
+
+    def compute(self, rows, timer):
+        out = super().compute(rows, timer)
+        for _ in rows["ids"]:
+            timer.advance(1)
+        return out
+
+
+def test_the_stage_bar_counts_images_as_each_batch_finishes(tmp_path, monkeypatch):
+    bars, updates = [], []
+
+    class Bar:
+        def __init__(self, total=None, desc=None, unit=None, **kwargs):
+            bars.append((desc, unit))
+
+        def update(self, n):
+            updates.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr(runner, "tqdm", Bar)
+    run_step(Batched(SHARDS), tmp_path)
+    assert bars == [("double", "img")] and updates == [1, 1, 1, 1, 1]  # per batch, not shard
+    bars.clear(), updates.clear()
+    grown = [*SHARDS[:2], (["e", "f"], [5, 6])]
+    run_step(Batched(grown), tmp_path)
+    # Reused rows count when their shard is done; the new row as soon as it is computed.
+    assert bars == [("double", "img")] and updates == [2, 2, 1, 1]
+    bars.clear(), updates.clear()
+    run_step(Doubler(grown, version="v2"), tmp_path)  # a step that reports no batches
+    assert updates == [2, 2, 2]

@@ -61,3 +61,42 @@ def test_unreadable_shard_names_the_fix(tmp_path):
     path.write_bytes(b"not hdf5")
     with pytest.raises(store.ShardError, match="delete it and rerun"):
         store.read_shard(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "not-hdf5", "empty-folder", "damaged-in-folder"])
+def test_info_on_a_bad_path_is_one_line_naming_the_path_and_the_fix(tmp_path, capsys, case):
+    from pipeline.cli import main as cli
+
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    named, fix = {
+        "missing": (tmp_path / "nope", "give a shard file"),
+        "not-hdf5": (tmp_path / "notes.txt", "give a shard file"),
+        "empty-folder": (folder, "give a shard file"),
+        "damaged-in-folder": (folder / store.shard_name(0), "delete it and rerun"),
+    }[case]
+    if case in ("not-hdf5", "damaged-in-folder"):
+        named.write_bytes(b"not hdf5")
+    target = folder if case == "damaged-in-folder" else named
+    assert cli(["info", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("misalign info: error: "), err
+    assert str(named) in err and fix in err
+    if case in ("not-hdf5", "damaged-in-folder"):
+        assert "not an HDF5 file" in err
+
+
+def test_info_keeps_the_traceback_of_an_error_that_is_a_bug(tmp_path, monkeypatch):
+    """Only the project's own errors become one-line messages; an OSError from a bug
+    propagates with its traceback."""
+    from pipeline.cli import main as cli
+
+    path = tmp_path / store.shard_name(0)
+    store.write_shard(path, {"ids": _shard()["ids"]}, {})
+
+    def broken(*args, **kwargs):
+        raise OSError("a bug deep in the reader")
+
+    monkeypatch.setattr(store, "open_shard", broken)
+    with pytest.raises(OSError, match="a bug deep in the reader"):
+        cli(["info", str(path)])

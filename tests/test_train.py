@@ -2,6 +2,7 @@
 every head wired end to end."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -112,6 +113,10 @@ def test_every_head_trains_and_is_evaluated(tmp_path):
         assert 0 <= mt[key] <= 1
     assert (tmp_path / "plots" / "confusion" / "multitask.csv").exists()
     assert (tmp_path / "plots" / "confusion" / "mlp.csv").exists()  # every head has one
+    for curve, columns in (("roc", "head,fpr,tpr"), ("pr", "head,recall,precision")):
+        lines = (tmp_path / "plots" / curve / "svm.csv").read_text().splitlines()
+        # The head's name on every row: the plots' templates head each plot with it.
+        assert lines[0] == columns and {line.split(",")[0] for line in lines[1:]} == {"svm"}
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["mlp"]["overall"]["acc"] == pytest.approx(metrics["mlp"]["overall"]["acc"])
 
@@ -132,12 +137,13 @@ def test_temperature_and_platt_calibration():
     assert fit_calibration("none", shifted, y) == {"a": 1.0, "b": 0.0}
 
 
-def test_pseudo_labels_and_contamination(tmp_path):
+def test_pseudo_labels_and_contamination(tmp_path, caplog):
     n = 240
     splits = np.array(["train", "val", "test", "unlabelled"])[(np.arange(n) // 2) % 4]
     feats = write_features(tmp_path / "f", n=n, splits=splits)
     cfg = TrainConfig(heads=["svm", "multitask"], multitask={"epochs": 30}, pseudo_label=True)
-    train_heads(feats, tmp_path / "m", cfg, "item", seed=0)
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        train_heads(feats, tmp_path / "m", cfg, "item", seed=0)
     for name in cfg.heads:
         info = json.loads((tmp_path / "m" / name / "train.json").read_text())
         pl = info["pseudo_labels"]
@@ -146,6 +152,14 @@ def test_pseudo_labels_and_contamination(tmp_path):
         assert sum(pl["per_class"].values()) == added
         assert abs(pl["n_added_train"] - 0.8 * added) <= 1
         assert info["contaminated"] is False
+        assert "real" in pl["per_class"]  # class names, also for the binary SVM's 0/1
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(name))
+        assert line == (
+            f"{name} pseudo-labels: {added} of {n // 4} pool rows above threshold 0.800 "
+            f"({pl['n_added_train']} to train, {pl['n_added_val']} to val; per class: "
+            + ", ".join(f"{k} {v}" for k, v in pl["per_class"].items())
+            + ")"
+        )
     bad = TrainConfig(heads=["svm"], pseudo_label=True, pseudo_pool="test")
     with pytest.raises(ConfigError, match="pseudo_allow_eval_split"):
         train_heads(feats, tmp_path / "m2", bad, "item", seed=0)
