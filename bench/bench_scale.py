@@ -152,7 +152,10 @@ def main() -> None:
         "--heads", nargs="+", default=["mlp", "multitask", "svm", "tip_adapter", "meta"]
     )
     ap.add_argument(
-        "--epochs", type=int, default=5, help="epochs of the torch-trained heads (memory does not depend on them)"
+        "--epochs",
+        type=int,
+        default=5,
+        help="epochs of the torch-trained heads (memory does not depend on them)",
     )
     ap.add_argument("--max-head-rows", type=int, default=100_000, help="heads skip larger sizes")
     ap.add_argument("--timeout", type=float, default=900)
