@@ -422,6 +422,7 @@ _HEAD_RANGES: dict[str, _Range] = {
     "C": _Range(False, 0, lo_open=True, why="SVM regularisation"),
     "n_calibration_folds": _Range(True, 2, why="folds"),
     "max_iter": _positive_int("iterations"),
+    "tol": _Range(False, 0, lo_open=True, why="solver tolerance"),
     "n_folds": _Range(True, 2, why="out-of-fold stacking"),
     "alpha": _Range(False, 0, why="Tip-Adapter residual ratio"),
     "beta": _Range(False, 0, why="Tip-Adapter sharpness"),
@@ -474,9 +475,42 @@ def _check_plain_name(key: str, name: str) -> None:
         )
 
 
-# The heads' registry names (pipeline.heads.HEADS, equal by test), known here without importing
-# scikit-learn so that their checks run in the fast pass.
-HEAD_NAMES = ("mlp", "svm", "multitask", "tip_adapter", "meta")
+# The heads' registry names and constructor parameters (pipeline.heads.HEADS and
+# valid_params, equal by test), known here without importing the heads: scikit-learn costs
+# seconds to import, and every stage checks its params before anything else.
+HEAD_PARAMS: dict[str, tuple[str, ...]] = {
+    "mlp": ("hidden", "epochs", "lr", "weight_decay", "batch_size", "random_state", "device"),
+    "svm": ("C", "C_grid", "n_calibration_folds", "tol", "max_iter", "random_state"),
+    "multitask": (
+        "hidden",
+        "epochs",
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "real_label",
+        "family_map",
+        "random_state",
+        "device",
+    ),
+    "tip_adapter": (
+        "alpha",
+        "beta",
+        "finetune",
+        "epochs",
+        "lr",
+        "batch_size",
+        "n_shots",
+        "class_text_emb",
+        "clip_logit_scale",
+        "standardize",
+        "alpha_grid",
+        "beta_grid",
+        "random_state",
+        "device",
+    ),
+    "meta": ("base_heads", "n_folds", "final", "random_state"),
+}
+HEAD_NAMES = tuple(HEAD_PARAMS)
 
 
 def _check_head_params(train: TrainConfig) -> None:
@@ -520,7 +554,8 @@ _HEAD_EXAMPLES: dict[str, Any] = {
     "weight_decay": 0.001,
     "C": 1.0,
     "n_calibration_folds": 3,
-    "max_iter": 10000,
+    "max_iter": 100,
+    "tol": 0.0001,
     "n_folds": 5,
     "alpha": 1.0,
     "beta": 5.5,
@@ -615,18 +650,15 @@ def params_from_dict(values: dict[str, Any]) -> Params:
 
 
 def _check_names(params: Params) -> None:
-    """Cross-field checks that need the registries (heads, perturbations); they import the
-    heads (scikit-learn), so they run after `check_ranges`."""
-    from pipeline.heads.registry import HEADS, valid_params
+    """Cross-field checks against the registries (heads, feature kinds, perturbations)."""
     from pipeline.perturb import parse_perturbation
 
-    for head in HEADS:
+    for head, accepted in HEAD_PARAMS.items():
         given = getattr(params.train, head, {}) or {}
-        unknown = sorted(set(given) - set(valid_params(head)))
+        unknown = sorted(set(given) - set(accepted))
         if unknown:
             raise ConfigError(
-                f"unknown key train.{head}.{unknown[0]}; {head} takes: "
-                f"{', '.join(valid_params(head))}"
+                f"unknown key train.{head}.{unknown[0]}; {head} takes: {', '.join(accepted)}"
             )
 
     for key, names in (
@@ -634,15 +666,17 @@ def _check_names(params: Params) -> None:
         ("evaluate.qf_heads", params.evaluate.qf_heads),
         ("train.head_kinds", list(params.train.head_kinds)),
     ):
-        unknown = [n for n in names if n not in HEADS]
+        unknown = [n for n in names if n not in HEAD_NAMES]
         if unknown:
-            raise ConfigError(f"{key} names unknown head(s) {unknown}; known: {sorted(HEADS)}")
+            raise ConfigError(f"{key} names unknown head(s) {unknown}; known: {sorted(HEAD_NAMES)}")
     base_heads = (params.train.meta or {}).get("base_heads", [])
-    unknown = [b for b in base_heads if not isinstance(b, str) or b not in HEADS or b == "meta"]
+    unknown = [
+        b for b in base_heads if not isinstance(b, str) or b not in HEAD_NAMES or b == "meta"
+    ]
     if unknown:
         raise ConfigError(
             f"train.meta.base_heads names {unknown}, which are not base heads; choose among "
-            f"{sorted(set(HEADS) - {'meta'})}"
+            f"{sorted(set(HEAD_NAMES) - {'meta'})}"
         )
     from pipeline.features import KINDS
 

@@ -98,6 +98,18 @@ def test_every_imported_project_module_is_a_dvc_dep():
     assert not missing, f"dvc.yaml lacks these deps (stage: modules it imports): {missing}"
 
 
+def test_no_stage_lists_a_module_it_does_not_import():
+    """Extra module deps rerun a stage for edits that cannot change its outputs (an edit of
+    the heads used to rerun every extraction stage)."""
+    extra = {}
+    for name, (script, deps) in stage_scripts().items():
+        imported = imported_files(script)
+        modules = [d for d in deps if d.endswith(".py") and d.startswith(("pipeline/", "stages/"))]
+        if unused := sorted(d for d in modules if Path(d) not in imported):
+            extra[name] = unused
+    assert not extra, f"dvc.yaml lists modules these stages never import: {extra}"
+
+
 def test_the_import_scan_sees_lazy_and_by_name_imports():
     encode = imported_files(Path("stages/encode.py"))
     # Imported inside functions (extract._load) and by name (models' importlib registry).

@@ -195,9 +195,9 @@ def test_head_ranges_accept_the_heads_own_defaults():
     import inspect
 
     from pipeline import config
-    from pipeline.heads import HEADS
+    from pipeline.heads import HEADS, valid_params
 
-    assert set(config.HEAD_NAMES) == set(HEADS)
+    assert config.HEAD_PARAMS == {name: tuple(valid_params(name)) for name in HEADS}
     for name, cls in HEADS.items():
         for p in inspect.signature(cls.__init__).parameters.values():
             rule = config._HEAD_RANGES.get(p.name)

@@ -121,7 +121,7 @@ def check_sgd_params(head: Any) -> None:
 
 # Bytes of one float64 row block: whole-matrix temporaries (a float64 or standardised copy,
 # hidden activations) are made block by block instead, so they stay this small.
-_BLOCK_BYTES = 32 << 20
+_BLOCK_BYTES = 8 << 20
 
 
 def row_blocks(n: int, width: int) -> list[slice]:
