@@ -123,15 +123,17 @@ def fit_configured_head(
     if extra_val is not None:
         X_va, y_va = np.concatenate([X_va, extra_val[0]]), np.concatenate([y_va, extra_val[1]])
     if name == "tip_adapter" and "class_text_emb" not in params:
-        emb = _class_text_emb(Path(features_dir), len(np.unique(y_tr)))
-        if emb is not None and kind == "image":
+        emb = _zero_shot_prompts(features_dir, kind, y_tr, "tip_adapter")
+        if emb is not None:
             params["class_text_emb"] = emb
-        else:
-            logger.warning(
-                "tip_adapter: no zero-shot term (needs features kind 'image' and the "
-                "class prompts of the encode stage; kind is %r)",
-                kind,
-            )
+    if name == "meta" and "tip_adapter" in params.get("base_heads", ()):
+        # A Tip-Adapter among the meta head's base heads gets the same zero-shot term.
+        emb = _zero_shot_prompts(features_dir, kind, y_tr, "meta's tip_adapter")
+        if emb is not None:
+            params["base_heads"] = [
+                ("tip_adapter", {"class_text_emb": emb}) if b == "tip_adapter" else b
+                for b in params["base_heads"]
+            ]
     head = make_head(name, params)
     logger.info(
         "training %s on %d rows (%s features, dim %d)", name, len(y_tr), kind, X_tr.shape[1]
@@ -140,14 +142,41 @@ def fit_configured_head(
     info: dict[str, Any] = {
         "head": name,
         "kind": kind,
-        "params": {k: v for k, v in params.items() if k != "class_text_emb"},
-        "zero_shot_prompts": "class_text_emb" in params,
+        "params": _described(params),
+        "zero_shot_prompts": "class_text_emb" in params
+        or any(isinstance(b, tuple) for b in params.get("base_heads", ())),
         "n_train": int(len(train.y)),
         "n_val": int(len(val.y)),
     }
     if name in ATTRIBUTION_HEADS:
         info["attribution_target"] = cfg.attribution_target
     return head, info
+
+
+def _described(params: dict[str, Any]) -> dict[str, Any]:
+    """Params for train.json: the class-prompt embeddings given to a Tip-Adapter (directly or
+    as a meta head's base head) are arrays, named rather than written."""
+    out = {k: v for k, v in params.items() if k != "class_text_emb"}
+    if "base_heads" in out:
+        out["base_heads"] = [b[0] if isinstance(b, tuple) else b for b in out["base_heads"]]
+    return out
+
+
+def _zero_shot_prompts(
+    features_dir: str | Path, kind: str, y: np.ndarray, who: str
+) -> np.ndarray | None:
+    """The class prompts' CLIP embeddings for Tip-Adapter's zero-shot term, or None (with a
+    warning) when the features are not CLIP image embeddings or the prompts are missing."""
+    emb = _class_text_emb(Path(features_dir), len(np.unique(y)))
+    if emb is not None and kind == "image":
+        return emb
+    logger.warning(
+        "%s: no zero-shot term (needs features kind 'image' and the class prompts of the "
+        "encode stage; kind is %r)",
+        who,
+        kind,
+    )
+    return None
 
 
 def _class_text_emb(features_dir: Path, n_classes: int) -> np.ndarray | None:

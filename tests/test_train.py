@@ -84,6 +84,20 @@ def test_default_training_never_reads_test_rows(tmp_path):
         assert info1["val_threshold"] == info2["val_threshold"]
 
 
+def test_a_meta_heads_tip_adapter_gets_the_class_prompts(tmp_path):
+    """Trained on image features, a Tip-Adapter inside the meta head has the zero-shot term
+    of the class prompts, as the top-level one does."""
+    feats = write_features(tmp_path / "f")
+    cfg = TrainConfig(heads=["meta"], meta={"base_heads": ["svm", "tip_adapter"], "n_folds": 3})
+    train_heads(feats, tmp_path / "models", cfg, "image", seed=0)
+    meta = load_head(tmp_path / "models" / "meta")
+    tip = meta.base_heads_[1]
+    assert tip.text_weights_ is not None and tip.text_weights_.shape == (2, 6)
+    info = json.loads((tmp_path / "models" / "meta" / "train.json").read_text())
+    assert info["zero_shot_prompts"] is True
+    assert info["params"]["base_heads"] == ["svm", "tip_adapter"]
+
+
 def test_every_head_trains_and_is_evaluated(tmp_path):
     feats = write_features(tmp_path / "f")
     cfg = TrainConfig(
