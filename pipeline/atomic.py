@@ -44,13 +44,10 @@ def atomic_path(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Pat
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
-        )
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as err:
         raise OutputError(
-            f"cannot write {target}: {err.strerror or err}; make {target.parent} writable "
-            "and rerun"
+            f"cannot write {target}: {err.strerror or err}; make {target.parent} writable and rerun"
         ) from err
     os.close(fd)
     tmp = Path(tmp_name)

@@ -755,9 +755,7 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(
-    path: str | Path, exif_transpose: bool = True
-) -> tuple[Image.Image, ImageInfo]:
+def decode_image(path: str | Path, exif_transpose: bool = True) -> tuple[Image.Image, ImageInfo]:
     """Decode an image file the one way every stage sees it: the first frame, EXIF orientation
     applied (unless `exif_transpose` is false), any bit depth or mode scaled to 8-bit RGB.
 
@@ -831,7 +829,9 @@ class _CheckFile:
     exif_transpose: bool
 
     def __call__(self, path: str) -> tuple[ImageInfo | str, str]:
-        checked = inspect_image(Path(path), self.min_side, self.max_aspect_ratio, self.exif_transpose)
+        checked = inspect_image(
+            Path(path), self.min_side, self.max_aspect_ratio, self.exif_transpose
+        )
         return checked, "" if isinstance(checked, str) else content_id(path)
 
 

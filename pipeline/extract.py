@@ -183,7 +183,10 @@ def _decoding_hash(rows: Arrays) -> np.ndarray:
     if flags is None:
         return rows["input_hash"]
     return np.array(
-        [h if f else row_hash(h, "exif_transpose=false") for h, f in zip(rows["input_hash"], flags)],
+        [
+            h if f else row_hash(h, "exif_transpose=false")
+            for h, f in zip(rows["input_hash"], flags)
+        ],
         dtype=object,
     )
 

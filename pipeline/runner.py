@@ -297,6 +297,8 @@ def timings_path(out_dir: str | Path) -> Path:
     a rerun that changes no row changes no DVC-tracked output (timings differ at every run)."""
     out_dir = Path(out_dir)
     return out_dir.parent / "timings" / f"{out_dir.name}.json"
+
+
 def _n_images(step: Step) -> int | None:
     """Rows the step will go through: those of its ingest shards (None when unknown)."""
     ingest = getattr(step, "ingest_dir", None)

@@ -171,6 +171,7 @@ def test_near_duplicate_groups_equal_brute_force():
                     parent[find(i)] = find(j)
         expected = [find(i) for i in range(len(texts))]
         got = near_duplicate_groups(texts, t)
+
         def same(labels):
             return {(i, j) for i in range(300) for j in range(i) if labels[i] == labels[j]}
 

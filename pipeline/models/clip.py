@@ -148,6 +148,8 @@ def _preprocess_kwargs(cfg: dict) -> dict:
         for k, arg in keys.items()
         if cfg.get(k)
     }
+
+
 def tiny_weights_id(seed: int) -> str:
     return f"{TINY_CLIP}/random-seed{seed}"
 
