@@ -7,9 +7,13 @@
    alternated over rounds, its rows compared for identity, and the speed-up printed;
 3. with `--vit-l N`: the encode stage on the real ViT-L/14 architecture (random weights loaded
    from a checkpoint file, the way real weights are) against the bare `encode_image` forward
-   on the same N images (no objects), with the ratio.
+   on the same N images (no objects), with the ratio;
+4. with `--hf-stages ground caption`: those stages (tiny preset) at 0 and 2 decode workers,
+   their main process's time per image outside the model's forward (reader wait, processors,
+   post-processing) next to the forward's, and their rows compared for identity.
 
     python bench/bench_reader.py [--n-images 300] [--rounds 2] [--vit-l 16]
+        [--hf-stages ground caption]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,6 +134,88 @@ def same_rows(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+class _Timed:
+    """Wraps a model method, adding up the seconds spent in it (the forward, or generate)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def _timed(owner: Any, method: str) -> _Timed:
+    """`owner.method` wrapped once (models stay loaded between runs), its count reset."""
+    timed = owner.__dict__.get(method)
+    if not isinstance(timed, _Timed):
+        timed = _Timed(getattr(owner, method))
+        setattr(owner, method, timed)
+    timed.seconds = 0.0
+    return timed
+
+
+def hf_stage(cache: Path, stage: str, workers: int) -> dict[str, float]:
+    """One run of the ground or caption stage (every image through the model) into a fresh
+    folder: seconds of the main process waiting for the reader, in the model phase, in the
+    forward itself (generate, for BLIP-2) and, for GroundingDINO, in the batches' forward plus
+    post-processing (`_ground_batch`)."""
+    params = params_from_dict(
+        {
+            "models": {"preset": "tiny"},
+            "base": {"decode_workers": workers},
+            "caption": {"source": "blip2"},
+        }
+    )
+    p = params
+    out = cache / f"{stage}_{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    if stage == "objects":
+        grounder = extract._load("grounder", p.models, p.base)
+        forward, batches = _timed(grounder.model, "forward"), _timed(grounder, "_ground_batch")
+        timings = extract.run_ground(
+            cache / "ingest", cache / "captions", out, p.ground, p.models, p.base, "bench"
+        )
+    else:
+        forward = _timed(extract._load("captioner", p.models, p.base).model, "generate")
+        batches = forward
+        timings = extract.run_caption(cache / "ingest", out, p.caption, p.models, p.base, "bench")
+    seconds = timings["seconds"]
+    return {
+        "read": seconds["read"],
+        "pre": seconds["model"] - batches.seconds,
+        "post": batches.seconds - forward.seconds,
+        "forward": forward.seconds,
+    }
+
+
+def report_hf_stages(cache: Path, n_images: int, rounds: int, stages: list[str]) -> None:
+    for name in stages:
+        stage = {"ground": "objects", "caption": "captions"}[name]
+        runs: dict[int, list[dict[str, float]]] = {0: [], 2: []}
+        for _ in range(rounds):
+            for w in runs:
+                runs[w].append(hf_stage(cache, stage, w))
+        for w, parts in runs.items():
+            ms = {k: 1000 * statistics.median(r[k] for r in parts) / n_images for k in parts[0]}
+            print(
+                f"{name} stage (tiny preset, {n_images} images), decode_workers={w}: main "
+                f"process outside the forward {ms['read'] + ms['pre'] + ms['post']:.2f} ms/image "
+                f"= reader wait {ms['read']:.2f} + processors and grouping {ms['pre']:.2f} + "
+                f"post-processing {ms['post']:.2f}; forward {ms['forward']:.2f} ms/image "
+                f"(median of {rounds} rounds)"
+            )
+        shards = {w: store.list_shards(cache / f"{stage}_{w}") for w in runs}
+        same = same_rows(
+            *(store.concat_rows([store.read_shard(s) for s in shards[w]]) for w in runs)
+        )
+        print(f"{name} stage rows identical at 0 and 2 decode workers: {same}")
+
+
 def vit_l(work: Path, n: int, rounds: int) -> None:
     import torch
 
@@ -182,6 +269,13 @@ def main() -> None:
     ap.add_argument("--vit-l", type=int, default=0, help="images for the ViT-L/14 check (0: skip)")
     ap.add_argument("--skip-feeding", action="store_true")
     ap.add_argument("--skip-encode", action="store_true")
+    ap.add_argument(
+        "--hf-stages",
+        nargs="*",
+        choices=["ground", "caption"],
+        default=[],
+        help="time these stages' main-process work outside the model's forward",
+    )
     args = ap.parse_args()
     import logging
 
@@ -219,6 +313,8 @@ def main() -> None:
                 seconds[w].append(s)
         if not args.skip_encode:
             report_encode(args.n_images, seconds, same_rows(rows[0], rows[2]))
+        if args.hf_stages:
+            report_hf_stages(cache, args.n_images, args.rounds, args.hf_stages)
         if args.vit_l:
             vit_l(work, args.vit_l, args.rounds)
     finally:

@@ -1042,8 +1042,3 @@ def item_columns() -> list[str]:
 def load_rgb(path: str | Path, exif_transpose: bool = True) -> Image.Image:
     """Open an image as 8-bit RGB exactly as ingest checked it (`decode_image`)."""
     return decode_image(path, exif_transpose)[0]
-
-
-def load_rgb_item(item: tuple[str, bool]) -> Image.Image:
-    """`load_rgb` of a (path, exif_transpose) pair: the reader's load function for one image."""
-    return load_rgb(item[0], item[1])

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +256,19 @@ def _batches(n: int, size: int) -> list[slice]:
 
 
 @dataclass
+class DecodeThen:
+    """A model's per-image CPU work, run in a decode worker: decode the item's image as ingest
+    checked it (`data.load_rgb`), then `encode(image, *rest)` with the item's other fields
+    (e.g. its caption). Items are (path, exif_transpose, *rest)."""
+
+    encode: Callable[..., Any]
+
+    def __call__(self, item: tuple[Any, ...]) -> Any:
+        path, exif_transpose, *rest = item
+        return self.encode(datamod.load_rgb(path, exif_transpose), *rest)
+
+
+@dataclass
 class CaptionStep:
     ingest_dir: Path
     cfg: CaptionConfig
@@ -309,22 +322,26 @@ class CaptionStep:
                 "to the manifest"
             )
         if need:
+            from pipeline.models.blip2 import concat_encoded
+
             model = _load("captioner", self.models, self.base)
             size = _batch_size(self.cfg.batch_size, self.base)
+            # The workers decode and run the processor; this process only generates.
             batches = reader.read_batches(
                 [(str(rows["path"][i]), bool(rows["exif_transpose"][i])) for i in need],
-                datamod.load_rgb_item,
+                DecodeThen(model.item_encoder(self.cfg.prompt or None)),
                 size,
                 _decode_workers(self.base),
+                concat_encoded,
+                pin_memory=str(model.device).startswith("cuda"),
             )
             for sl in _batches(len(need), size):
                 chunk = need[sl]
                 with timer("read"):
-                    images = next(batches)
+                    batch = next(batches)
                 with timer("model"):
-                    out = model.caption(
-                        images,
-                        prompt=self.cfg.prompt or None,
+                    out = model.caption_encoded(
+                        batch,
                         num_beams=self.cfg.num_beams,
                         max_new_tokens=self.cfg.max_new_tokens,
                     )
@@ -437,19 +454,22 @@ class GroundStep:
         if self.cfg.enabled and n:
             model = _load("grounder", self.models, self.base)
             size = _batch_size(self.cfg.batch_size, self.base)
+            # The workers decode and run the processor on each (image, query); this process runs
+            # the model and the post-processing. A batch stays a list of per-item inputs, which
+            # `ground_encoded` groups into partner-free batches.
+            items = zip(rows["path"], rows["exif_transpose"], rows["caption"])
             batches = reader.read_batches(
-                [(str(p), bool(e)) for p, e in zip(rows["path"], rows["exif_transpose"])],
-                datamod.load_rgb_item,
+                [(str(p), bool(e), str(c)) for p, e, c in items],
+                DecodeThen(model.item_encoder()),
                 size,
                 _decode_workers(self.base),
             )
             for sl in _batches(n, size):
                 with timer("read"):
-                    images = next(batches)
+                    encoded = next(batches)
                 with timer("model"):
-                    out = model.ground(
-                        images,
-                        [str(c) for c in rows["caption"][sl]],
+                    out = model.ground_encoded(
+                        encoded,
                         box_threshold=self.cfg.box_threshold,
                         text_threshold=self.cfg.text_threshold,
                         max_objects=self.cfg.max_objects,

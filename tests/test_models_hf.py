@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.digest import tree_digest
 from pipeline.models.bert import BertTextEncoder
-from pipeline.models.blip2 import Blip2Captioner
+from pipeline.models.blip2 import Blip2Captioner, concat_encoded
 from pipeline.models.dinov2 import Dinov2ImageEncoder
 from pipeline.models.grounding import GroundedObject, GroundingDinoGrounder, caption_to_query
 from pipeline.models.hf import TINY_FORMAT_VERSION, HFWrapper, ModelWeightsMissing, resolve_dtype
@@ -224,6 +224,25 @@ def test_captioner_returns_only_new_text_after_a_prompt(captioner: Blip2Captione
     assert all(c and not c.startswith(prompt) for c in captions)
 
 
+@pytest.mark.parametrize("prompt", [None, "a photo of"])
+def test_caption_inputs_made_per_image_equal_the_processor_on_the_batch(
+    captioner: Blip2Captioner, prompt: str | None
+) -> None:
+    """What the decode workers make one image at a time, concatenated, is what the processor
+    gives for the whole batch (images of other sizes and modes, one prompt)."""
+    images = [*IMAGES, IMAGES[1].convert("L")]
+    encode = captioner.item_encoder(prompt)
+    batch = concat_encoded([encode(image) for image in images])
+    whole = captioner.processor(
+        images=[image.convert("RGB") for image in images],
+        text=[prompt or ""] * len(images),
+        return_tensors="pt",
+    )
+    assert set(batch) == set(whole) and {"pixel_values", "input_ids"} <= set(batch)
+    for key, value in whole.items():
+        assert batch[key].shape[0] == len(images) and torch.equal(batch[key], value), key
+
+
 # --- grounder -------------------------------------------------------------------------------
 
 
@@ -298,6 +317,21 @@ def test_grounder_thresholds_and_empty_captions(grounder: GroundingDinoGrounder)
     assert grounder.ground([], []) == []
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         grounder.ground(IMAGES[:2], CAPTIONS[:1])
+
+
+def test_grounding_items_carry_the_query_size_and_the_processor_inputs(
+    grounder: GroundingDinoGrounder,
+) -> None:
+    encode = grounder.item_encoder()
+    assert encode(IMAGES[0], " . ") == {"query": "", "size": (40, 60)}  # nothing to preprocess
+    item = encode(IMAGES[1].convert("L"), "A dog")
+    assert item["query"] == "a dog." and item["size"] == (100, 30)
+    rgb = IMAGES[1].convert("L").convert("RGB")
+    pixels = grounder.processor.image_processor(images=rgb, return_tensors="pt")
+    tokens = grounder.processor.tokenizer("a dog.", return_tensors="pt")
+    assert set(item) == {"query", "size", *pixels, *tokens}
+    for key, value in {**pixels, **tokens}.items():
+        assert torch.equal(item[key], value), key
 
 
 # --- encoders -------------------------------------------------------------------------------

@@ -158,6 +158,42 @@ def test_encoded_rows_equal_each_image_and_crop_encoded_alone(extracted):
         np.testing.assert_allclose(out["color_hist"][k], color_histograms(image, 4))
 
 
+def test_caption_and_ground_inputs_made_in_decode_workers_give_the_public_calls_outputs(
+    tmp_path,
+):
+    """The stages feed `caption_encoded`/`ground_encoded` with what two decode workers made;
+    that gives what `caption`/`ground` give on the images decoded here, an empty query
+    ("." has no phrase) still no objects."""
+    from pipeline.models.blip2 import Blip2Captioner, concat_encoded
+    from pipeline.models.grounding import GroundingDinoGrounder
+
+    data = _dataset(tmp_path, 7).parent
+    paths = [str(data / f"img_{i}.png") for i in range(7)]
+    captions = ["a red car", "a tree.", ".", "two dogs on a red sofa", "a car", " ", "a tree"]
+    images = [datamod.load_rgb(p) for p in paths]
+    grounder = GroundingDinoGrounder.load(preset="tiny")
+    kw = {"box_threshold": 0.0, "text_threshold": 0.0}
+    items = [(p, True, c) for p, c in zip(paths, captions)]
+    load = extract.DecodeThen(grounder.item_encoder())
+    found = [
+        objects
+        for encoded in reader.read_batches(items, load, 3, workers=2)
+        for objects in grounder.ground_encoded(encoded, **kw)
+    ]
+    assert found == grounder.ground(images, captions, **kw)
+    assert [bool(f) for f in found] == [True, True, False, True, True, False, True]
+
+    captioner = Blip2Captioner.load(preset="tiny")
+    load = extract.DecodeThen(captioner.item_encoder("a photo of"))
+    batches = reader.read_batches([(p, True) for p in paths], load, 3, 2, concat_encoded)
+    made = [captioner.caption_encoded(b, num_beams=1, max_new_tokens=4) for b in batches]
+    here = [
+        captioner.caption(images[s : s + 3], "a photo of", num_beams=1, max_new_tokens=4)
+        for s in range(0, 7, 3)
+    ]
+    assert made == here and len(made) == 3
+
+
 def test_text_memo_is_bounded_and_keeps_recent_strings():
     memo = extract.TextMemo(max_items=3)
     for i in range(5):

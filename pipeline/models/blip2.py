@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,27 @@ _TINY_CORPUS = (
 _TINY_IMAGE = 32  # pixels; patch 8 gives 16 patches
 _TINY_QUERIES = 4  # Q-Former query tokens (32 in the real model)
 _WORDLIKE = re.compile(r"[a-z ]*[a-z][a-z ]*")
+
+
+@dataclass(frozen=True)
+class CaptionItemEncoder:
+    """The CPU half of captioning one image with a fixed prompt, picklable so that a decode
+    worker can run it: the processor's inputs for that image alone (pixel_values (1, 3, H, W),
+    the prompt's tokens (1, L))."""
+
+    processor: Any
+    prompt: str  # "" tokenizes to [BOS]: the same start the model uses with no text at all
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return dict(self.processor(images=[rgb], text=[self.prompt], return_tensors="pt"))
+
+
+def concat_encoded(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One batch of `CaptionItemEncoder` outputs: each tensor concatenated along the batch
+    axis. Every item has the same prompt, hence the same token count, so no padding is needed
+    and the batch equals the processor's output for all the images at once."""
+    return {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
 
 
 class Blip2Captioner(HFWrapper):
@@ -92,11 +114,20 @@ class Blip2Captioner(HFWrapper):
         """
         if not images:
             return []
-        # An empty prompt tokenizes to [BOS]: the same start the model uses with no text at all.
-        text = [prompt or ""] * len(images)
-        batch = self.processor(
-            images=[image.convert("RGB") for image in images], text=text, return_tensors="pt"
+        encode = self.item_encoder(prompt)
+        return self.caption_encoded(
+            concat_encoded([encode(image) for image in images]), num_beams, max_new_tokens
         )
+
+    def item_encoder(self, prompt: str | None = None) -> CaptionItemEncoder:
+        """The per-image CPU work of `caption` with `prompt`, to run where images are decoded."""
+        return CaptionItemEncoder(self.processor, prompt or "")
+
+    def caption_encoded(
+        self, batch: Mapping[str, torch.Tensor], num_beams: int = 3, max_new_tokens: int = 30
+    ) -> list[str]:
+        """`caption` on a batch made by `concat_encoded` of `item_encoder(prompt)` outputs (e.g.
+        in decode workers); the arguments and the result are those of `caption`."""
         inputs = to_model_inputs(batch, self.device, self.dtype)
         # Pass the saved generation config explicitly: transformers 5 does not hand the top-level
         # generation_config.json to the inner language model's generate(). It also deprecates

@@ -62,9 +62,12 @@ def merge_duplicates(objects: list[GroundedObject], iou_threshold: float) -> lis
 
 
 def _partner_free(encoded: list[dict[str, Any]]) -> list[list[int]]:
-    """Indices of `encoded` grouped by (image size, token count): items that batch unpadded."""
+    """Indices of `encoded` grouped by (image size, token count): items that batch unpadded.
+    Items without a query (nothing to ground) are in no group."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for k, item in enumerate(encoded):
+        if not item["query"]:
+            continue
         key = (tuple(item["pixel_values"].shape[-2:]), int(item["input_ids"].shape[-1]))
         groups.setdefault(key, []).append(k)
     return list(groups.values())
@@ -77,6 +80,32 @@ def caption_to_query(caption: str) -> str:
     """
     query = " ".join(caption.lower().split()).rstrip(" .")
     return f"{query}." if query else ""
+
+
+@dataclass(frozen=True)
+class GroundingItemEncoder:
+    """The CPU half of grounding one (image, caption), picklable so that a decode worker can
+    run it: the query (`caption_to_query`), the image's (height, width), and the processor
+    inputs of the image and the query on their own, unpadded (pixel_values/pixel_mask
+    (1, 3, H, W), the query's tokens (1, L)). Stacking items of equal shapes gives what the
+    processor gives for them as one batch. An item with no query gets no tensors."""
+
+    image_processor: Any
+    tokenizer: Any
+    max_text_len: int
+
+    def __call__(self, image: Image.Image, caption: str) -> dict[str, Any]:
+        query = caption_to_query(caption)
+        item: dict[str, Any] = {"query": query, "size": (image.height, image.width)}
+        if query:
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            item.update(self.image_processor(images=rgb, return_tensors="pt"))
+            item.update(
+                self.tokenizer(
+                    query, truncation=True, max_length=self.max_text_len, return_tensors="pt"
+                )
+            )
+        return item
 
 
 class GroundingDinoGrounder(HFWrapper):
@@ -126,18 +155,48 @@ class GroundingDinoGrounder(HFWrapper):
         """
         if len(images) != len(captions):
             raise ValueError(f"got {len(images)} images but {len(captions)} captions")
-        results: list[list[GroundedObject]] = [[] for _ in images]
-        queries = [caption_to_query(caption) for caption in captions]
-        todo = [i for i, query in enumerate(queries) if query]
-        if not todo or max_objects <= 0:
+        encode = self.item_encoder()
+        return self.ground_encoded(
+            [encode(image, caption) for image, caption in zip(images, captions)],
+            box_threshold,
+            text_threshold,
+            max_objects,
+            iou_threshold,
+            min_box_side,
+        )
+
+    def item_encoder(self) -> GroundingItemEncoder:
+        """The per-item CPU work of `ground`, to run where the images are decoded."""
+        return GroundingItemEncoder(
+            self.processor.image_processor,
+            self.processor.tokenizer,
+            self.model.config.max_text_len,
+        )
+
+    def ground_encoded(
+        self,
+        encoded: list[dict[str, Any]],
+        box_threshold: float = 0.35,
+        text_threshold: float = 0.25,
+        max_objects: int = 10,
+        iou_threshold: float = 0.8,
+        min_box_side: float = 0.0,
+    ) -> list[list[GroundedObject]]:
+        """`ground` on items made by `item_encoder()` (e.g. in decode workers); the arguments
+        and the result are those of `ground`."""
+        results: list[list[GroundedObject]] = [[] for _ in encoded]
+        if max_objects <= 0:
             return results
-        rgb = [images[i].convert("RGB") for i in todo]
-        encoded = self._encode_each(rgb, [queries[i] for i in todo])
         for group in _partner_free(encoded):
+            first = encoded[group[0]]
             found = self._ground_batch(
-                [rgb[k] for k in group],
-                [queries[todo[k]] for k in group],
-                {key: torch.cat([encoded[k][key] for k in group]) for key in encoded[group[0]]},
+                [encoded[k]["size"] for k in group],
+                [encoded[k]["query"] for k in group],
+                {
+                    key: torch.cat([encoded[k][key] for k in group])
+                    for key, value in first.items()
+                    if isinstance(value, torch.Tensor)
+                },
                 box_threshold,
                 text_threshold,
                 max_objects,
@@ -145,7 +204,7 @@ class GroundingDinoGrounder(HFWrapper):
                 min_box_side,
             )
             for k, objects in zip(group, found):
-                results[todo[k]] = objects
+                results[k] = objects
         return results
 
     def partner_free_groups(self, images: list[Image.Image], queries: list[str]) -> list[list[int]]:
@@ -153,26 +212,12 @@ class GroundingDinoGrounder(HFWrapper):
         the same number of text tokens. Padding changes GroundingDINO's boxes (by up to
         hundreds of pixels: the backbone and deformable attention see the padded area), so an
         image's boxes would depend on its batch partners; within a group they do not."""
-        return _partner_free(self._encode_each(images, queries))
-
-    def _encode_each(self, images: list[Image.Image], queries: list[str]) -> list[dict[str, Any]]:
-        """Processor inputs of each (image, query) on its own, each image preprocessed once:
-        pixel_values/pixel_mask (1, 3, H, W) and the query's tokens (1, L), unpadded. Stacking
-        items of equal shapes gives what the processor gives for them as one batch."""
-        max_len = self.model.config.max_text_len
-        return [
-            {
-                **self.processor.image_processor(images=image, return_tensors="pt"),
-                **self.processor.tokenizer(
-                    query, truncation=True, max_length=max_len, return_tensors="pt"
-                ),
-            }
-            for image, query in zip(images, queries)
-        ]
+        encode = self.item_encoder()
+        return _partner_free([encode(image, query) for image, query in zip(images, queries)])
 
     def _ground_batch(
         self,
-        batch_images: list[Image.Image],
+        sizes: list[tuple[int, int]],
         batch_queries: list[str],
         batch: dict[str, Any],
         box_threshold: float,
@@ -184,7 +229,6 @@ class GroundingDinoGrounder(HFWrapper):
         inputs = to_model_inputs(batch, self.device, self.dtype)
         with torch.inference_mode():
             outputs = self.model(**inputs)
-        sizes = [(image.height, image.width) for image in batch_images]
         # Boxes and scores come from the upstream post-processing; phrases are decoded below.
         detections = self.processor.post_process_grounded_object_detection(
             outputs,
@@ -208,7 +252,7 @@ class GroundingDinoGrounder(HFWrapper):
                 iou_threshold=iou_threshold,
                 min_box_side=min_box_side,
             )
-            for row in range(len(batch_images))
+            for row in range(len(sizes))
         ]
 
     def _objects(
