@@ -72,6 +72,29 @@ def extract_ingested(
     return c / "features"
 
 
+def planned_settings(params: Params) -> dict[str, Any]:
+    """The `features.feature_settings` that `extract_ingested` will record with these params,
+    computed before any work from the same steps' shard attributes (weights, dtype, step
+    versions, feature params), so that a mismatch can be refused before extraction."""
+    import json
+
+    from pipeline.extract import CaptionStep, EncodeStep, GroundStep
+    from pipeline.features import planned_feature_provenance
+
+    here = Path(".")
+    p = params
+    steps: list[CaptionStep | GroundStep | EncodeStep] = [
+        CaptionStep(here, p.caption, p.models, p.base, ""),
+        GroundStep(here, here, p.ground, p.models, p.base, ""),
+        EncodeStep(here, here, here, p.encode, p.ground.crop_padding, p.models, p.base, ""),
+    ]
+    chain: dict[str, Any] = {}
+    for step in steps:
+        chain.update(json.loads(step.attrs()["provenance"]))
+    chain.update(planned_feature_provenance(p.features))
+    return {"preset": p.models.preset, "provenance": chain}
+
+
 def perturbed_copy(
     source_ingest: str | Path,
     perturbation: str,

@@ -134,9 +134,7 @@ def run_features(
     clip_attrs = store.dataset_attrs(clip_dir)  # refuses shards of different runs
     chain = json.loads(str(clip_attrs.get("provenance") or "{}"))
     fparams = params_hash(cfg, clip_attrs.get("params_hash", ""))
-    # features.kind only picks what heads read; every kind is in the shards.
-    shaping = {k: v for k, v in asdict(cfg).items() if k != "kind"}
-    chain["features"] = {"step_version": FEATURES_VERSION, "params_hash": params_hash(shaping)}
+    chain.update(planned_feature_provenance(cfg))
     total = 0
     for i, path in enumerate(clip_shards):
         clip = store.read_shard(path)
@@ -183,6 +181,13 @@ def run_features(
         shutil.copyfile(prompts, out_dir / CLASS_PROMPTS)
     logger.info("features: %d images in %d shards -> %s", total, len(clip_shards), out_dir)
     return total
+
+
+def planned_feature_provenance(cfg: FeaturesConfig) -> dict[str, Any]:
+    """The features stage's entry of the provenance chain for `cfg`."""
+    # features.kind only picks what heads read; every kind is in the shards.
+    shaping = {k: v for k, v in asdict(cfg).items() if k != "kind"}
+    return {"features": {"step_version": FEATURES_VERSION, "params_hash": params_hash(shaping)}}
 
 
 def feature_settings(features_dir: str | Path) -> dict[str, Any]:

@@ -48,10 +48,13 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def check_settings(head_dir: Path, info: dict[str, Any], features_dir: Path) -> None:
+def check_settings(head_dir: Path, info: dict[str, Any], now: dict[str, Any]) -> None:
     """Refuse features made otherwise than the head's training features (other weights, dtype,
-    step versions or feature params): the head's numbers would not mean what they meant."""
-    from pipeline.features import feature_settings, settings_differences
+    step versions or feature params): the head's numbers would not mean what they meant.
+
+    `now` is `features.feature_settings` of the new features, or, before any extraction,
+    `evalsets.planned_settings` of the params."""
+    from pipeline.features import settings_differences
 
     trained = info.get("feature_settings")
     if trained is None:
@@ -59,7 +62,7 @@ def check_settings(head_dir: Path, info: dict[str, Any], features_dir: Path) -> 
             f"{head_dir} does not record the settings of its training features (trained by an "
             "older misalign); retrain it (dvc repro train) so that predict can check them"
         )
-    diffs = settings_differences(trained, feature_settings(features_dir))
+    diffs = settings_differences(trained, now)
     if diffs:
         raise ConfigError(
             f"the features of these images are not made the way {head_dir} was trained "
@@ -85,9 +88,9 @@ def predict(
     Returns:
         One dict per scored image with the columns of `COLUMNS`, in input order.
     """
-    from pipeline.evalsets import extract_ingested
+    from pipeline.evalsets import extract_ingested, planned_settings
     from pipeline.extract import ingest_records
-    from pipeline.features import load_features
+    from pipeline.features import feature_settings, load_features
     from pipeline.heads import load_head
     from pipeline.metrics import apply_calibration, p_generated
     from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
@@ -98,6 +101,9 @@ def predict(
     made_by = recorded(info) or run_provenance(params)
     warn_if_tiny(made_by, f"head {head_dir}")
     head = load_head(head_dir)  # a bad head file is reported before any extraction work
+    # Params that would make other features than the head's are refused before any work; the
+    # features made are checked again below.
+    check_settings(head_dir, info, planned_settings(params))
     files = expand_inputs(inputs)
     records = [
         datamod.Record(path=str(f), label=0, generator="unknown", split="test") for f in files
@@ -108,7 +114,7 @@ def predict(
     for path, reason in result.quarantined:
         logger.error("cannot score %s: %s", path, reason)
     features_dir = extract_ingested(cache, "predict", params)
-    check_settings(head_dir, info, features_dir)
+    check_settings(head_dir, info, feature_settings(features_dir))
 
     fs = load_features(features_dir, info["kind"])
     if fs.X.shape[1] != head.n_features_in_:

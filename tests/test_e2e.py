@@ -452,3 +452,16 @@ def test_predict_refuses_features_made_otherwise_than_the_heads(run, tmp_path, c
     assert "clip.dtype: trained with 'float32', these features 'bfloat16'" in err
     assert "captions.dtype" in err and "objects.dtype" in err
     assert not (tmp_path / "p.csv").exists()
+    # Refused from the params, before any image was ingested or any model run.
+    assert not (tmp_path / "pcache").exists()
+
+
+def test_planned_settings_are_what_extraction_records(run):
+    """The settings predict checks before extracting are those the extraction then records
+    (the trained head's features were made by the run's own params)."""
+    from pipeline.config import load_params
+    from pipeline.evalsets import planned_settings
+
+    work, _, params, _ = run
+    info = json.loads((work / "models" / "mlp" / "train.json").read_text())
+    assert planned_settings(load_params(params)) == info["feature_settings"]
