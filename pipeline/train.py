@@ -122,10 +122,11 @@ def fit_configured_head(
         X_tr, y_tr = np.concatenate([X_tr, extra_train[0]]), np.concatenate([y_tr, extra_train[1]])
     if extra_val is not None:
         X_va, y_va = np.concatenate([X_va, extra_val[0]]), np.concatenate([y_va, extra_val[1]])
-    if name == "tip_adapter" and "class_text_emb" not in params:
+    zero_shot = "class_text_emb" in params
+    if name == "tip_adapter" and not zero_shot:
         emb = _zero_shot_prompts(features_dir, kind, y_tr, "tip_adapter")
         if emb is not None:
-            params["class_text_emb"] = emb
+            params["class_text_emb"], zero_shot = emb, True
     if name == "meta" and "tip_adapter" in params.get("base_heads", ()):
         # A Tip-Adapter among the meta head's base heads gets the same zero-shot term.
         emb = _zero_shot_prompts(features_dir, kind, y_tr, "meta's tip_adapter")
@@ -134,6 +135,7 @@ def fit_configured_head(
                 ("tip_adapter", {"class_text_emb": emb}) if b == "tip_adapter" else b
                 for b in params["base_heads"]
             ]
+            zero_shot = True
     head = make_head(name, params)
     logger.info(
         "training %s on %d rows (%s features, dim %d)", name, len(y_tr), kind, X_tr.shape[1]
@@ -143,8 +145,7 @@ def fit_configured_head(
         "head": name,
         "kind": kind,
         "params": _described(params),
-        "zero_shot_prompts": "class_text_emb" in params
-        or any(isinstance(b, tuple) for b in params.get("base_heads", ())),
+        "zero_shot_prompts": zero_shot,
         "n_train": int(len(train.y)),
         "n_val": int(len(val.y)),
     }

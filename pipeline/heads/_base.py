@@ -131,18 +131,28 @@ def row_blocks(n: int, width: int) -> list[slice]:
     return [slice(s, min(s + rows, n)) for s in range(0, n, rows)]
 
 
-def map_row_blocks(fn: Callable[[np.ndarray], Any], X: np.ndarray) -> Any:
-    """`fn` applied to float64 copies of consecutive row blocks of X, its outputs (an array or
-    a tuple of arrays, one row per input row) stacked in row order.
+def float64_blocks(
+    X: np.ndarray, rows: np.ndarray | None = None
+) -> Iterator[tuple[slice, np.ndarray]]:
+    """(block, float64 copy of its rows) over consecutive blocks of X's rows, or of the rows
+    `rows` selects (gathered a block at a time, never all at once); the copy is the caller's
+    to modify."""
+    n = len(X) if rows is None else len(rows)
+    for b in row_blocks(n, X.shape[1]):
+        yield b, np.array(X[b] if rows is None else X[rows[b]], dtype=np.float64)
+
+
+def map_row_blocks(
+    fn: Callable[[np.ndarray], Any], X: np.ndarray, rows: np.ndarray | None = None
+) -> Any:
+    """`fn` applied to float64 copies of consecutive row blocks of X (or of `X[rows]`), its
+    outputs (an array or a tuple of arrays, one row per input row) stacked in row order.
 
     Every head's per-row computation goes through this, so predicting on a float32 matrix
     never holds a float64 copy, a standardised copy or hidden activations of all its rows;
     the values equal those of the whole matrix at once because each row is computed alone.
     """
-    outs = [
-        fn(np.asarray(X[b], dtype=np.float64))
-        for b in row_blocks(len(X), X.shape[1]) or [slice(0, 0)]
-    ]
+    outs = [fn(z) for _, z in float64_blocks(X, rows)] or [fn(np.zeros((0, X.shape[1])))]
     if isinstance(outs[0], tuple):
         return tuple(np.concatenate(parts) for parts in zip(*outs))
     return np.concatenate(outs)

@@ -15,7 +15,7 @@ from pipeline.heads._base import (
     State,
     binary_proba,
     check_positive,
-    row_blocks,
+    map_row_blocks,
     seed_from,
     softmax_rows,
 )
@@ -119,13 +119,11 @@ class MetaHead(BaseHead):
             for i, head in enumerate(self._build(seed)):
                 head.fit(X[train], labels[train], **val_kwargs)
                 # The held-out rows are predicted a block at a time (no copy of the fold).
-                for part in row_blocks(len(held), X.shape[1]):
-                    rows = held[part]
-                    proba = head.predict_proba(X[rows])
-                    block = blocks[i]
-                    if block is None:
-                        block = blocks[i] = np.zeros((len(X), proba.shape[1]))
-                    block[rows] = proba
+                proba = map_row_blocks(head.predict_proba, X, held)
+                block = blocks[i]
+                if block is None:
+                    block = blocks[i] = np.zeros((len(X), proba.shape[1]))
+                block[held] = proba
         stacked = np.hstack([b for b in blocks if b is not None])
 
         final = LogisticRegression(C=1.0, max_iter=1000).fit(stacked, y_idx)

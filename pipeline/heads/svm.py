@@ -17,8 +17,8 @@ from pipeline.heads._base import (
     State,
     check_positive,
     fit_standardiser,
+    float64_blocks,
     map_row_blocks,
-    row_blocks,
     seed_from,
     standardise,
 )
@@ -166,11 +166,13 @@ class SVMHead(BaseHead):
             iters.append(n_iter)
         return np.stack(thetas), max(iters)
 
-    def _scores(self, X: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    def _scores(
+        self, X: np.ndarray, theta: np.ndarray, rows: np.ndarray | None = None
+    ) -> np.ndarray:
         def block(Xb: np.ndarray) -> np.ndarray:
             return standardise(Xb, self.mean_, self.scale_) @ theta[:, :-1].T + theta[:, -1]
 
-        return map_row_blocks(block, X)  # type: ignore[no-any-return]
+        return map_row_blocks(block, X, rows)  # type: ignore[no-any-return]
 
     def _argmax(self, scores: np.ndarray) -> np.ndarray:
         return (scores[:, 0] > 0).astype(np.int64) if scores.shape[1] == 1 else scores.argmax(1)
@@ -191,8 +193,7 @@ class SVMHead(BaseHead):
         for train, held in folds.split(np.zeros((len(X), 1)), y_idx):
             gram = augmented_gram(X, self.mean_, self.scale_, train)
             theta, _ = self._solve(X, y_idx, self.C_, train, None, gram)
-            for b in row_blocks(len(held), X.shape[1]):
-                scores[held[b]] = self._scores(X[held[b]], theta)
+            scores[held] = self._scores(X, theta, held)
         return scores, y_idx
 
     def decision_scores(self, X: Any) -> np.ndarray:
@@ -230,9 +231,7 @@ def _standardised_blocks(
     X: np.ndarray, mean: np.ndarray, scale: np.ndarray, rows: np.ndarray | None
 ) -> Iterator[tuple[slice, np.ndarray]]:
     """(block, standardised float64 rows) over X's rows (or `rows`), one block copy each."""
-    n = len(X) if rows is None else len(rows)
-    for blk in row_blocks(n, X.shape[1]):
-        z = np.array(X[blk] if rows is None else X[rows[blk]], dtype=np.float64)
+    for blk, z in float64_blocks(X, rows):
         z -= mean
         z /= scale
         yield blk, z
