@@ -75,13 +75,7 @@ def _objects(images: list[Path], rng: np.random.Generator) -> tuple[np.ndarray, 
 
 def prepare(work: Path, images: list[Path], shard_size: int) -> Path:
     """Ingest, dataset captions, and synthesised objects shards for the encode stage."""
-    import csv
-
-    data = images[0].parent
-    with (data / "manifest.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "generator", "caption"])
-        w.writerows([p.name, i % 2, "g", f"a photo of thing {i}"] for i, p in enumerate(images))
+    data = gpu_check.write_manifest(images, "a photo of thing")
     params = params_from_dict(
         {
             "models": {"preset": "tiny"},

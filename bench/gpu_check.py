@@ -65,6 +65,18 @@ def _timed(device: str, fn: Callable[[], Any], repeats: int) -> tuple[float, Any
     return (time.perf_counter() - start) / repeats, out
 
 
+def write_manifest(images: list[Path], caption: str) -> Path:
+    """A manifest.csv beside `images` (alternating labels, one generator) with a distinct
+    caption per image, so the text tower runs once per image as on a real dataset; returns
+    the images' folder."""
+    data = images[0].parent
+    with (data / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "generator", "caption"])
+        writer.writerows([p.name, i % 2, "g", f"{caption} {i}"] for i, p in enumerate(images))
+    return data
+
+
 def synthetic_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
     """`n` distinct JPEGs: smooth gradients plus noise, `size` px on the short side."""
     from PIL import Image
@@ -137,12 +149,7 @@ def clip_pipeline(
     from pipeline.config import params_from_dict
     from pipeline.reader import resolve_workers
 
-    data = images[0].parent
-    with (data / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "generator", "caption"])
-        # Distinct captions: the text tower runs once per image, as on a real dataset.
-        writer.writerows([p.name, i % 2, "g", f"{CAPTION} {i}"] for i, p in enumerate(images))
+    data = write_manifest(images, CAPTION)
     params = params_from_dict(
         {
             "base": {
