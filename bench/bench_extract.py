@@ -23,37 +23,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import extract  # noqa: E402
 from pipeline.config import params_from_dict  # noqa: E402
+from pipeline.data.ingest import run_ingest  # noqa: E402
+from pipeline.extract import encode  # noqa: E402
+from pipeline.extract.caption import run_caption  # noqa: E402
+from pipeline.extract.ground import run_ground  # noqa: E402
 
 
 def _stages(data: Path, cache: Path, params) -> dict[str, float]:
     t = {}
     start = time.perf_counter()
-    extract.run_ingest(data, cache / "ingest", params.ingest, params.base, "bench")
+    run_ingest(data, cache / "ingest", cfg=params.ingest, base=params.base, dataset="bench")
     t["ingest"] = time.perf_counter() - start
     for name, call in (
         (
             "caption",
-            lambda: extract.run_caption(
+            lambda: run_caption(
                 cache / "ingest",
                 cache / "captions",
-                params.caption,
-                params.models,
-                params.base,
-                "bench",
+                cfg=params.caption,
+                models=params.models,
+                base=params.base,
+                dataset="bench",
             ),
         ),
         (
             "ground",
-            lambda: extract.run_ground(
+            lambda: run_ground(
                 cache / "ingest",
                 cache / "captions",
                 cache / "objects",
-                params.ground,
-                params.models,
-                params.base,
-                "bench",
+                cfg=params.ground,
+                models=params.models,
+                base=params.base,
+                dataset="bench",
             ),
         ),
         ("encode", lambda: _run_encode(cache, params, params.base)),
@@ -73,16 +76,16 @@ def _encode_again(cache: Path, params, base) -> float:
 
 
 def _run_encode(cache: Path, params, base) -> None:
-    extract.run_encode(
+    encode.run_encode(
         cache / "ingest",
         cache / "captions",
         cache / "objects",
         cache / "clip",
-        params.encode,
-        params.ground.crop_padding,
-        params.models,
-        base,
-        "bench",
+        cfg=params.encode,
+        crop_padding=params.ground.crop_padding,
+        models=params.models,
+        base=base,
+        dataset="bench",
     )
 
 
@@ -117,7 +120,7 @@ def main() -> None:
     grown = _stages(data, cache, params)
 
     # Encode without the run-wide text memo: every shard encodes its own strings.
-    original = extract.encode_texts_once
+    original = encode.encode_texts_once
     sent = {"memo": 0, "no_memo": 0}
 
     def counting(encoder, texts, batch_size, memo=None, key="memo"):
@@ -126,11 +129,11 @@ def main() -> None:
         sent[key] += (len(memo) - before) if memo is not None else len(set(texts))
         return out
 
-    extract.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, m, "memo")
+    encode.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, m, "memo")
     t_memo = _encode_again(cache, params, params.base)
-    extract.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, None, "no_memo")
+    encode.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, None, "no_memo")
     t_no_memo = _encode_again(cache, params, params.base)
-    extract.encode_texts_once = original
+    encode.encode_texts_once = original
 
     dask_params = params_from_dict(
         {

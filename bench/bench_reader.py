@@ -1,6 +1,6 @@
 """Feeding benchmark, side by side in one run (this machine is shared and noisy).
 
-1. images/s through the reader (`pipeline.reader.read_batches` with the encode stage's loader:
+1. images/s through the reader (`pipeline.rows.reader.read_batches` with the encode stage's loader:
    decode once, cut 3 object crops, CLIP-preprocess every view) into a model that does
    nothing, at 0, 1 and 2 decode workers, on a few hundred distinct images in a temp folder;
 2. the encode stage (tiny preset) on the same images with `base.decode_workers` 0 and 2,
@@ -33,8 +33,19 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline import extract, reader, store  # noqa: E402
 from pipeline.config import params_from_dict  # noqa: E402
+from pipeline.data.images import load_rgb  # noqa: E402
+from pipeline.data.ingest import run_ingest  # noqa: E402
+from pipeline.extract.caption import run_caption  # noqa: E402
+from pipeline.extract.encode import (  # noqa: E402
+    EncodeLoad,
+    clear_text_memo,
+    collate_views,
+    run_encode,
+)
+from pipeline.extract.ground import run_ground  # noqa: E402
+from pipeline.extract.loaded import loaded_model  # noqa: E402
+from pipeline.rows import reader, store  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
 assert _spec is not None and _spec.loader is not None
@@ -52,7 +63,7 @@ def _nothing(batch: object) -> None:
 def feeding_rate(items: list, load: object, batch: int, workers: int) -> float:
     start = time.perf_counter()
     n = 0
-    for out in reader.read_batches(items, load, batch, workers, extract.collate_views):  # type: ignore[arg-type]
+    for out in reader.read_batches(items, load, batch, workers, collate_views):  # type: ignore[arg-type]
         _nothing(out)
         n += len(out["n_views"])
     return n / (time.perf_counter() - start)
@@ -85,8 +96,15 @@ def prepare(work: Path, images: list[Path], shard_size: int) -> Path:
     )
     cache = work / "cache"
     p = params
-    extract.run_ingest(data, cache / "ingest", p.ingest, p.base, "bench")
-    extract.run_caption(cache / "ingest", cache / "captions", p.caption, p.models, p.base, "bench")
+    run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="bench")
+    run_caption(
+        cache / "ingest",
+        cache / "captions",
+        cfg=p.caption,
+        models=p.models,
+        base=p.base,
+        dataset="bench",
+    )
     rng = np.random.default_rng(0)
     for shard in store.list_shards(cache / "ingest"):
         rows = store.read_shard(shard, ["ids", "path"])
@@ -106,18 +124,18 @@ def encode_stage(cache: Path, workers: int, out: str) -> tuple[float, dict]:
         {"models": {"preset": "tiny"}, "base": {"decode_workers": workers}, "encode": {}}
     )
     shutil.rmtree(cache / out, ignore_errors=True)
-    extract._TEXT_MEMO.clear()
+    clear_text_memo()
     start = time.perf_counter()
-    extract.run_encode(
+    run_encode(
         cache / "ingest",
         cache / "captions",
         cache / "objects",
         cache / out,
-        params.encode,
-        params.ground.crop_padding,
-        params.models,
-        params.base,
-        "bench",
+        cfg=params.encode,
+        crop_padding=params.ground.crop_padding,
+        models=params.models,
+        base=params.base,
+        dataset="bench",
     )
     seconds = time.perf_counter() - start
     rows = store.concat_rows([store.read_shard(s) for s in store.list_shards(cache / out)])
@@ -169,15 +187,23 @@ def hf_stage(cache: Path, stage: str, workers: int) -> dict[str, float]:
     out = cache / f"{stage}_{workers}"
     shutil.rmtree(out, ignore_errors=True)
     if stage == "objects":
-        grounder = extract._load("grounder", p.models, p.base)
+        grounder = loaded_model("grounder", p.models, p.base)
         forward, batches = _timed(grounder.model, "forward"), _timed(grounder, "_ground_batch")
-        timings = extract.run_ground(
-            cache / "ingest", cache / "captions", out, p.ground, p.models, p.base, "bench"
+        timings = run_ground(
+            cache / "ingest",
+            cache / "captions",
+            out,
+            cfg=p.ground,
+            models=p.models,
+            base=p.base,
+            dataset="bench",
         )
     else:
-        forward = _timed(extract._load("captioner", p.models, p.base).model, "generate")
+        forward = _timed(loaded_model("captioner", p.models, p.base).model, "generate")
         batches = forward
-        timings = extract.run_caption(cache / "ingest", out, p.caption, p.models, p.base, "bench")
+        timings = run_caption(
+            cache / "ingest", out, cfg=p.caption, models=p.models, base=p.base, dataset="bench"
+        )
     seconds = timings["seconds"]
     return {
         "read": seconds["read"],
@@ -219,8 +245,6 @@ def vit_l(work: Path, n: int, rounds: int) -> None:
     checkpoint = work / "vitl_random.pt"
     torch.save(model.state_dict(), checkpoint)
     import open_clip
-
-    from pipeline.data import load_rgb
 
     _, _, preprocess = open_clip.create_model_and_transforms(
         "ViT-L-14", pretrained=None, force_quick_gelu=True
@@ -286,11 +310,11 @@ def main() -> None:
         )
         cache = prepare(work, images, shard_size=64)
         if not args.skip_feeding:
-            clip = extract._load("clip", *_tiny())
+            clip = loaded_model("clip", *_tiny())
             rng = np.random.default_rng(0)
             boxes, offsets = _objects(images, rng)
             items = [(str(p), boxes[offsets[k] : offsets[k + 1]]) for k, p in enumerate(images)]
-            load = extract.EncodeLoad(clip.preprocess, 0.1)
+            load = EncodeLoad(clip.preprocess, 0.1)
             rates: dict[int, list[float]] = {0: [], 1: [], 2: []}
             for _ in range(args.rounds):
                 for w in rates:

@@ -33,7 +33,7 @@ def make_clip_shards(root: Path, n: int, seed: int = 0) -> None:
     """Ingest and encode shards of `n` synthetic rows (60/20/20 split, half generated)."""
     import numpy as np
 
-    from pipeline import store
+    from pipeline.rows import store
 
     rng = np.random.default_rng(seed)
     for k, start in enumerate(range(0, n, SHARD_ROWS)):
@@ -209,7 +209,7 @@ def main() -> None:
 
 
 def _train_val_rows(root: Path) -> int:
-    from pipeline import store
+    from pipeline.rows import store
 
     return sum(
         int(sum(s in ("train", "val") for s in store.read_shard(p, ["split"])["split"]))

@@ -5,7 +5,7 @@ every figure to one JSON file:
 
 - ``clip_bare``: images/s of ViT-L/14 ``encode_image`` alone (random weights) in float16 and
   bfloat16, on the synthetic images already preprocessed and on the device;
-- ``clip_pipeline``: images/s of the pipeline's encode stage (`pipeline.extract.run_encode`,
+- ``clip_pipeline``: images/s of the pipeline's encode stage (`pipeline.extract.encode.run_encode`,
   the parallel reader feeding it) on the same images, the same random weights loaded from a
   checkpoint file the way real weights are, in float16; and the ratio to the bare forward;
 - ``grounding_dino`` and ``blip2``: seconds per batch and images/s of the pipeline's
@@ -145,9 +145,13 @@ def clip_pipeline(
     warm_up: bool = True,
 ) -> dict[str, Any]:
     """The encode stage on the images (dataset captions, no grounding), model pre-loaded."""
-    from pipeline import extract
     from pipeline.config import params_from_dict
-    from pipeline.reader import resolve_workers
+    from pipeline.data.ingest import run_ingest
+    from pipeline.extract.caption import run_caption
+    from pipeline.extract.encode import clear_text_memo, run_encode
+    from pipeline.extract.ground import run_ground
+    from pipeline.extract.loaded import loaded_model
+    from pipeline.rows.reader import resolve_workers
 
     data = write_manifest(images, CAPTION)
     params = params_from_dict(
@@ -167,34 +171,39 @@ def clip_pipeline(
     )
     cache = work / "cache"
     p = params
-    extract.run_ingest(data, cache / "ingest", p.ingest, p.base, "gpu_check")
-    extract.run_caption(
-        cache / "ingest", cache / "captions", p.caption, p.models, p.base, "gpu_check"
+    run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="gpu_check")
+    run_caption(
+        cache / "ingest",
+        cache / "captions",
+        cfg=p.caption,
+        models=p.models,
+        base=p.base,
+        dataset="gpu_check",
     )
-    extract.run_ground(
+    run_ground(
         cache / "ingest",
         cache / "captions",
         cache / "objects",
-        p.ground,
-        p.models,
-        p.base,
-        "gpu_check",
+        cfg=p.ground,
+        models=p.models,
+        base=p.base,
+        dataset="gpu_check",
     )
-    clip = extract._load("clip", p.models, p.base)  # loading is not what is measured
+    clip = loaded_model("clip", p.models, p.base)  # loading is not what is measured
 
     def encode() -> dict[str, Any]:
         shutil.rmtree(cache / "clip", ignore_errors=True)
-        extract._TEXT_MEMO.clear()
-        return extract.run_encode(
+        clear_text_memo()
+        return run_encode(
             cache / "ingest",
             cache / "captions",
             cache / "objects",
             cache / "clip",
-            p.encode,
-            p.ground.crop_padding,
-            p.models,
-            p.base,
-            "gpu_check",
+            cfg=p.encode,
+            crop_padding=p.ground.crop_padding,
+            models=p.models,
+            base=p.base,
+            dataset="gpu_check",
         )
 
     if warm_up:
@@ -317,7 +326,7 @@ def hf_model(
     n_batches: int,
 ) -> dict[str, Any]:
     """Seconds per batch of the pipeline's wrapper (processor + model + post-processing)."""
-    from pipeline.data import load_rgb
+    from pipeline.data.images import load_rgb
 
     start = time.perf_counter()
     model = (_grounder if kind == "grounding_dino" else _captioner)(device, dtype, dry, work)
@@ -442,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 _, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=None, force_quick_gelu=quick_gelu
                 )
-                from pipeline.data import load_rgb
+                from pipeline.data.images import load_rgb
 
                 pixels = torch.stack([preprocess(load_rgb(p)) for p in images])
                 return clip_bare(model, pixels, device, dtypes, clip_batch)
@@ -468,9 +477,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe_fig = report["clip_pipeline"].get("images_per_second")
             if bare_fig and pipe_fig:
                 report["clip_pipeline_over_bare"] = round(pipe_fig / bare_fig, 4)
-        from pipeline import extract
+        from pipeline.extract.loaded import forget_loaded_models
 
-        extract._LOADED.clear()
+        forget_loaded_models()
         if device == "cuda":
             torch.cuda.empty_cache()
         for kind, batch, n_batches in (("grounding_dino", 4, 3), ("blip2", 8, 3)):

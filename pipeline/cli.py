@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pipeline import store
+    from pipeline.rows import store
 
     target = Path(args.path)
     folders = sorted(str(p.parent) for p in Path("cache").glob("*/*/shard_00000.h5"))

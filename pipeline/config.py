@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -31,7 +30,7 @@ class BaseConfig:
     scheduler: str = "local"
     dask_address: str = ""
     n_workers: int = 2
-    # Processes that decode and preprocess images while the model runs (pipeline.reader):
+    # Processes that decode and preprocess images while the model runs (pipeline.rows.reader):
     # 0 decodes in the main process; -1 (auto) gives each extraction process on the machine an
     # equal share of its CPUs, at most 8. Rows do not depend on it.
     decode_workers: int = -1
@@ -730,13 +729,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A plain-dict view of a config dataclass (for hashing and provenance attributes)."""
     return dataclasses.asdict(cfg)
-
-
-def params_hash(*parts: Any) -> str:
-    """Stable short hash of the configuration that shaped an output."""
-    blob = json.dumps(
-        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -7,6 +7,7 @@ trained heads into `metrics/eval_<name>.json`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,13 +16,24 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline import data as datamod
-from pipeline import store
-from pipeline.atomic import atomic_path
 from pipeline.config import Params
+from pipeline.data.images import load_rgb
+from pipeline.data.ingest import run_ingest
+from pipeline.data.manifest import write_csv
 from pipeline.errors import DataUnusable
-from pipeline.extract import run_caption, run_encode, run_ground, run_ingest
-from pipeline.features import load_features, run_features
+from pipeline.extract.caption import CaptionStep, run_caption
+from pipeline.extract.encode import EncodeStep, run_encode
+from pipeline.extract.ground import GroundStep, run_ground
+from pipeline.features import (
+    load_features,
+    planned_feature_provenance,
+    run_features,
+)
+from pipeline.metrics import binary_metrics, p_generated
+from pipeline.perturb import parse_perturbation, perturb
+from pipeline.rows import store
+from pipeline.rows.atomic import atomic_path
+from pipeline.train import fit_configured_head, head_kind
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +51,14 @@ def extract_dataset(
     """Run every extraction stage for one dataset into `cache/<stage>/`; returns the features
     directory (the encode directory when `with_features` is false). Rows already in `cache`
     (same image, inputs and settings) are reused."""
-    run_ingest(data_path, Path(cache) / "ingest", params.ingest, params.base, name, layout)
+    run_ingest(
+        data_path,
+        Path(cache) / "ingest",
+        cfg=params.ingest,
+        base=params.base,
+        dataset=name,
+        layout=layout,
+    )
     return extract_ingested(cache, name, params, with_features)
 
 
@@ -49,20 +68,29 @@ def extract_ingested(
     """The stages after ingest (caption, ground, encode and, unless told not to, features)
     for `cache/ingest`."""
     c = Path(cache)
-    run_caption(c / "ingest", c / "captions", params.caption, params.models, params.base, name)
+    models, base = params.models, params.base
+    run_caption(
+        c / "ingest", c / "captions", cfg=params.caption, models=models, base=base, dataset=name
+    )
     run_ground(
-        c / "ingest", c / "captions", c / "objects", params.ground, params.models, params.base, name
+        c / "ingest",
+        c / "captions",
+        c / "objects",
+        cfg=params.ground,
+        models=models,
+        base=base,
+        dataset=name,
     )
     run_encode(
         c / "ingest",
         c / "captions",
         c / "objects",
         c / "clip",
-        params.encode,
-        params.ground.crop_padding,
-        params.models,
-        params.base,
-        name,
+        cfg=params.encode,
+        crop_padding=params.ground.crop_padding,
+        models=models,
+        base=base,
+        dataset=name,
     )
     if not with_features:
         return c / "clip"
@@ -76,11 +104,6 @@ def planned_settings(params: Params) -> dict[str, Any]:
     """The `features.feature_settings` that `extract_ingested` will record with these params,
     computed before any work from the same steps' shard attributes (weights, dtype, step
     versions, feature params), so that a mismatch can be refused before extraction."""
-    import json
-
-    from pipeline.extract import CaptionStep, EncodeStep, GroundStep
-    from pipeline.features import planned_feature_provenance
-
     here = Path(".")
     p = params
     steps: list[CaptionStep | GroundStep | EncodeStep] = [
@@ -113,7 +136,6 @@ def perturbed_copy(
     Returns:
         The folder holding `manifest.csv` and `images/`.
     """
-    from pipeline.perturb import parse_perturbation, perturb
 
     kind, severity = parse_perturbation(perturbation)
     dest = Path(dest)
@@ -134,7 +156,7 @@ def perturbed_copy(
         target = dest / rel
         # Always regenerated (deterministic, so the same bytes and ids when nothing changed):
         # a file kept from an earlier run could come from other perturbation code.
-        image = datamod.load_rgb(row["_root"] / row["path"])
+        image = load_rgb(row["_root"] / row["path"])
         out = perturb(image, kind, severity, seed=seed, key=str(row["ids"]))
         with atomic_path(target) as tmp:
             out.save(tmp, format="PNG", compress_level=1)
@@ -144,7 +166,7 @@ def perturbed_copy(
         if stale.name not in written:
             stale.unlink()
     columns = ["path", "label", "generator", "caption", "split", "group", "family", "subset"]
-    datamod.write_csv(
+    write_csv(
         dest / "manifest.csv",
         columns,
         (
@@ -176,8 +198,6 @@ def qf_matrix(
     Returns:
         `{head: {"<train_qf>": {"<test_qf>": {"acc": .., "ap": .., "auc": .., "n": ..}}}}`.
     """
-    from pipeline.metrics import binary_metrics, p_generated
-    from pipeline.train import fit_configured_head, head_kind
 
     out: dict[str, Any] = {}
     for name in heads:

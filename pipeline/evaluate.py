@@ -13,7 +13,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_open, write_text
 from pipeline.errors import DataUnusable
 from pipeline.metrics import (
     REAL_CLASS,
@@ -25,6 +24,7 @@ from pipeline.metrics import (
     pr_points,
     roc_points,
 )
+from pipeline.rows.atomic import atomic_open, write_text
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import store
-from pipeline.config import FeaturesConfig, params_hash
+from pipeline.config import FeaturesConfig
 from pipeline.errors import ConfigError
-from pipeline.store import Arrays
+from pipeline.rows import store
+from pipeline.rows.key import params_hash
+from pipeline.rows.store import Arrays
 
 logger = logging.getLogger(__name__)
 

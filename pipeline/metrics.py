@@ -25,8 +25,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipeline.atomic import atomic_open
 from pipeline.errors import DataUnusable
+from pipeline.rows.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import data as datamod
-from pipeline import store
 from pipeline.config import Params
-from pipeline.errors import ConfigError, ModelFileError
+from pipeline.data.ingest import ingest_records
+from pipeline.data.manifest import IMAGE_EXTENSIONS, Record, write_csv
+from pipeline.errors import ConfigError, DatasetError, ModelFileError
+from pipeline.evalsets import extract_ingested, planned_settings
+from pipeline.features import feature_settings, load_features, settings_differences
+from pipeline.heads import load_head
+from pipeline.metrics import apply_calibration, p_generated
+from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
+from pipeline.rows import store
+from pipeline.train import ATTRIBUTION_HEADS, REAL, read_train_info
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +42,14 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         path = Path(item).expanduser().resolve()
         if path.is_dir():
             files += sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in datamod.IMAGE_EXTENSIONS
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
             )
         elif path.exists():
             files.append(path)
         else:
-            raise datamod.DatasetError(f"{item} does not exist; give image files or folders")
+            raise DatasetError(f"{item} does not exist; give image files or folders")
     if not files:
-        raise datamod.DatasetError(f"no image files found in {list(map(str, inputs))}")
+        raise DatasetError(f"no image files found in {list(map(str, inputs))}")
     return files
 
 
@@ -54,8 +59,6 @@ def check_settings(head_dir: Path, info: dict[str, Any], now: dict[str, Any]) ->
 
     `now` is `features.feature_settings` of the new features, or, before any extraction,
     `evalsets.planned_settings` of the params."""
-    from pipeline.features import settings_differences
-
     trained = info.get("feature_settings")
     if trained is None:
         raise ConfigError(
@@ -88,14 +91,6 @@ def predict(
     Returns:
         One dict per scored image with the columns of `COLUMNS`, in input order.
     """
-    from pipeline.evalsets import extract_ingested, planned_settings
-    from pipeline.extract import ingest_records
-    from pipeline.features import feature_settings, load_features
-    from pipeline.heads import load_head
-    from pipeline.metrics import apply_calibration, p_generated
-    from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
-    from pipeline.train import ATTRIBUTION_HEADS, REAL, read_train_info
-
     head_dir, cache = Path(head_dir), Path(cache)
     info = read_train_info(head_dir)
     made_by = recorded(info) or run_provenance(params)
@@ -105,11 +100,9 @@ def predict(
     # features made are checked again below.
     check_settings(head_dir, info, planned_settings(params))
     files = expand_inputs(inputs)
-    records = [
-        datamod.Record(path=str(f), label=0, generator="unknown", split="test") for f in files
-    ]
+    records = [Record(path=str(f), label=0, generator="unknown", split="test") for f in files]
     result = ingest_records(
-        Path("/"), records, cache / "ingest", params.ingest, params.base, "predict"
+        Path("/"), records, cache / "ingest", cfg=params.ingest, base=params.base, dataset="predict"
     )
     for path, reason in result.quarantined:
         logger.error("cannot score %s: %s", path, reason)
@@ -151,7 +144,7 @@ def predict(
     by_path = {r["path"]: r for r in rows}
     for dropped, kept in result.duplicates:  # same bytes as an earlier input: same answer
         rows.append({**by_path[kept], "path": dropped})
-    datamod.write_csv(Path(out_csv), COLUMNS, ([r[k] for k in COLUMNS] for r in rows))
+    write_csv(Path(out_csv), COLUMNS, ([r[k] for k in COLUMNS] for r in rows))
     logger.info(
         "scored %d images with %s (threshold %.3f) -> %s", len(rows), head_dir, cut, out_csv
     )

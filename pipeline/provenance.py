@@ -88,7 +88,7 @@ def recorded(info: dict[str, Any]) -> dict[str, Any]:
 
 def features_preset(features_dir: str | Path) -> str:
     """The `preset` attribute of the first features shard ('' when there is none)."""
-    from pipeline import store
+    from pipeline.rows import store
 
     shards = store.list_shards(features_dir)
     return str(store.read_attrs(shards[0]).get("preset", "")) if shards else ""

@@ -19,13 +19,13 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from pipeline import store
-from pipeline.atomic import write_text
-from pipeline.data import load_rgb
+from pipeline.data.images import load_rgb
 from pipeline.errors import DataUnusable
 from pipeline.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
 from pipeline.perturb import KINDS as PERTURBATION_KINDS
 from pipeline.perturb import parse_perturbation
+from pipeline.rows import store
+from pipeline.rows.atomic import write_text
 
 logger = logging.getLogger(__name__)
 

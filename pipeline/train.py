@@ -16,8 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import store
-from pipeline.atomic import write_text
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import DataUnusable, ModelFileError
 from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
@@ -29,6 +27,8 @@ from pipeline.metrics import (
     p_generated,
     threshold_for_balanced_accuracy,
 )
+from pipeline.rows import store
+from pipeline.rows.atomic import write_text
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="dataset name recorded in the shards")
 
     def body(args, params):
-        from pipeline.extract import run_caption
+        from pipeline.extract.caption import run_caption
 
-        run_caption(args.ingest, args.out, params.caption, params.models, params.base, args.name)
+        run_caption(
+            args.ingest,
+            args.out,
+            cfg=params.caption,
+            models=params.models,
+            base=params.base,
+            dataset=args.name,
+        )
 
     return run("caption", argv, ap, body, needs_models=True)
 

@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args, params):
         from pathlib import Path
 
-        from pipeline.atomic import write_text
         from pipeline.errors import DatasetError
+        from pipeline.rows.atomic import write_text
 
         paths = {"data.path": params.data.path} | {
             f"evaluate.datasets.{name}": path for name, path in params.evaluate.datasets.items()

@@ -17,18 +17,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="dataset name recorded in the shards")
 
     def body(args, params):
-        from pipeline.extract import run_encode
+        from pipeline.extract.encode import run_encode
 
         run_encode(
             args.ingest,
             args.captions,
             args.objects,
             args.out,
-            params.encode,
-            params.ground.crop_padding,
-            params.models,
-            params.base,
-            args.name,
+            cfg=params.encode,
+            crop_padding=params.ground.crop_padding,
+            models=params.models,
+            base=params.base,
+            dataset=args.name,
         )
 
     return run("encode", argv, ap, body, needs_models=True)

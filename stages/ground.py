@@ -16,16 +16,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="dataset name recorded in the shards")
 
     def body(args, params):
-        from pipeline.extract import run_ground
+        from pipeline.extract.ground import run_ground
 
         run_ground(
             args.ingest,
             args.captions,
             args.out,
-            params.ground,
-            params.models,
-            params.base,
-            args.name,
+            cfg=params.ground,
+            models=params.models,
+            base=params.base,
+            dataset=args.name,
         )
 
     return run("ground", argv, ap, body, needs_models=True)

@@ -15,9 +15,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--name", required=True, help="dataset name recorded in the shards")
 
     def body(args, params):
-        from pipeline.extract import run_ingest
+        from pipeline.data.ingest import run_ingest
 
-        run_ingest(args.data, args.out, params.ingest, params.base, args.name, params.data.layout)
+        run_ingest(
+            args.data,
+            args.out,
+            cfg=params.ingest,
+            base=params.base,
+            dataset=args.name,
+            layout=params.data.layout,
+        )
 
     return run("ingest", argv, ap, body)
 

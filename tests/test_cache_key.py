@@ -23,10 +23,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import extract, store
 from pipeline.config import load_params
 from pipeline.evalsets import extract_dataset
-from pipeline.runner import timings_path
+from pipeline.extract.encode import EncodeStep
+from pipeline.rows import store
+from pipeline.rows.key import STEP_VERSIONS
+from pipeline.rows.runner import timings_path
 from tests.helpers import ROOT, SAMPLE
 
 GOLDEN = Path(__file__).parent / "golden" / "step_outputs.json"
@@ -165,8 +167,8 @@ def test_step_outputs_are_pinned_to_their_version(small):
     now = _digest(small[0] / "cache")
     for stage in STAGES:
         pinned = golden[stage]
-        assert pinned["version"] == extract.STEP_VERSIONS[stage], (
-            f"STEP_VERSIONS[{stage!r}] is {extract.STEP_VERSIONS[stage]} but the pinned output is "
+        assert pinned["version"] == STEP_VERSIONS[stage], (
+            f"STEP_VERSIONS[{stage!r}] is {STEP_VERSIONS[stage]} but the pinned output is "
             f"of version {pinned['version']}: record the new output with "
             "`python -m tests.test_cache_key --update`"
         )
@@ -176,14 +178,14 @@ def test_step_outputs_are_pinned_to_their_version(small):
             if value and isinstance(value[0], str):
                 assert got == value, (
                     f"{stage}/{key} changed without a version bump: bump "
-                    f"pipeline.extract.STEP_VERSIONS[{stage!r}] and run "
+                    f"pipeline.rows.key.STEP_VERSIONS[{stage!r}] and run "
                     "`python -m tests.test_cache_key --update`"
                 )
             else:
                 a, b = np.asarray(got, dtype=np.float64), np.asarray(value, dtype=np.float64)
                 assert a.shape == b.shape and np.allclose(a, b, atol=2e-3, rtol=1e-3), (
                     f"{stage}/{key} changed without a version bump: bump "
-                    f"pipeline.extract.STEP_VERSIONS[{stage!r}] and run "
+                    f"pipeline.rows.key.STEP_VERSIONS[{stage!r}] and run "
                     "`python -m tests.test_cache_key --update`"
                 )
 
@@ -193,7 +195,7 @@ def test_shards_say_what_made_them(small):
     for stage, role in (("captions", "captioner"), ("objects", "grounder"), ("clip", "clip")):
         attrs = store.dataset_attrs(cache / stage)
         assert attrs["dtype"] == "float32" and attrs["device_class"] == "cpu"
-        assert attrs["step_version"] == extract.STEP_VERSIONS[stage]
+        assert attrs["step_version"] == STEP_VERSIONS[stage]
         weights = json.loads(attrs["weights"])
         assert attrs["model"] == weights[role] and "seed0" in weights[role]
         chain = json.loads(attrs["provenance"])
@@ -208,15 +210,13 @@ def test_a_step_version_bump_recomputes_that_step_only(small, tmp_path, monkeypa
     work, data, params = small
     cache = _copy(small, tmp_path)
     before = _by_id(cache / "clip")
-    monkeypatch.setitem(extract.STEP_VERSIONS, "objects", extract.STEP_VERSIONS["objects"] + 1)
+    monkeypatch.setitem(STEP_VERSIONS, "objects", STEP_VERSIONS["objects"] + 1)
     extract_dataset(data, cache, "t", params)
     assert _n_processed(cache, "captions") == 0
     assert _n_processed(cache, "objects") == 6  # every row of the bumped step
     # Its output is the same, so downstream rows keep their inputs and are reused.
     assert _n_processed(cache, "clip") == 0
-    assert (
-        store.dataset_attrs(cache / "objects")["step_version"] == extract.STEP_VERSIONS["objects"]
-    )
+    assert store.dataset_attrs(cache / "objects")["step_version"] == STEP_VERSIONS["objects"]
     after = _by_id(cache / "clip")
     for cid, row in before.items():
         np.testing.assert_array_equal(row["image_emb"], after[cid]["image_emb"])
@@ -239,13 +239,11 @@ def test_a_dtype_change_recomputes_every_encode_row(small, tmp_path):
 
 def test_the_key_has_the_resolved_dtype_and_the_device_class(tmp_path):
     from pipeline.config import BaseConfig
-    from pipeline.models import runtime_class
+    from pipeline.rows.key import runtime_class
 
     def key(**base):
         p = _params(tmp_path, **{f"base.{k}": v for k, v in base.items()})
-        step = extract.EncodeStep(
-            Path("i"), Path("c"), Path("o"), p.encode, 0.1, p.models, p.base, "t"
-        )
+        step = EncodeStep(Path("i"), Path("c"), Path("o"), p.encode, 0.1, p.models, p.base, "t")
         return step.params_hash()
 
     assert key(dtype="auto", device="cpu") == key(dtype="float32", device="cpu")
@@ -287,10 +285,11 @@ def test_shards_of_different_runs_are_refused(small, tmp_path):
 def test_new_weights_at_the_same_path_are_a_new_key(tmp_path, monkeypatch):
     """The key has the weights' content, not their path; the digest is computed once per
     file version (cached by path, size and mtime) and is what the loaded model reports."""
-    from pipeline import digest
     from pipeline.config import ModelSpec
-    from pipeline.models import load_model, weights_identity
+    from pipeline.models import load_model
     from pipeline.models.clip import TINY_CLIP, tiny_checkpoint
+    from pipeline.rows import digest
+    from pipeline.rows.key import weights_identity
 
     monkeypatch.setenv("MISALIGN_DIGEST_CACHE", str(tmp_path / "digests.json"))
     monkeypatch.setattr(digest, "_MEMO", {})
@@ -310,9 +309,7 @@ def test_new_weights_at_the_same_path_are_a_new_key(tmp_path, monkeypatch):
     loaded = load_model("clip", models, params.base)
     assert loaded.weights_id == first  # what the shards record is what was loaded
 
-    step = extract.EncodeStep(
-        Path("i"), Path("c"), Path("o"), params.encode, 0.1, models, params.base, "t"
-    )
+    step = EncodeStep(Path("i"), Path("c"), Path("o"), params.encode, 0.1, models, params.base, "t")
     key_before = step.params_hash()
     shutil.copy(tiny_checkpoint(1), ckpt)  # other weights, same path
     second = weights_identity("clip", models, 0)
@@ -431,7 +428,7 @@ def _update_golden(tmp: Path) -> None:
     params = _params(tmp)
     extract_dataset(data, tmp / "cache", "t", params)
     now = _digest(tmp / "cache")
-    golden = {s: {"version": extract.STEP_VERSIONS[s], "output": now[s]} for s in STAGES}
+    golden = {s: {"version": STEP_VERSIONS[s], "output": now[s]} for s in STAGES}
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
     print(f"wrote {GOLDEN}")  # noqa: T201 (a developer command, not library code)

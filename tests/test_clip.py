@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from pipeline.config import ModelsConfig
-from pipeline.digest import file_digest
-from pipeline.extract import encode_texts_once
+from pipeline.extract.encode import encode_texts_once
 from pipeline.models import WeightsMissing, check_weights
 from pipeline.models.clip import TINY_CLIP, ClipEncoder
 from pipeline.models.hf import ModelWeightsMissing
+from pipeline.rows.digest import file_digest
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,9 @@ def test_each_distinct_text_is_encoded_once():
 
 def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_path, monkeypatch):
     """Two shards share captions and phrases; the encode stage must encode each string once."""
-    from pipeline import extract, store
     from pipeline.config import BaseConfig, EncodeConfig
+    from pipeline.extract import encode
+    from pipeline.rows import store
     from tests.helpers import make_image
 
     ingest, caps, objs = tmp_path / "ingest", tmp_path / "captions", tmp_path / "objects"
@@ -131,7 +132,7 @@ def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_pat
         )
 
     sent: list[str] = []
-    real_load = extract._load
+    real_load = encode.loaded_model
 
     class Counting:
         def __init__(self, inner):
@@ -144,18 +145,18 @@ def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_pat
             sent.extend(texts)
             return self.inner.encode_texts(texts)
 
-    monkeypatch.setattr(extract, "_load", lambda *a: Counting(real_load(*a)))
+    monkeypatch.setattr(encode, "loaded_model", lambda *a: Counting(real_load(*a)))
     models = ModelsConfig(preset="tiny")
-    extract.run_encode(
+    encode.run_encode(
         ingest,
         caps,
         objs,
         tmp_path / "clip",
-        EncodeConfig(batch_size=2),
-        0.0,
-        models,
-        BaseConfig(),
-        "t",
+        cfg=EncodeConfig(batch_size=2),
+        crop_padding=0.0,
+        models=models,
+        base=BaseConfig(),
+        dataset="t",
     )
     prompts = list(EncodeConfig().class_prompts)  # encoded once more, at the end of the run
     assert sorted(sent) == sorted({"a red car", "a dog", "a cat on a mat", "car", "dog", *prompts})

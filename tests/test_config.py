@@ -3,7 +3,8 @@
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_params, params_from_dict, params_hash
+from pipeline.config import ConfigError, load_params, params_from_dict
+from pipeline.rows.key import params_hash
 from tests.helpers import ROOT
 
 

@@ -8,10 +8,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline import data as datamod
 from pipeline.config import BaseConfig, IngestConfig
-from pipeline.extract import run_ingest
-from pipeline.store import list_shards, read_shard
+from pipeline.data.ingest import run_ingest
+from pipeline.data.layouts import resolve_dataset
+from pipeline.data.manifest import Record, read_manifest
+from pipeline.data.split import assign_splits, caption_words, near_duplicate_groups
+from pipeline.errors import DatasetError
+from pipeline.rows.store import list_shards, read_shard
 from tests.helpers import SAMPLE, make_image, write_manifest
 
 
@@ -35,7 +38,9 @@ def test_quarantine_reasons_and_run_completes(tmp_path):
     rows += [{"path": p, "label": 1, "generator": "g1"} for p in broken]
     write_manifest(tmp_path / "manifest.csv", rows)
     out = tmp_path / "cache" / "ingest"
-    result = run_ingest(tmp_path, out, IngestConfig(shard_size=4), BaseConfig(), "t")
+    result = run_ingest(
+        tmp_path, out, cfg=IngestConfig(shard_size=4), base=BaseConfig(), dataset="t"
+    )
     assert len(result.items) == 6
     with (out / "quarantine.csv").open() as fh:
         reasons = {r["path"]: r["reason"] for r in csv.DictReader(fh)}
@@ -59,7 +64,7 @@ def test_ids_are_sha256_and_duplicates_kept_once(tmp_path):
         ],
     )
     out = tmp_path / "out"
-    result = run_ingest(tmp_path / "m.csv", out, IngestConfig(), BaseConfig(), "t")
+    result = run_ingest(tmp_path / "m.csv", out, cfg=IngestConfig(), base=BaseConfig(), dataset="t")
     assert result.duplicates == [("a_copy.png", "a.png")]
     shard = read_shard(list_shards(out)[0])
     assert list(shard["ids"]) == [
@@ -76,17 +81,17 @@ def test_manifest_paths_may_not_escape_root(tmp_path):
         tmp_path / "ds" / "manifest.csv",
         [{"path": "../outside.png", "label": 0, "generator": "real"}],
     )
-    with pytest.raises(datamod.DatasetError, match="escapes the dataset root"):
-        datamod.resolve_dataset(tmp_path / "ds")
+    with pytest.raises(DatasetError, match="escapes the dataset root"):
+        resolve_dataset(tmp_path / "ds")
 
 
 def test_bad_label_and_missing_columns(tmp_path):
     write_manifest(tmp_path / "m.csv", [{"path": "x.png", "label": "maybe"}])
-    with pytest.raises(datamod.DatasetError, match="label 'maybe'"):
-        datamod.read_manifest(tmp_path / "m.csv")
+    with pytest.raises(DatasetError, match="label 'maybe'"):
+        read_manifest(tmp_path / "m.csv")
     write_manifest(tmp_path / "n.csv", [{"file_name": "x.png"}])
-    with pytest.raises(datamod.DatasetError, match="needs columns"):
-        datamod.read_manifest(tmp_path / "n.csv")
+    with pytest.raises(DatasetError, match="needs columns"):
+        read_manifest(tmp_path / "n.csv")
 
 
 def test_folder_layout(tmp_path):
@@ -95,7 +100,7 @@ def test_folder_layout(tmp_path):
             make_image(tmp_path / gen / cls / "0_real" / "r.png", hash((gen, cls, 0)) % 1000)
             make_image(tmp_path / gen / cls / "1_fake" / "f.png", hash((gen, cls, 1)) % 1000)
     make_image(tmp_path / "dalle" / "1_fake" / "x.png", 7)
-    root, records = datamod.resolve_dataset(tmp_path)
+    root, records = resolve_dataset(tmp_path)
     got = Counter((r.label, r.generator) for r in records)
     assert got == {(0, "real"): 4, (1, "progan"): 2, (1, "stylegan"): 2, (1, "dalle"): 1}
 
@@ -104,10 +109,10 @@ def test_split_keeps_groups_together_and_is_seeded():
     records = []
     for g in range(40):
         for k in range(3):  # three images of one prompt
-            records.append(datamod.Record(f"{g}_{k}.png", 1, f"gen{g % 4}", caption=f"prompt {g}"))
+            records.append(Record(f"{g}_{k}.png", 1, f"gen{g % 4}", caption=f"prompt {g}"))
     for r in range(60):
-        records.append(datamod.Record(f"real{r}.png", 0, "real", caption=f"photo {r}"))
-    splits = datamod.assign_splits(records, [0.6, 0.2, 0.2], seed=3)
+        records.append(Record(f"real{r}.png", 0, "real", caption=f"photo {r}"))
+    splits = assign_splits(records, [0.6, 0.2, 0.2], seed=3)
     by_caption = {}
     for rec, split in zip(records, splits):
         by_caption.setdefault(rec.caption, set()).add(split)
@@ -115,12 +120,14 @@ def test_split_keeps_groups_together_and_is_seeded():
     counts = Counter(splits)
     assert abs(counts["train"] / len(records) - 0.6) < 0.08
     assert counts["test"] > 0 and counts["val"] > 0
-    assert splits == datamod.assign_splits(records, [0.6, 0.2, 0.2], seed=3)
-    assert splits != datamod.assign_splits(records, [0.6, 0.2, 0.2], seed=4)
+    assert splits == assign_splits(records, [0.6, 0.2, 0.2], seed=3)
+    assert splits != assign_splits(records, [0.6, 0.2, 0.2], seed=4)
 
 
 def test_shipped_sample_ingests_cleanly(tmp_path):
-    result = run_ingest(SAMPLE, tmp_path / "ingest", IngestConfig(), BaseConfig(), "sample")
+    result = run_ingest(
+        SAMPLE, tmp_path / "ingest", cfg=IngestConfig(), base=BaseConfig(), dataset="sample"
+    )
     assert len(result.items) == 110 and not result.quarantined
     with (SAMPLE / "manifest.csv").open() as fh:
         expected = {r["file"]: r["sha256"] for r in csv.DictReader(fh)}
@@ -139,7 +146,6 @@ FOX = (
 
 
 def test_near_duplicate_prompts_are_one_group():
-    from pipeline.data import caption_words, near_duplicate_groups
 
     a, b, c = (caption_words(t) for t in (GALAXY, FIZZY, FOX))
     assert len(a & b) / len(a | b) == pytest.approx(12 / 19)
@@ -151,7 +157,6 @@ def test_near_duplicate_prompts_are_one_group():
 
 def test_near_duplicate_groups_equal_brute_force():
     """Prefix filtering finds every pair a brute-force all-pairs comparison finds."""
-    from pipeline.data import caption_words, near_duplicate_groups
 
     rng = np.random.default_rng(0)
     vocab = [f"w{i}" for i in range(30)]
@@ -183,9 +188,9 @@ def test_split_keeps_prompt_variants_together(tmp_path):
     for k, prompt in enumerate([GALAXY, FIZZY, GALAXY] + [f"scene number {i}" for i in range(30)]):
         make_image(tmp_path / f"{k}.png", k, (20, 20))
         rows.append({"path": f"{k}.png", "label": 1, "generator": f"g{k % 3}", "caption": prompt})
-    records = datamod.read_manifest(write_manifest(tmp_path / "manifest.csv", rows))
+    records = read_manifest(write_manifest(tmp_path / "manifest.csv", rows))
     for seed in range(5):
-        splits = datamod.assign_splits(records, [0.6, 0.2, 0.2], seed)
+        splits = assign_splits(records, [0.6, 0.2, 0.2], seed)
         assert splits[0] == splits[1] == splits[2]
-    splits = [datamod.assign_splits(records, [0.6, 0.2, 0.2], s, 1.0) for s in range(10)]
+    splits = [assign_splits(records, [0.6, 0.2, 0.2], s, 1.0) for s in range(10)]
     assert any(s[0] != s[1] for s in splits)  # exact grouping lets the variants split

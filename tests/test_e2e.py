@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import store
+from pipeline.rows import store
 from stages import caption, encode, evaluate, features, ground, ingest, train
 from tests.helpers import ROOT, tiny_sample
 

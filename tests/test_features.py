@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline import store
 from pipeline.config import FeaturesConfig
 from pipeline.features import KINDS, compute_features, load_features
+from pipeline.rows import store
 
 
 def _clip(seed=0, counts=(3, 0, 1, 2), d=8):

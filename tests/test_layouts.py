@@ -5,10 +5,12 @@ from collections import Counter
 
 import pytest
 
-from pipeline import data as datamod
 from pipeline.config import BaseConfig, IngestConfig
-from pipeline.extract import run_ingest
-from pipeline.store import list_shards, read_shard
+from pipeline.data.ingest import run_ingest
+from pipeline.data.layouts import LAYOUTS, detect_layout, resolve_dataset
+from pipeline.data.split import assign_splits
+from pipeline.errors import DatasetError
+from pipeline.rows.store import list_shards, read_shard
 from tests.helpers import make_image, write_manifest
 
 _seed = iter(range(10_000))
@@ -64,7 +66,7 @@ def _ct2(root, name="pairs.csv", rows=3):
 def test_genimage_auto_and_explicit(tmp_path):
     root = _genimage(tmp_path / "genimage")
     for layout in ("auto", "genimage"):
-        got_root, records = datamod.resolve_dataset(root, layout)
+        got_root, records = resolve_dataset(root, layout)
         assert got_root == root
         assert Counter((r.label, r.generator, r.split) for r in records) == {
             (1, "sdv4", "train"): 2,
@@ -74,7 +76,7 @@ def test_genimage_auto_and_explicit(tmp_path):
             (0, "real", "train"): 4,
             (0, "real", "test"): 4,
         }
-    assert datamod.detect_layout(root) == "genimage"
+    assert detect_layout(root) == "genimage"
     assert {r.family for r in records} == {"sdv4", "midjourney"}
     paths = {r.path for r in records}
     assert "sdv4/imagenet_ai_0419_sdv4/val/nature/nature_1.png" in paths
@@ -83,15 +85,15 @@ def test_genimage_auto_and_explicit(tmp_path):
 
 def test_genimage_without_generator_folder_names_the_fix(tmp_path):
     _img(tmp_path / "sdv4" / "train" / "ai" / "a.png")
-    with pytest.raises(datamod.DatasetError, match="no generator folder above it.*Point data.path"):
-        datamod.resolve_dataset(tmp_path / "sdv4")
+    with pytest.raises(DatasetError, match="no generator folder above it.*Point data.path"):
+        resolve_dataset(tmp_path / "sdv4")
 
 
 @pytest.mark.parametrize("real", ["RAISE", "real", "Nature", "0_real", "real_images"])
 def test_synthbuster_auto_and_explicit(tmp_path, real):
     root = _synthbuster(tmp_path / "sb", real)
     for layout in ("auto", "synthbuster"):
-        _, records = datamod.resolve_dataset(root, layout)
+        _, records = resolve_dataset(root, layout)
         assert Counter((r.label, r.generator) for r in records) == {
             (0, "real"): 3,
             (1, "dalle3"): 2,
@@ -105,17 +107,17 @@ def test_synthbuster_auto_and_explicit(tmp_path, real):
 def test_synthbuster_without_real_folder_is_rejected(tmp_path):
     for gen in ("a", "b"):
         _img(tmp_path / gen / "x.png")
-    with pytest.raises(datamod.DatasetError, match="has no real folder.*'raise'"):
-        datamod.resolve_dataset(tmp_path, "synthbuster")
+    with pytest.raises(DatasetError, match="has no real folder.*'raise'"):
+        resolve_dataset(tmp_path, "synthbuster")
 
 
 @pytest.mark.parametrize("where", ["file", "folder"])
 def test_ct2_rows_expand_into_grouped_records(tmp_path, where):
     csv_path = _ct2(tmp_path, "manifest.csv" if where == "folder" else "pairs.csv")
     target = tmp_path if where == "folder" else csv_path
-    assert datamod.detect_layout(target) == "ct2"
+    assert detect_layout(target) == "ct2"
     for layout in ("auto", "ct2"):
-        root, records = datamod.resolve_dataset(target, layout)
+        root, records = resolve_dataset(target, layout)
         assert root == tmp_path
         assert len(records) == 3 * 4 - 1
         assert Counter((r.label, r.generator) for r in records) == {
@@ -140,9 +142,9 @@ def test_ct2_groups_by_row_index_and_split_keeps_rows_together(tmp_path):
         row = {"prompt": f"p{i}", "real": f"r/{i}.png", "sd3": f"g/{i}.png", "mj": f"m/{i}.jpg"}
         rows.append(row)
     write_manifest(tmp_path / "ct2.csv", rows)
-    _, records = datamod.resolve_dataset(tmp_path / "ct2.csv")
+    _, records = resolve_dataset(tmp_path / "ct2.csv")
     assert {r.group for r in records} == {str(i) for i in range(12)}
-    splits = datamod.assign_splits(records, [0.5, 0.25, 0.25], seed=0)
+    splits = assign_splits(records, [0.5, 0.25, 0.25], seed=0)
     by_group = {}
     for r, s in zip(records, splits):
         by_group.setdefault(r.group, set()).add(s)
@@ -157,22 +159,22 @@ def test_ct2_paths_may_not_escape_root(tmp_path):
         tmp_path / "ds" / "pairs.csv",
         [{"caption": "c", "real": "../outside.png", "sdxl": "x.png"}],
     )
-    with pytest.raises(datamod.DatasetError, match="escapes the dataset root"):
-        datamod.resolve_dataset(tmp_path / "ds" / "pairs.csv")
+    with pytest.raises(DatasetError, match="escapes the dataset root"):
+        resolve_dataset(tmp_path / "ds" / "pairs.csv")
 
 
 def test_csv_that_is_neither_manifest_nor_ct2(tmp_path):
     write_manifest(tmp_path / "m.csv", [{"file_name": "x.png", "caption": "c"}])
-    with pytest.raises(datamod.DatasetError, match="neither a manifest.*nor a CT2-style CSV"):
-        datamod.resolve_dataset(tmp_path / "m.csv")
+    with pytest.raises(DatasetError, match="neither a manifest.*nor a CT2-style CSV"):
+        resolve_dataset(tmp_path / "m.csv")
 
 
 def test_unrecognised_folder_lists_layouts(tmp_path):
     for name in ("cats", "dogs"):
         _img(tmp_path / name / "a.png")
-    with pytest.raises(datamod.DatasetError, match="cannot recognise") as err:
-        datamod.resolve_dataset(tmp_path)
-    for layout in datamod.LAYOUTS[1:]:
+    with pytest.raises(DatasetError, match="cannot recognise") as err:
+        resolve_dataset(tmp_path)
+    for layout in LAYOUTS[1:]:
         assert layout in str(err.value)
     assert "cats" in str(err.value)
 
@@ -181,14 +183,14 @@ def test_ambiguous_folder_and_explicit_override(tmp_path):
     _img(tmp_path / "progan" / "1_fake" / "f.png")
     _img(tmp_path / "progan" / "0_real" / "r.png")
     _img(tmp_path / "sdv4" / "train" / "ai" / "a.png")
-    with pytest.raises(datamod.DatasetError, match="ambiguous.*genimage and cnndetection"):
-        datamod.resolve_dataset(tmp_path)
-    _, records = datamod.resolve_dataset(tmp_path, "cnndetection")
+    with pytest.raises(DatasetError, match="ambiguous.*genimage and cnndetection"):
+        resolve_dataset(tmp_path)
+    _, records = resolve_dataset(tmp_path, "cnndetection")
     assert {(r.path, r.label) for r in records} == {
         ("progan/0_real/r.png", 0),
         ("progan/1_fake/f.png", 1),
     }
-    _, records = datamod.resolve_dataset(tmp_path, "genimage")
+    _, records = resolve_dataset(tmp_path, "genimage")
     assert [(r.generator, r.split) for r in records] == [("sdv4", "train")]
 
 
@@ -196,38 +198,38 @@ def test_label_folders_straight_under_root_name_the_fix(tmp_path):
     _img(tmp_path / "progan" / "0_real" / "r.png")
     _img(tmp_path / "progan" / "1_fake" / "f.png")
     # Not a synthbuster dataset with a generator called "1_fake": the cnndetection message.
-    with pytest.raises(datamod.DatasetError, match="no generator folder above it") as err:
-        datamod.resolve_dataset(tmp_path / "progan")
+    with pytest.raises(DatasetError, match="no generator folder above it") as err:
+        resolve_dataset(tmp_path / "progan")
     assert str(tmp_path.resolve()) in str(err.value)
 
 
 def test_layout_argument_is_checked(tmp_path):
     csv_path = _ct2(tmp_path)
-    with pytest.raises(datamod.DatasetError, match="'imagefolder' is not one of"):
-        datamod.resolve_dataset(tmp_path, "imagefolder")
-    with pytest.raises(datamod.DatasetError, match="reads a folder but data.path .* is a file"):
-        datamod.resolve_dataset(csv_path, "genimage")
-    with pytest.raises(datamod.DatasetError, match="has no manifest.csv"):
-        datamod.resolve_dataset(tmp_path, "ct2")
+    with pytest.raises(DatasetError, match="'imagefolder' is not one of"):
+        resolve_dataset(tmp_path, "imagefolder")
+    with pytest.raises(DatasetError, match="reads a folder but data.path .* is a file"):
+        resolve_dataset(csv_path, "genimage")
+    with pytest.raises(DatasetError, match="has no manifest.csv"):
+        resolve_dataset(tmp_path, "ct2")
 
 
 def test_manifest_folder_still_wins_and_cnndetection_still_detected(tmp_path):
     _img(tmp_path / "progan" / "1_fake" / "f.png")
     _img(tmp_path / "progan" / "0_real" / "r.png")
     (tmp_path / "progan" / "1_fake" / "labels.json").write_text("{}")
-    assert datamod.detect_layout(tmp_path) == "cnndetection"
-    _, records = datamod.resolve_dataset(tmp_path)
+    assert detect_layout(tmp_path) == "cnndetection"
+    _, records = resolve_dataset(tmp_path)
     assert len(records) == 2  # labels.json is metadata
     write_manifest(tmp_path / "manifest.csv", [{"path": "progan/1_fake/f.png", "label": 1}])
-    assert datamod.detect_layout(tmp_path) == "manifest"
-    assert len(datamod.resolve_dataset(tmp_path)[1]) == 1
-    assert len(datamod.resolve_dataset(tmp_path, "cnndetection")[1]) == 2
+    assert detect_layout(tmp_path) == "manifest"
+    assert len(resolve_dataset(tmp_path)[1]) == 1
+    assert len(resolve_dataset(tmp_path, "cnndetection")[1]) == 2
 
 
 def test_genimage_ingest_writes_official_splits(tmp_path):
     root = _genimage(tmp_path / "genimage")
     out = tmp_path / "ingest"
-    result = run_ingest(root, out, IngestConfig(shard_size=8), BaseConfig(), "t")
+    result = run_ingest(root, out, cfg=IngestConfig(shard_size=8), base=BaseConfig(), dataset="t")
     with (out / "quarantine.csv").open() as fh:
         assert [r["path"] for r in csv.DictReader(fh)] == ["midjourney/val/ai/bad.bin"]
     rows = Counter()

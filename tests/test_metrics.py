@@ -30,7 +30,7 @@ def test_train_and_evaluate_do_not_import_each_other_and_metrics_is_a_leaf():
     assert "pipeline.evaluate" not in _imports("train")
     assert not {m for m in _imports("metrics") if m.startswith("pipeline.")} - {
         # Leaf modules of their own: file writing, the error types, the provenance record.
-        "pipeline.atomic",
+        "pipeline.rows.atomic",
         "pipeline.errors",
         "pipeline.provenance",
     }

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.digest import tree_digest
 from pipeline.models.bert import BertTextEncoder
 from pipeline.models.blip2 import Blip2Captioner, concat_encoded
 from pipeline.models.dinov2 import Dinov2ImageEncoder
 from pipeline.models.grounding import GroundedObject, GroundingDinoGrounder, caption_to_query
 from pipeline.models.hf import TINY_FORMAT_VERSION, HFWrapper, ModelWeightsMissing, resolve_dtype
+from pipeline.rows.digest import tree_digest
 
 WRAPPERS: list[type[HFWrapper]] = [
     Blip2Captioner,

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score
 
-from pipeline import store
 from pipeline.config import BaseConfig, EvaluateConfig, FeaturesConfig, IngestConfig, TrainConfig
+from pipeline.data.ingest import run_ingest
 from pipeline.evaluate import run_evaluate
-from pipeline.extract import run_ingest
 from pipeline.features import run_features
 from pipeline.metrics import Scores, evaluate_scores
+from pipeline.rows import store
 from pipeline.train import train_heads
 from tests.helpers import make_image
 
@@ -65,7 +65,14 @@ def _fake_encode(ingest_dir, clip_dir, d=8):
 def test_cnndetection_blocks_equal_ufd_on_each_folder(tmp_path):
     root = _cnndetection(tmp_path / "data")
     cache = tmp_path / "cache"
-    run_ingest(root, cache / "ingest", IngestConfig(), BaseConfig(), "cnn", "cnndetection")
+    run_ingest(
+        root,
+        cache / "ingest",
+        cfg=IngestConfig(),
+        base=BaseConfig(),
+        dataset="cnn",
+        layout="cnndetection",
+    )
     manifest = pd.read_csv(cache / "ingest" / "manifest.csv", keep_default_na=False)
     assert set(manifest["subset"]) == {"biggan", "stylegan"}
     assert set(manifest.loc[manifest.label == 0, "generator"]) == {"real"}

@@ -8,9 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import data as datamod
-from pipeline import extract, reader, store
 from pipeline.config import params_from_dict
+from pipeline.data.images import load_rgb
+from pipeline.data.ingest import run_ingest
+from pipeline.extract.base import DecodeThen
+from pipeline.extract.caption import run_caption
+from pipeline.extract.encode import TextMemo, crop_box, encode_texts_once, run_encode
+from pipeline.extract.ground import run_ground
+from pipeline.extract.loaded import loaded_model
+from pipeline.rows import reader, store
 from tests.helpers import make_image, write_manifest
 
 
@@ -62,27 +68,34 @@ def _extract(data: Path, cache: Path, workers: int, base: dict | None = None, **
         }
     )
     p = params
-    extract.run_ingest(data, cache / "ingest", p.ingest, p.base, "t")
-    extract.run_caption(cache / "ingest", cache / "captions", p.caption, p.models, p.base, "t")
-    extract.run_ground(
+    run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="t")
+    run_caption(
+        cache / "ingest",
+        cache / "captions",
+        cfg=p.caption,
+        models=p.models,
+        base=p.base,
+        dataset="t",
+    )
+    run_ground(
         cache / "ingest",
         cache / "captions",
         cache / "objects",
-        p.ground,
-        p.models,
-        p.base,
-        "t",
+        cfg=p.ground,
+        models=p.models,
+        base=p.base,
+        dataset="t",
     )
-    extract.run_encode(
+    run_encode(
         cache / "ingest",
         cache / "captions",
         cache / "objects",
         cache / "clip",
-        p.encode,
-        p.ground.crop_padding,
-        p.models,
-        p.base,
-        "t",
+        cfg=p.encode,
+        crop_padding=p.ground.crop_padding,
+        models=p.models,
+        base=p.base,
+        dataset="t",
     )
     return params
 
@@ -140,16 +153,16 @@ def test_encoded_rows_equal_each_image_and_crop_encoded_alone(extracted):
     encoded one at a time through the public `encode_images`."""
     data, runs, params = extracted
     p = params[2]
-    clip = extract._load("clip", p.models, p.base)
+    clip = loaded_model("clip", p.models, p.base)
     ingest, objects, out = (_stage(runs[2], s) for s in ("ingest", "objects", "clip"))
     off = objects["obj_offsets"]
     for k, rel in enumerate(ingest["path"]):
-        image = datamod.load_rgb(data / rel)
+        image = load_rgb(data / rel)
         np.testing.assert_allclose(
             out["image_emb"][k], clip.encode_images([image])[0], rtol=1e-4, atol=1e-5
         )
         for j in range(off[k], off[k + 1]):
-            crop = extract.crop_box(image, objects["obj_boxes"][j], p.ground.crop_padding)
+            crop = crop_box(image, objects["obj_boxes"][j], p.ground.crop_padding)
             np.testing.assert_allclose(
                 out["obj_image_emb"][j], clip.encode_images([crop])[0], rtol=1e-4, atol=1e-5
             )
@@ -170,11 +183,11 @@ def test_caption_and_ground_inputs_made_in_decode_workers_give_the_public_calls_
     data = _dataset(tmp_path, 7).parent
     paths = [str(data / f"img_{i}.png") for i in range(7)]
     captions = ["a red car", "a tree.", ".", "two dogs on a red sofa", "a car", " ", "a tree"]
-    images = [datamod.load_rgb(p) for p in paths]
+    images = [load_rgb(p) for p in paths]
     grounder = GroundingDinoGrounder.load(preset="tiny")
     kw = {"box_threshold": 0.0, "text_threshold": 0.0}
     items = [(p, True, c) for p, c in zip(paths, captions)]
-    load = extract.DecodeThen(grounder.item_encoder())
+    load = DecodeThen(grounder.item_encoder())
     found = [
         objects
         for encoded in reader.read_batches(items, load, 3, workers=2)
@@ -184,7 +197,7 @@ def test_caption_and_ground_inputs_made_in_decode_workers_give_the_public_calls_
     assert [bool(f) for f in found] == [True, True, False, True, True, False, True]
 
     captioner = Blip2Captioner.load(preset="tiny")
-    load = extract.DecodeThen(captioner.item_encoder("a photo of"))
+    load = DecodeThen(captioner.item_encoder("a photo of"))
     batches = reader.read_batches([(p, True) for p in paths], load, 3, 2, concat_encoded)
     made = [captioner.caption_encoded(b, num_beams=1, max_new_tokens=4) for b in batches]
     here = [
@@ -195,7 +208,7 @@ def test_caption_and_ground_inputs_made_in_decode_workers_give_the_public_calls_
 
 
 def test_text_memo_is_bounded_and_keeps_recent_strings():
-    memo = extract.TextMemo(max_items=3)
+    memo = TextMemo(max_items=3)
     for i in range(5):
         memo.put(f"t{i}", np.full(2, i, np.float32))
     assert len(memo) == 3 and "t0" not in memo and "t1" not in memo
@@ -216,10 +229,10 @@ class _Counting:
 
 
 def test_texts_evicted_from_the_memo_are_encoded_again_with_the_same_values():
-    enc, memo = _Counting(), extract.TextMemo(max_items=2)
-    first = extract.encode_texts_once(enc, ["ab", "c", "ab", "def"], 2, memo)
+    enc, memo = _Counting(), TextMemo(max_items=2)
+    first = encode_texts_once(enc, ["ab", "c", "ab", "def"], 2, memo)
     np.testing.assert_array_equal(first, [[2, 97], [1, 99], [2, 97], [3, 100]])
     assert enc.sent == ["ab", "c", "def"]
-    again = extract.encode_texts_once(enc, ["def", "ab"], 2, memo)
+    again = encode_texts_once(enc, ["def", "ab"], 2, memo)
     np.testing.assert_array_equal(again, [[3, 100], [2, 97]])
     assert enc.sent == ["ab", "c", "def", "ab"]  # "ab" had been evicted, "def" had not

@@ -266,13 +266,13 @@ def _tiny_params(tmp: Path, **overrides) -> str:
 
 def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """A ValueError from deep code is a bug, not bad input: it is not turned into a message."""
-    from pipeline import data as datamod
+    from pipeline.data import ingest as data_ingest
     from stages import ingest
 
     def broken(*args, **kwargs):
         raise ValueError("a bug deep in the library")
 
-    monkeypatch.setattr(datamod, "assign_splits", broken)
+    monkeypatch.setattr(data_ingest, "assign_splits", broken)
     from tests.helpers import tiny_sample
 
     data = tiny_sample(tmp_path / "data", per_generator=1, n_real=2)
@@ -504,8 +504,8 @@ def test_odd_files_are_used_intact_or_quarantined_with_a_reason(tmp_path):
     (tiny models): each file is used with its content intact, or quarantined with a reason."""
     import numpy as np
 
-    from pipeline import data as datamod
-    from pipeline import store
+    from pipeline.data.images import load_rgb
+    from pipeline.rows import store
     from stages import caption, encode, ground, ingest
 
     data = tmp_path / "data"
@@ -528,7 +528,7 @@ def test_odd_files_are_used_intact_or_quarantined_with_a_reason(tmp_path):
         if outcome == "used":
             assert path in kept, (path, quarantined.get(path))
             if mean is not None:
-                got = np.asarray(datamod.load_rgb(data / path), dtype=np.float64).mean()
+                got = np.asarray(load_rgb(data / path), dtype=np.float64).mean()
                 assert abs(got - mean) < 2.0, (path, got, mean)
         elif outcome == "duplicate":
             assert duplicates.get(path) == "images/good_00.png"
@@ -547,7 +547,7 @@ def test_odd_files_are_used_intact_or_quarantined_with_a_reason(tmp_path):
     assert kept["images/good_03.png"]["n_frames"] == "1"
     # 16-bit, float and 32-bit images are not blank.
     for path in ("images/deep16.png", "images/float01.tif", "images/int32.tif"):
-        arr = np.asarray(datamod.load_rgb(data / path))
+        arr = np.asarray(load_rgb(data / path))
         assert arr.min() < 10 and arr.max() > 245, path
 
     # Every kept image has a row in every stage, and its embeddings are finite.
@@ -623,10 +623,10 @@ def test_bad_manifests_are_refused_naming_file_and_row(tmp_path, capsys, body, f
 
 
 def test_a_utf8_bom_is_accepted(tmp_path):
-    from pipeline import data as datamod
+    from pipeline.data.layouts import resolve_dataset
 
     data = _manifest_dataset(tmp_path, b"\xef\xbb\xbffile,label,generator,caption\n" + GOOD_ROWS)
-    root, records = datamod.resolve_dataset(data)
+    root, records = resolve_dataset(data)
     assert [r.path for r in records] == ["img0.png", "img1.png", "img2.png"]
     assert records[1].generator == "sdxl" and records[0].caption == "a cat"
 
@@ -832,7 +832,7 @@ def _run_stage(cmd: list[str]) -> float:
 
 
 def _shard_values(folder: Path) -> list[dict]:
-    from pipeline import store
+    from pipeline.rows import store
 
     return [store.read_shard(s) for s in store.list_shards(folder)]
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import store
 from pipeline.evaluate import write_json_atomic
 from pipeline.metrics import Scores, evaluate_scores
 from pipeline.report import build_report
+from pipeline.rows import store
 from tests.helpers import make_image
 
 CHROMIUM = Path("/usr/bin/chromium")

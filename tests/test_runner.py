@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from pipeline import runner, store
-from pipeline.runner import PARTIAL, row_hash, run_step, timings_path
+from pipeline.rows import runner, store
+from pipeline.rows.key import row_hash
+from pipeline.rows.runner import PARTIAL, run_step, timings_path
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline import store
+from pipeline.rows import store
 
 
 def _shard(n=3, objs=(2, 0, 1)):

@@ -9,12 +9,12 @@ import pytest
 from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 
-from pipeline import store
 from pipeline.config import ConfigError, EvaluateConfig, FeaturesConfig, TrainConfig
 from pipeline.evaluate import run_evaluate
 from pipeline.features import CLASS_PROMPTS, compute_features
 from pipeline.heads import load_head
 from pipeline.metrics import apply_calibration, fit_calibration
+from pipeline.rows import store
 from pipeline.train import train_heads
 
 GENERATORS = ("ganA", "diffB", "diffC")

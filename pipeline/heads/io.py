@@ -10,9 +10,9 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline.atomic import atomic_path, write_text
 from pipeline.errors import ModelFileError
 from pipeline.heads._base import BaseHead
+from pipeline.rows.atomic import atomic_path, write_text
 
 FORMAT_VERSION = 1
 META_FILE = "head.json"

@@ -9,7 +9,14 @@ from pipeline.config import BaseConfig, ModelsConfig
 from pipeline.models.hf import ModelWeightsMissing, resolve_dtype, resolve_weights
 from pipeline.provenance import needed_roles
 
-__all__ = ["ROLES", "WeightsMissing", "check_weights", "load_model", "needed_roles"]
+__all__ = [
+    "ROLES",
+    "WeightsMissing",
+    "check_weights",
+    "hf_role",
+    "load_model",
+    "needed_roles",
+]
 
 # role -> (ModelsConfig field, module, class) of the transformers wrappers.
 _HF_ROLES = {
@@ -51,9 +58,7 @@ def load_model(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
             dtype=resolve_dtype(base.dtype, device),
             seed=base.seed,
         )
-    if role not in _HF_ROLES:
-        raise ValueError(f"unknown model role {role!r}; known roles: {', '.join(ROLES)}")
-    field, module, cls_name = _HF_ROLES[role]
+    field, module, cls_name = hf_role(role)
     spec = getattr(models, field)
     cls = getattr(importlib.import_module(module), cls_name)
     return cls.load(
@@ -66,36 +71,11 @@ def load_model(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
     )
 
 
-def weights_identity(role: str, models: ModelsConfig, seed: int) -> str:
-    """The identity of the weights `load_model(role, ...)` loads, found without loading them:
-    the hub commit of a cached snapshot, or a content hash of a local checkpoint (remembered by
-    path, size and mtime). A loaded model's `weights_id` equals it; rows are keyed by it."""
-    from pipeline.models.clip import checkpoint_weights_id, find_checkpoint
-    from pipeline.models.clip import tiny_weights_id as clip_tiny_id
-    from pipeline.models.hf import tiny_weights_id
-
-    if role == "clip":
-        if models.preset == "tiny":
-            return clip_tiny_id(seed)
-        spec = models.clip
-        checkpoint = find_checkpoint(spec.id, spec.pretrained, spec.path)
-        return checkpoint_weights_id(spec.id, spec.pretrained, checkpoint)
+def hf_role(role: str) -> tuple[str, str, str]:
+    """The ModelsConfig field, module and class name of a transformers wrapper's role."""
     if role not in _HF_ROLES:
         raise ValueError(f"unknown model role {role!r}; known roles: {', '.join(ROLES)}")
-    field, module, cls_name = _HF_ROLES[role]
-    if models.preset == "tiny":
-        cls = getattr(importlib.import_module(module), cls_name)
-        return tiny_weights_id(cls.tiny_name, seed)
-    spec = getattr(models, field)
-    return resolve_weights(spec.id, spec.path or None, field).weights_id
-
-
-def runtime_class(base: BaseConfig) -> dict[str, str]:
-    """The dtype and device class (cpu, cuda, mps; not the card) models run with: both shape
-    the numbers, so both are part of a row's key."""
-    device = resolve_device(base.device)
-    dtype = str(resolve_dtype(base.dtype, device)).removeprefix("torch.")
-    return {"dtype": dtype, "device_class": device.split(":")[0]}
+    return _HF_ROLES[role]
 
 
 def check_weights(models: ModelsConfig, roles: list[str] | tuple[str, ...]) -> None:

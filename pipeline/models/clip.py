@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.atomic import atomic_path, write_text
-from pipeline.digest import file_digest
 from pipeline.errors import ModelFileError
 from pipeline.models.files import check_weights_file
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
+from pipeline.rows.atomic import atomic_path, write_text
+from pipeline.rows.digest import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def tiny_weights_id(seed: int) -> str:
 
 def checkpoint_weights_id(name: str, pretrained: str, checkpoint: str | os.PathLike[str]) -> str:
     """Identity of real CLIP weights: the checkpoint file's content hash (computed once per
-    file version, see `pipeline.digest`), so new weights at the same path are new rows."""
+    file version, see `pipeline.rows.digest`), so new weights at the same path are new rows."""
     return f"{name}/{pretrained or 'file'}@sha256:{file_digest(checkpoint)[:16]}"
 
 

@@ -21,6 +21,7 @@ from transformers import (
     GroundingDinoProcessor,
 )
 
+from pipeline.config import GroundConfig
 from pipeline.models.hf import (
     HFWrapper,
     to_model_inputs,
@@ -29,6 +30,9 @@ from pipeline.models.hf import (
 )
 
 logger = logging.getLogger(__name__)
+# The grounding settings' one home is the ground params (GroundConfig): a library call gets the
+# same boxes as the pipeline unless it asks otherwise.
+_DEFAULTS = GroundConfig()
 
 _TINY_TEXT_LEN = 256  # GroundingDINO's max_text_len; the text BERT needs as many positions
 
@@ -127,11 +131,11 @@ class GroundingDinoGrounder(HFWrapper):
         self,
         images: list[Image.Image],
         captions: list[str],
-        box_threshold: float = 0.35,
-        text_threshold: float = 0.25,
-        max_objects: int = 10,
-        iou_threshold: float = 0.8,
-        min_box_side: float = 0.0,
+        box_threshold: float = _DEFAULTS.box_threshold,
+        text_threshold: float = _DEFAULTS.text_threshold,
+        max_objects: int = _DEFAULTS.max_objects,
+        iou_threshold: float = _DEFAULTS.iou_threshold,
+        min_box_side: float = _DEFAULTS.min_box_side,
     ) -> list[list[GroundedObject]]:
         """Ground each caption in its image.
 
@@ -176,11 +180,11 @@ class GroundingDinoGrounder(HFWrapper):
     def ground_encoded(
         self,
         encoded: list[dict[str, Any]],
-        box_threshold: float = 0.35,
-        text_threshold: float = 0.25,
-        max_objects: int = 10,
-        iou_threshold: float = 0.8,
-        min_box_side: float = 0.0,
+        box_threshold: float = _DEFAULTS.box_threshold,
+        text_threshold: float = _DEFAULTS.text_threshold,
+        max_objects: int = _DEFAULTS.max_objects,
+        iou_threshold: float = _DEFAULTS.iou_threshold,
+        min_box_side: float = _DEFAULTS.min_box_side,
     ) -> list[list[GroundedObject]]:
         """`ground` on items made by `item_encoder()` (e.g. in decode workers); the arguments
         and the result are those of `ground`."""

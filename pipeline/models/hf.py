@@ -16,10 +16,10 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
-from pipeline.atomic import write_text
-from pipeline.digest import tree_digest
 from pipeline.errors import ConfigError, MisalignError
 from pipeline.models.files import check_model_dir
+from pipeline.rows.atomic import write_text
+from pipeline.rows.digest import tree_digest
 
 logger = logging.getLogger(__name__)
 

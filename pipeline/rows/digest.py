@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from pipeline.atomic import write_text
+from pipeline.rows.atomic import write_text
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
-from pipeline.atomic import atomic_path
 from pipeline.errors import ShardError
+from pipeline.rows.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 An extraction step (caption, ground, encode) implements `Step`: `read(i)` gives the inputs of
 shard i (row-aligned with the ingest shard), `compute(rows, timer)` maps rows through a model.
 `run_step` decides per row whether it can be reused from the previous outputs (same
-`params_hash` and same `input_hash`, i.e. same model, settings and upstream content) and writes
+`params_hash` and same `input_hash`: the row key, see `key`) and writes
 the new shards to `<out>/.partial/` first; they replace the old shards only once every shard is
 complete. An interrupted run therefore leaves the old outputs intact and its finished shards in
 `.partial/`, which the next run picks up.
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from pipeline import store
-from pipeline.atomic import writable_dir, write_text
-from pipeline.store import Arrays
+from pipeline.rows import store
+from pipeline.rows.atomic import writable_dir, write_text
+from pipeline.rows.key import matches, reuse_index
+from pipeline.rows.store import Arrays
 
 logger = logging.getLogger(__name__)
 
@@ -91,43 +91,6 @@ class ShardReport:
     seconds: dict[str, float]
 
 
-def _reuse_index(out_dir: Path, phash: str) -> dict[str, tuple[str, int, str]]:
-    """id -> (shard path, row, input_hash) for rows made with the same params."""
-    index: dict[str, tuple[str, int, str]] = {}
-    for directory in (out_dir, out_dir / PARTIAL):
-        for path in store.list_shards(directory):
-            try:
-                if store.read_attrs(path).get("params_hash") != phash:
-                    continue
-                data = store.read_shard(path, ["ids", "input_hash"])
-            except store.ShardError as err:
-                logger.warning("ignoring unreadable shard %s (%s); it will be rebuilt", path, err)
-                continue
-            for row, (cid, ihash) in enumerate(zip(data["ids"], data["input_hash"])):
-                index[str(cid)] = (str(path), row, str(ihash))
-    return index
-
-
-def _matches(
-    path: Path, phash: str, ids: list[str], hashes: list[str], attrs: dict[str, Any]
-) -> bool:
-    """Whether the shard at `path` holds exactly these rows made with these params, and says
-    so in its attributes (an upstream provenance that changed is rewritten)."""
-    if not path.exists():
-        return False
-    try:
-        done = store.read_shard(path, ["ids", "input_hash"])
-        old = store.read_attrs(path)
-        return bool(
-            old.get("params_hash") == phash
-            and all(old.get(k) == v for k, v in attrs.items())
-            and list(done["ids"]) == ids
-            and list(done["input_hash"]) == hashes
-        )
-    except store.ShardError:
-        return False
-
-
 def process_shard(
     step: Step,
     index: int,
@@ -160,11 +123,11 @@ def _build_shard(
     attrs = step.attrs()
 
     final = Path(out_dir) / store.shard_name(index)
-    if _matches(final, phash, ids, hashes, attrs):
+    if matches(final, phash, ids, hashes, attrs):
         # Already what this run would write: leave the file (and its DVC hash) untouched.
         target.unlink(missing_ok=True)
         return ShardReport(index, 0, len(ids), timer.seconds)
-    if _matches(target, phash, ids, hashes, attrs):
+    if matches(target, phash, ids, hashes, attrs):
         return ShardReport(index, 0, len(ids), timer.seconds)
 
     parts: list[Arrays] = []
@@ -256,7 +219,7 @@ def run_step(
     writable_dir(out_dir / PARTIAL)
     start = time.perf_counter()
     phash = step.params_hash()
-    reuse = _reuse_index(out_dir, phash)
+    reuse = reuse_index([out_dir, out_dir / PARTIAL], phash)
     n = step.n_shards()
     reports: list[ShardReport] = []
     # Counted in images over the whole stage (a shard is 64 of them), so that the rate and the
@@ -338,11 +301,3 @@ def _n_images(step: Step) -> int | None:
     for path in store.list_shards(ingest):
         total += len(store.read_ids(path))
     return total
-
-
-def row_hash(*values: Any) -> str:
-    """Hash of a row's upstream inputs: a row is recomputed when this changes."""
-    import hashlib
-
-    blob = json.dumps(values, sort_keys=True, default=lambda v: np.asarray(v).tolist())
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]

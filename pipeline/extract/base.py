@@ -1,0 +1,150 @@
+"""The shared step base: what every extraction step (caption, ground, encode) does alike.
+
+A step reads its inputs row-aligned with the ingest shard (`ingest_rows`, `aligned`), keys
+its rows (`ModelStep.key`, see `pipeline.rows.key`), records what made them (`model_attrs`)
+and feeds images to its model through decode workers (`DecodeThen`, `decode_workers`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import BaseConfig, ModelsConfig
+from pipeline.data.images import load_rgb
+from pipeline.models import check_weights, resolve_device
+from pipeline.rows import reader, store
+from pipeline.rows.key import runtime_key
+from pipeline.rows.store import Arrays
+
+
+class ModelStep:
+    """The parts of `pipeline.rows.runner.Step` that every extraction step shares. Subclasses
+    are dataclasses with these fields and add `roles`, `params_hash`, `attrs`, `read` and
+    `compute`."""
+
+    ingest_dir: Path
+    models: ModelsConfig
+    base: BaseConfig
+    dataset: str
+    stage: str
+
+    def roles(self) -> list[str]:
+        """The model roles the step runs with its settings (none: no model)."""
+        raise NotImplementedError
+
+    def n_shards(self) -> int:
+        return len(store.list_shards(self.ingest_dir))
+
+    def key(self) -> dict[str, Any]:
+        return runtime_key(self.stage, self.roles(), self.models, self.base)
+
+
+def ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:
+    """Columns `keys` of ingest shard `index`; a `path` column comes back absolute, with the
+    decoding flag ingest recorded (`exif_transpose`) beside it."""
+    path = ingest_dir / store.shard_name(index)
+    rows = store.read_shard(path, ["ids", *keys])
+    if "path" in rows:
+        attrs = store.read_attrs(path)
+        root = Path(str(attrs["data_root"]))
+        rows["path"] = np.array([str(root / p) for p in rows["path"]], dtype=object)
+        rows["exif_transpose"] = np.full(
+            len(rows["ids"]), bool(attrs.get("exif_transpose", True)), dtype=bool
+        )
+    return rows
+
+
+def aligned(upstream: Path, index: int, ids: np.ndarray, keys: Sequence[str]) -> Arrays:
+    """Columns `keys` of an upstream step's shard `index`, refused unless its rows are `ids`."""
+    path = upstream / store.shard_name(index)
+    if not path.exists():
+        raise store.ShardError(f"{path} is missing; run the stage that writes {upstream} first")
+    rows = store.read_shard(path, ["ids", *keys])
+    if not np.array_equal(rows["ids"], ids):
+        raise store.ShardError(
+            f"{path} is not row-aligned with the ingest shard (the dataset changed since it was "
+            "written); rerun the stages in order (dvc repro does)"
+        )
+    return rows
+
+
+def model_attrs(
+    stage: str, dataset: str, preset: str, key: dict[str, Any], no_model: str, upstream: str
+) -> dict[str, Any]:
+    """Shard attributes: `model` names the weights actually used (name@revision or
+    name@sha256:...), plus dtype, device class, step version and the provenance chain."""
+    weights = key.get("weights", {})
+    own = {
+        "model": "; ".join(weights.values()) or no_model,
+        "dtype": key.get("dtype", ""),
+        "device_class": key.get("device_class", ""),
+        "step_version": key["step_version"],
+    }
+    chain = json.loads(upstream) if upstream else {}
+    chain[stage] = own
+    return {
+        "stage": stage,
+        "dataset": dataset,
+        "preset": preset,
+        **own,
+        "weights": json.dumps(weights, sort_keys=True),
+        "provenance": json.dumps(chain, sort_keys=True),
+    }
+
+
+def upstream_provenance(*directories: Path) -> str:
+    """The provenance chain of the stages a step reads (each folder's shards must agree)."""
+    chain: dict[str, Any] = {}
+    for directory in directories:
+        attrs = store.dataset_attrs(directory)
+        chain.update(json.loads(str(attrs.get("provenance") or "{}")))
+    return json.dumps(chain, sort_keys=True)
+
+
+def batches(n: int, size: int) -> list[slice]:
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@dataclass
+class DecodeThen:
+    """A model's per-image CPU work, run in a decode worker: decode the item's image as ingest
+    checked it (`data.images.load_rgb`), then `encode(image, *rest)` with the item's other fields
+    (e.g. its caption). Items are (path, exif_transpose, *rest)."""
+
+    encode: Callable[..., Any]
+
+    def __call__(self, item: tuple[Any, ...]) -> Any:
+        path, exif_transpose, *rest = item
+        return self.encode(load_rgb(path, exif_transpose), *rest)
+
+
+def decode_workers(base: BaseConfig) -> int:
+    """Decode processes for one extraction process (Dask workers share the machine's CPUs)."""
+    sharing = base.n_workers if base.scheduler == "dask" and not base.dask_address else 1
+    return reader.resolve_workers(base.decode_workers, sharing)
+
+
+def scaled_batch_size(configured: int, base: BaseConfig) -> int:
+    """The params' batch size on a CPU, times base.cuda_batch_scale on CUDA."""
+    scale = base.cuda_batch_scale if resolve_device(base.device).startswith("cuda") else 1
+    return max(1, configured * max(1, scale))
+
+
+def scheduler_args(base: BaseConfig) -> dict[str, Any]:
+    """`run_step`'s scheduler arguments from the base params."""
+    return {
+        "scheduler": base.scheduler,
+        "dask_address": base.dask_address,
+        "n_workers": base.n_workers,
+    }
+
+
+def preflight(models: ModelsConfig, roles: Sequence[str]) -> None:
+    """Fail in seconds, before any work, if a needed model's weights are absent."""
+    check_weights(models, list(roles))
