@@ -107,7 +107,8 @@ def upstream_provenance(*directories: Path) -> str:
     return json.dumps(chain, sort_keys=True)
 
 
-def batches(n: int, size: int) -> list[slice]:
+def batch_slices(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` over `n` items."""
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 

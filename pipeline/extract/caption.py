@@ -16,6 +16,7 @@ from pipeline.extract.base import (
     DecodeThen,
     ModelStep,
     aligned,
+    batch_slices,
     decode_workers,
     ingest_rows,
     model_attrs,
@@ -90,7 +91,7 @@ class CaptionStep(ModelStep):
             model = loaded_model("captioner", self.models, self.base)
             size = scaled_batch_size(self.cfg.batch_size, self.base)
             # The workers decode and run the processor; this process only generates.
-            batches = reader.readbatches(
+            batches = reader.read_batches(
                 [(str(rows["path"][i]), bool(rows["exif_transpose"][i])) for i in need],
                 DecodeThen(model.item_encoder(self.cfg.prompt or None)),
                 size,
@@ -98,7 +99,7 @@ class CaptionStep(ModelStep):
                 concat_encoded,
                 pin_memory=str(model.device).startswith("cuda"),
             )
-            for sl in batches(len(need), size):
+            for sl in batch_slices(len(need), size):
                 chunk = need[sl]
                 with timer("read"):
                     batch = next(batches)

@@ -18,7 +18,7 @@ from pipeline.data.images import load_rgb
 from pipeline.extract.base import (
     ModelStep,
     aligned,
-    batches,
+    batch_slices,
     decode_workers,
     ingest_rows,
     model_attrs,
@@ -173,7 +173,7 @@ class EncodeStep(ModelStep):
         ]
         on_cuda = str(clip.device).startswith("cuda")
         size = scaled_batch_size(self.cfg.batch_size, self.base)
-        batches = reader.readbatches(
+        batches = reader.read_batches(
             items, load, size, decode_workers(self.base), collate_views, pin_memory=on_cuda
         )
         # Outputs stay on the device until the shard is done: one synchronisation per shard.
@@ -188,7 +188,7 @@ class EncodeStep(ModelStep):
                 break
             with timer("model"):
                 pixels = batch["pixels"]
-                for s in batches(len(pixels), size):
+                for s in batch_slices(len(pixels), size):
                     view_emb.append(clip.encode_pixels(pixels[s]))
                 if self.cfg.clip_pooled:
                     # CT2's image feature: the whole image's view only, before projection.
@@ -289,7 +289,7 @@ def encode_texts_once(
     found = {t: memo.get(t) for t in distinct} if memo is not None else {}
     todo = [t for t in distinct if found.get(t) is None]
     rows: dict[str, np.ndarray] = {t: r for t, r in found.items() if r is not None}
-    for s in batches(len(todo), batch_size):
+    for s in batch_slices(len(todo), batch_size):
         for text, row in zip(todo[s], np.asarray(encoder.encode_texts(todo[s]), np.float32)):
             rows[text] = row
             if memo is not None:

@@ -14,6 +14,7 @@ from pipeline.extract.base import (
     DecodeThen,
     ModelStep,
     aligned,
+    batch_slices,
     decode_workers,
     ingest_rows,
     model_attrs,
@@ -87,13 +88,13 @@ class GroundStep(ModelStep):
             # the model and the post-processing. A batch stays a list of per-item inputs, which
             # `ground_encoded` groups into partner-free batches.
             items = zip(rows["path"], rows["exif_transpose"], rows["caption"])
-            batches = reader.readbatches(
+            batches = reader.read_batches(
                 [(str(p), bool(e), str(c)) for p, e, c in items],
                 DecodeThen(model.item_encoder()),
                 size,
                 decode_workers(self.base),
             )
-            for sl in batches(n, size):
+            for sl in batch_slices(n, size):
                 with timer("read"):
                     encoded = next(batches)
                 with timer("model"):
