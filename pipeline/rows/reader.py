@@ -99,7 +99,7 @@ def read_batches(
         )
         workers = 0
     workers = min(workers, (len(items) + batch_size - 1) // batch_size)
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader  # torch: only the model steps need it, not ingest
 
     # fork starts a worker in milliseconds (spawn/forkserver re-import torch, ~seconds each);
     # workers never touch CUDA, so forking a CUDA-using parent is safe.

@@ -168,6 +168,7 @@ def local_cluster(n_workers: int) -> Any:
 
     Workers are not daemonic, so that each can start its own decode processes.
     """
+    # dask (and dask-cuda) load in seconds and serve only scheduler=dask runs.
     import dask
     from dask.distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
@@ -191,7 +192,7 @@ def local_cluster(n_workers: int) -> Any:
 
 
 def _client(scheduler: str, address: str, n_workers: int) -> Any:
-    from dask.distributed import Client
+    from dask.distributed import Client  # only scheduler=dask runs pay for dask
 
     if address:
         return Client(address)
@@ -234,7 +235,7 @@ def run_step(
                     client.submit(process_shard, step, i, str(out_dir), reuse, pure=False)
                     for i in range(n)
                 ]
-                from dask.distributed import as_completed
+                from dask.distributed import as_completed  # see _client
 
                 for fut in as_completed(futures):  # a worker's batches cannot reach this bar
                     reports.append(fut.result())
