@@ -262,7 +262,9 @@ def test_grounder_output_structure_on_images_of_different_sizes(
     grounder: GroundingDinoGrounder,
 ) -> None:
     # Random weights rarely pass real thresholds; 0/0 keeps every query for a structure check.
-    results = grounder.ground(IMAGES, CAPTIONS, box_threshold=0.0, text_threshold=0.0)
+    results = grounder.ground(
+        IMAGES, CAPTIONS, box_threshold=0.0, text_threshold=0.0, min_box_side=0
+    )
     assert len(results) == len(IMAGES)
     tokenize = grounder.processor.tokenizer.tokenize
     for image, caption, objects in zip(IMAGES, CAPTIONS, results, strict=True):
@@ -301,8 +303,10 @@ def test_grounder_clips_boxes_and_drops_empty_ones(grounder: GroundingDinoGround
 
 
 def test_grounder_keeps_the_top_max_objects(grounder: GroundingDinoGrounder) -> None:
-    everything = grounder.ground(IMAGES[:1], CAPTIONS[:1], 0.0, 0.0, max_objects=100)[0]
-    top3 = grounder.ground(IMAGES[:1], CAPTIONS[:1], 0.0, 0.0, max_objects=3)[0]
+    everything = grounder.ground(
+        IMAGES[:1], CAPTIONS[:1], 0.0, 0.0, max_objects=100, min_box_side=0
+    )[0]
+    top3 = grounder.ground(IMAGES[:1], CAPTIONS[:1], 0.0, 0.0, max_objects=3, min_box_side=0)[0]
     assert len(everything) > 10  # the tiny model has 16 queries
     assert top3 == everything[:3]
 
@@ -402,7 +406,9 @@ def test_grounded_phrases_are_whole_caption_words(grounder: GroundingDinoGrounde
     tokenize = grounder.processor.tokenizer.tokenize
     # The tiny WordPiece vocabulary splits these words into pieces.
     assert any(t.startswith("##") for t in tokenize("several plates of food"))
-    results = grounder.ground(IMAGES, SPLIT_CAPTIONS, box_threshold=0.0, text_threshold=0.0)
+    results = grounder.ground(
+        IMAGES, SPLIT_CAPTIONS, box_threshold=0.0, text_threshold=0.0, min_box_side=0
+    )
     assert all(results)
     for caption, objects in zip(SPLIT_CAPTIONS, results, strict=True):
         for obj in objects:
@@ -480,3 +486,21 @@ def test_bert_features_are_the_cls_state_of_last_hidden_state(tiny_dir: Path) ->
     got = encoder.encode(TEXTS[:2])
     np.testing.assert_allclose(got, out.last_hidden_state[:, 0].numpy(), atol=1e-5)
     assert not np.allclose(got, out.pooler_output.numpy(), atol=1e-3)
+
+
+def test_the_grounder_defaults_are_the_ground_params() -> None:
+    """A library call of `ground` gets the pipeline's boxes: one home for each threshold."""
+    import dataclasses
+    import inspect
+
+    from pipeline.config import GroundConfig
+
+    params = {f.name: f.default for f in dataclasses.fields(GroundConfig)}
+    for method in (GroundingDinoGrounder.ground, GroundingDinoGrounder.ground_encoded):
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(method).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        assert defaults == {k: params[k] for k in defaults}, method.__name__
+        assert defaults["min_box_side"] == GroundConfig().min_box_side

@@ -185,7 +185,7 @@ def test_caption_and_ground_inputs_made_in_decode_workers_give_the_public_calls_
     captions = ["a red car", "a tree.", ".", "two dogs on a red sofa", "a car", " ", "a tree"]
     images = [load_rgb(p) for p in paths]
     grounder = GroundingDinoGrounder.load(preset="tiny")
-    kw = {"box_threshold": 0.0, "text_threshold": 0.0}
+    kw = {"box_threshold": 0.0, "text_threshold": 0.0, "min_box_side": 0}
     items = [(p, True, c) for p, c in zip(paths, captions)]
     load = DecodeThen(grounder.item_encoder())
     found = [

@@ -130,6 +130,8 @@ def run_caption(
     base: BaseConfig,
     dataset: str,
 ) -> dict[str, Any]:
+    """Caption every ingested image into `out_dir`'s shards (reusing cached rows), then count
+    the caption sources per class; returns the timings (see `run_step`)."""
     step = CaptionStep(Path(ingest_dir), cfg, models, base, dataset)
     if cfg.source != "dataset":
         preflight(models, ["captioner"])

@@ -130,6 +130,8 @@ def run_ground(
     base: BaseConfig,
     dataset: str,
 ) -> dict[str, Any]:
+    """Ground every caption's objects in its image into `out_dir`'s shards (reusing cached
+    rows); returns the timings (see `run_step`)."""
     upstream = upstream_provenance(Path(captions_dir))
     step = GroundStep(
         Path(ingest_dir), Path(captions_dir), cfg, models, base, dataset, upstream=upstream
