@@ -423,6 +423,41 @@ def test_extracting_in_two_parts_equals_extracting_at_once(tmp_path):
     assert n_objects >= 20  # boxes were compared, not just empty lists
 
 
+KEY_NAMES = (
+    "STEP_VERSIONS",
+    "content_id",
+    "decoding_hash",
+    "matches",
+    "params_hash",
+    "reuse_index",
+    "row_hash",
+    "runtime_class",
+    "runtime_key",
+    "weights_identity",
+)
+
+
+def test_the_row_key_is_defined_in_one_module():
+    """Every part of the row key is defined in pipeline/rows/key.py and nowhere else in the
+    library (methods such as a step's `params_hash` only choose what they pass to it)."""
+    import ast
+
+    homes: dict[str, list[str]] = {name: [] for name in KEY_NAMES}
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level: not methods
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names = [node.name]
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                if name in homes or name.lstrip("_") in homes:
+                    homes[name.lstrip("_")].append(path.relative_to(ROOT).as_posix())
+    assert homes == {name: ["pipeline/rows/key.py"] for name in KEY_NAMES}
+
+
 def _update_golden(tmp: Path) -> None:
     data = _dataset(tmp / "data", _fixture_rows(6))
     params = _params(tmp)

@@ -76,12 +76,15 @@ def decoding_hash(rows: Arrays) -> np.ndarray:
 
 def params_hash(*parts: Any) -> str:
     """Stable short hash of the configuration that shaped an output."""
-    blob = json.dumps(
-        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],  # type: ignore[arg-type]
-        sort_keys=True,
-        default=str,
-    )
+    blob = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _plain(part: Any) -> Any:
+    """A config dataclass as a dict (what `params_hash` hashes); anything else as it is."""
+    if dataclasses.is_dataclass(part) and not isinstance(part, type):
+        return dataclasses.asdict(part)
+    return part
 
 
 def weights_identity(role: str, models: ModelsConfig, seed: int) -> str:
