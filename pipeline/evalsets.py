@@ -176,7 +176,7 @@ def qf_matrix(
     Returns:
         `{head: {"<train_qf>": {"<test_qf>": {"acc": .., "ap": .., "auc": .., "n": ..}}}}`.
     """
-    from pipeline.metrics import binary_metrics, p_generated
+    from pipeline.evaluation.metrics import binary_metrics, p_generated
     from pipeline.train import fit_configured_head, head_kind
 
     out: dict[str, Any] = {}

@@ -380,7 +380,11 @@ def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) 
     """Count caption sources per class into `<captions_dir>/provenance.json`; warn loudly
     when they are class-correlated (see `metrics.caption_provenance`)."""
     from pipeline.atomic import write_text
-    from pipeline.metrics import caption_provenance, describe_provenance, warn_if_correlated
+    from pipeline.evaluation.metrics import (
+        caption_provenance,
+        describe_provenance,
+        warn_if_correlated,
+    )
 
     labels, sources = [], []
     for i, path in enumerate(store.list_shards(ingest_dir)):

@@ -291,7 +291,7 @@ def load_features(
 def caption_provenance_of(features_dir: str | Path, split: str | None) -> dict[str, Any] | None:
     """Caption sources per class of the rows of `split` ("all" or None: every row), from the
     features shards (`metrics.caption_provenance`); None when the shards do not record them."""
-    from pipeline.metrics import caption_provenance
+    from pipeline.evaluation.metrics import caption_provenance
 
     labels, sources = [], []
     for path in store.list_shards(features_dir):

@@ -89,10 +89,10 @@ def predict(
         One dict per scored image with the columns of `COLUMNS`, in input order.
     """
     from pipeline.evalsets import extract_ingested, planned_settings
+    from pipeline.evaluation.metrics import apply_calibration, p_generated
     from pipeline.extract import ingest_records
     from pipeline.features import feature_settings, load_features
     from pipeline.heads import load_head
-    from pipeline.metrics import apply_calibration, p_generated
     from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
     from pipeline.train import ATTRIBUTION_HEADS, REAL, read_train_info
 

@@ -23,7 +23,7 @@ from pipeline import store
 from pipeline.atomic import write_text
 from pipeline.data import load_rgb
 from pipeline.errors import DataUnusable
-from pipeline.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
+from pipeline.evaluation.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
 from pipeline.perturb import KINDS as PERTURBATION_KINDS
 from pipeline.perturb import parse_perturbation
 

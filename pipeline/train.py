@@ -20,8 +20,7 @@ from pipeline import store
 from pipeline.atomic import write_text
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import DataUnusable, ModelFileError
-from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     REAL_CLASS,
     apply_calibration,
     fit_calibration,
@@ -29,6 +28,7 @@ from pipeline.metrics import (
     p_generated,
     threshold_for_balanced_accuracy,
 )
+from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
 
     def body(args, params):
+        from pipeline.atomic import write_json_atomic
         from pipeline.evalsets import qf_matrix
-        from pipeline.evaluate import write_json_atomic
         from pipeline.features import run_features
 
         dirs = {}

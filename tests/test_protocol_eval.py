@@ -12,10 +12,10 @@ from sklearn.metrics import accuracy_score, average_precision_score
 
 from pipeline import store
 from pipeline.config import BaseConfig, EvaluateConfig, FeaturesConfig, IngestConfig, TrainConfig
-from pipeline.evaluate import run_evaluate
+from pipeline.evaluation.evaluate import run_evaluate
+from pipeline.evaluation.metrics import Scores, evaluate_scores
 from pipeline.extract import run_ingest
 from pipeline.features import run_features
-from pipeline.metrics import Scores, evaluate_scores
 from pipeline.train import train_heads
 from tests.helpers import make_image
 
@@ -84,7 +84,7 @@ def test_cnndetection_blocks_equal_ufd_on_each_folder(tmp_path):
         tmp_path / "eval.json",
         cache / "scores",
         tmp_path / "plots",
-        EvaluateConfig(),
+        cfg=EvaluateConfig(),
     )
     written = json.loads((tmp_path / "eval.json").read_text())
     for head in ("mlp", "svm"):

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline import store
-from pipeline.evaluate import write_json_atomic
-from pipeline.metrics import Scores, evaluate_scores
+from pipeline.atomic import write_json_atomic
+from pipeline.evaluation.metrics import Scores, evaluate_scores
 from pipeline.report import build_report
 from tests.helpers import make_image
 

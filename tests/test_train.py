@@ -11,10 +11,10 @@ from sklearn.linear_model import LogisticRegression
 
 from pipeline import store
 from pipeline.config import ConfigError, EvaluateConfig, FeaturesConfig, TrainConfig
-from pipeline.evaluate import run_evaluate
+from pipeline.evaluation.evaluate import run_evaluate
+from pipeline.evaluation.metrics import apply_calibration, fit_calibration
 from pipeline.features import CLASS_PROMPTS, compute_features
 from pipeline.heads import load_head
-from pipeline.metrics import apply_calibration, fit_calibration
 from pipeline.train import train_heads
 
 GENERATORS = ("ganA", "diffB", "diffC")
@@ -115,7 +115,7 @@ def test_every_head_trains_and_is_evaluated(tmp_path):
         tmp_path / "eval.json",
         tmp_path / "scores",
         tmp_path / "plots",
-        EvaluateConfig(),
+        cfg=EvaluateConfig(),
     )
     assert set(metrics) == set(cfg.heads)
     for name, block in metrics.items():
@@ -187,7 +187,7 @@ def test_pseudo_labels_and_contamination(tmp_path, caplog):
         tmp_path / "e.json",
         tmp_path / "s",
         tmp_path / "p",
-        EvaluateConfig(),
+        cfg=EvaluateConfig(),
     )
     assert metrics["svm"]["contaminated"] is True
 
@@ -197,8 +197,8 @@ def test_qf_matrix_fits_every_head_like_the_train_stage(tmp_path):
     which made every p_generated 1) and tip_adapter its class-prompt embeddings."""
     from pipeline.config import Params
     from pipeline.evalsets import qf_matrix
+    from pipeline.evaluation.metrics import p_generated
     from pipeline.features import load_features
-    from pipeline.metrics import p_generated
     from pipeline.train import fit_configured_head
 
     params = Params()

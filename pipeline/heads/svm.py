@@ -12,6 +12,7 @@ from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import ConfigError, DataUnusable
+from pipeline.evaluation.metrics import fit_platt
 from pipeline.heads._base import (
     BaseHead,
     State,
@@ -22,7 +23,6 @@ from pipeline.heads._base import (
     seed_from,
     standardise,
 )
-from pipeline.metrics import fit_platt
 
 logger = logging.getLogger(__name__)
 
