@@ -29,18 +29,18 @@ from pipeline.evaluation.metrics import (
     threshold_for_balanced_accuracy,
 )
 from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
+from pipeline.heads import HEADS, head_class, make_head, save_head, valid_params
 
 logger = logging.getLogger(__name__)
 
 # Heads whose targets are class names ('real' or a generator/family) rather than 0/1.
-ATTRIBUTION_HEADS = ("multitask",)
+# Heads that attribute images to their source (their registry capability).
+ATTRIBUTION_HEADS = tuple(name for name, cls in HEADS.items() if cls.attributes_sources)
 TRAIN_INFO = "train.json"
 REAL = REAL_CLASS
 
 
 def head_params(cfg: TrainConfig, name: str, seed: int) -> dict[str, Any]:
-    from pipeline.heads import HEADS, valid_params
-
     if name not in HEADS:
         raise ConfigError(
             f"train.heads names unknown head {name!r}; known heads: {', '.join(sorted(HEADS))}"
@@ -108,8 +108,6 @@ def fit_configured_head(
     Returns:
         The fitted head and a description of the fit (for `train.json`).
     """
-    from pipeline.heads import make_head
-
     params = head_params(cfg, name, seed)
     if len(np.unique(train.y)) < 2:
         raise DataUnusable(
@@ -122,20 +120,7 @@ def fit_configured_head(
         X_tr, y_tr = np.concatenate([X_tr, extra_train[0]]), np.concatenate([y_tr, extra_train[1]])
     if extra_val is not None:
         X_va, y_va = np.concatenate([X_va, extra_val[0]]), np.concatenate([y_va, extra_val[1]])
-    zero_shot = "class_text_emb" in params
-    if name == "tip_adapter" and not zero_shot:
-        emb = _zero_shot_prompts(features_dir, kind, y_tr, "tip_adapter")
-        if emb is not None:
-            params["class_text_emb"], zero_shot = emb, True
-    if name == "meta" and "tip_adapter" in params.get("base_heads", ()):
-        # A Tip-Adapter among the meta head's base heads gets the same zero-shot term.
-        emb = _zero_shot_prompts(features_dir, kind, y_tr, "meta's tip_adapter")
-        if emb is not None:
-            params["base_heads"] = [
-                ("tip_adapter", {"class_text_emb": emb}) if b == "tip_adapter" else b
-                for b in params["base_heads"]
-            ]
-            zero_shot = True
+    zero_shot = _give_class_prompts(name, params, features_dir, kind, y_tr)
     head = make_head(name, params)
     logger.info(
         "training %s on %d rows (%s features, dim %d)", name, len(y_tr), kind, X_tr.shape[1]
@@ -152,6 +137,35 @@ def fit_configured_head(
     if name in ATTRIBUTION_HEADS:
         info["attribution_target"] = cfg.attribution_target
     return head, info
+
+
+def _give_class_prompts(
+    name: str, params: dict[str, Any], features_dir: str | Path, kind: str, y: np.ndarray
+) -> bool:
+    """Add the class prompts' embeddings to `params` where the head (or one of the base heads
+    it stacks) needs them for a zero-shot term; whether the head has such a term."""
+    cls = head_class(name)
+    if "class_text_emb" in params:
+        return True
+    if cls.needs_class_prompts:
+        emb = _zero_shot_prompts(features_dir, kind, y, name)
+        if emb is not None:
+            params["class_text_emb"] = emb
+        return emb is not None
+    bases = params.get("base_heads", ()) if cls.stacks_base_heads else ()
+    needing = [
+        b for b in bases if isinstance(b, str) and b in HEADS and HEADS[b].needs_class_prompts
+    ]
+    if not needing:
+        return False
+    # A base head that needs the class prompts gets the same zero-shot term as on its own.
+    emb = _zero_shot_prompts(features_dir, kind, y, f"{name}'s {', '.join(needing)}")
+    if emb is None:
+        return False
+    params["base_heads"] = [
+        (b, {"class_text_emb": emb}) if b in needing else b for b in params["base_heads"]
+    ]
+    return True
 
 
 def _described(params: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +244,7 @@ def pseudo_label(head: Any, pool: FeatureSet, threshold: float, seed: int) -> di
 def train_heads(
     features_dir: str | Path,
     out_dir: str | Path,
+    *,
     cfg: TrainConfig,
     kind: str,
     seed: int,
@@ -244,8 +259,6 @@ def train_heads(
     Rows of `eval_split` are never loaded, unless pseudo-labelling is explicitly allowed to
     use them as its unlabelled pool (then every head's `train.json` says `contaminated`).
     """
-    from pipeline.heads import save_head
-
     pool_split = cfg.pseudo_pool if cfg.pseudo_label else None
     contaminated = pool_split == eval_split
     if contaminated and not cfg.pseudo_allow_eval_split:

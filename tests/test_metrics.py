@@ -58,6 +58,6 @@ def test_svm_is_not_calibrated_twice(tmp_path):
 
     feats = write_features(tmp_path / "f")
     cfg = TrainConfig(heads=["svm"], calibration="temperature")
-    info = train_heads(feats, tmp_path / "models", cfg, "item", seed=0)["svm"]
+    info = train_heads(feats, tmp_path / "models", cfg=cfg, kind="item", seed=0)["svm"]
     assert SVMHead.calibrates_on_val
     assert info["calibration"] == {"method": "none", "a": 1.0, "b": 0.0}

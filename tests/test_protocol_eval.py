@@ -76,7 +76,11 @@ def test_cnndetection_blocks_equal_ufd_on_each_folder(tmp_path):
     _fake_encode(cache / "ingest", cache / "clip")
     run_features(cache / "ingest", cache / "clip", cache / "features", FeaturesConfig(), "cnn")
     train_heads(
-        cache / "features", tmp_path / "models", TrainConfig(heads=["mlp", "svm"]), "item", 0
+        cache / "features",
+        tmp_path / "models",
+        cfg=TrainConfig(heads=["mlp", "svm"]),
+        kind="item",
+        seed=0,
     )
     run_evaluate(
         cache / "features",

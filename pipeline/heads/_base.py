@@ -6,7 +6,7 @@ import logging
 import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import expit, log_softmax, softmax
@@ -27,7 +27,24 @@ class BaseHead(ClassifierMixin, BaseEstimator):
 
     Subclasses implement `fit` and `predict_proba`; `predict` is the argmax of `predict_proba`
     unless a subclass has a documented decision rule of its own.
+
+    A head declares what it needs from the trainer in class attributes, which the trainer
+    reads from the registry (`pipeline.heads.registry.head_class`) instead of its name.
     """
+
+    # --- capabilities ---------------------------------------------------------------------------
+
+    #: Takes the CLIP text embeddings of the class prompts (`class_text_emb`) for a zero-shot
+    #: term, which the trainer gives it when the features are CLIP image embeddings.
+    needs_class_prompts: ClassVar[bool] = False
+    #: Is stacked on other heads, named by registry name in its `base_heads` parameter (which
+    #: the trainer gives the class prompts of those that need them).
+    stacks_base_heads: ClassVar[bool] = False
+    #: Attributes images to their source (generator or family): trained on class names
+    #: ('real' or the source) instead of 0/1, and scored on its predicted classes.
+    attributes_sources: ClassVar[bool] = False
+    #: Calibrates its own probabilities on val; post-hoc calibration would do it twice.
+    calibrates_on_val: ClassVar[bool] = False
 
     # --- validation -----------------------------------------------------------------------------
 

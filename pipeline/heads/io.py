@@ -13,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 from pipeline.atomic import atomic_path, write_text
 from pipeline.errors import ModelFileError
 from pipeline.heads._base import BaseHead
+from pipeline.heads.registry import HEADS, name_of
 
 FORMAT_VERSION = 1
 META_FILE = "head.json"
@@ -32,8 +33,6 @@ def save_head(head: BaseHead, directory: Path, provenance: dict[str, Any] | None
         provenance: what made the training features (`{"preset", "models"}`), stored in
             head.json as `provenance` so that the head carries it wherever it is copied.
     """
-    from pipeline.heads.registry import name_of
-
     name = name_of(head)
     check_is_fitted(head)
     directory = Path(directory)
@@ -90,7 +89,8 @@ def load_head(directory: Path) -> BaseHead:
     Raises:
         ModelFileError: one line naming the bad file, what is wrong, and the fix.
     """
-    from pipeline.heads.registry import HEADS
+    # pipeline.models (the package) imports torch and huggingface_hub; only loading a head
+    # needs its weights-file check.
     from pipeline.models.files import check_weights_file
 
     directory = Path(directory)

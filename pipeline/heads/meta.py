@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -19,10 +19,12 @@ from pipeline.heads._base import (
     seed_from,
     softmax_rows,
 )
+from pipeline.heads.registry import make_head, name_of, register
 
 FINALS = ("logistic",)
 
 
+@register("meta")
 class MetaHead(BaseHead):
     """Stack base heads: a logistic regression on their concatenated class probabilities.
 
@@ -44,6 +46,8 @@ class MetaHead(BaseHead):
     Validation data given to `fit` is passed to every base head fit (each uses it for its own
     selection, see their docs); the stacker itself is fitted on training rows only.
     """
+
+    stacks_base_heads: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -79,8 +83,6 @@ class MetaHead(BaseHead):
         return specs
 
     def _build(self, seed: int) -> list[BaseHead]:
-        from pipeline.heads.registry import make_head
-
         heads = []
         for i, (name, params) in enumerate(self._specs()):
             params.setdefault("random_state", seed + i)
@@ -153,8 +155,6 @@ class MetaHead(BaseHead):
         self.final_intercept_ = arrays["final_intercept_"]
 
     def _children(self) -> list[tuple[str, BaseHead]]:
-        from pipeline.heads.registry import name_of
-
         return [(f"base_{i:02d}_{name_of(h)}", h) for i, h in enumerate(self.base_heads_)]
 
     def _set_children(self, children: list[BaseHead]) -> None:

@@ -22,8 +22,10 @@ from pipeline.heads._base import (
     torch_seeded,
     train_torch,
 )
+from pipeline.heads.registry import register
 
 
+@register("mlp")
 class MLPHead(BaseHead):
     """Linear → ReLU → linear classifier on standardised features.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import expit
@@ -24,8 +24,10 @@ from pipeline.heads._base import (
     torch_seeded,
     train_torch,
 )
+from pipeline.heads.registry import register
 
 
+@register("multitask")
 class MultiTaskHead(BaseHead):
     """Shared projection feeding a real/generated head and a generator-attribution head.
 
@@ -56,6 +58,8 @@ class MultiTaskHead(BaseHead):
     With `fit(..., X_val=, y_val=)` the epoch with the lowest validation loss (sum of both
     terms) is kept in `best_epoch_`; without validation the last epoch is kept.
     """
+
+    attributes_sources: ClassVar[bool] = True
 
     def __init__(
         self,

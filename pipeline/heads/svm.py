@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.linalg
@@ -23,10 +23,12 @@ from pipeline.heads._base import (
     seed_from,
     standardise,
 )
+from pipeline.heads.registry import register
 
 logger = logging.getLogger(__name__)
 
 
+@register("svm")
 class SVMHead(BaseHead):
     """One-vs-rest linear SVM on standardised features, calibrated with Platt's sigmoid.
 
@@ -64,7 +66,7 @@ class SVMHead(BaseHead):
 
     #: Its probabilities are already Platt-calibrated on the validation rows `fit` gets, so the
     #: train stage fits no second calibration on the same rows.
-    calibrates_on_val = True
+    calibrates_on_val: ClassVar[bool] = True
 
     def __init__(
         self,

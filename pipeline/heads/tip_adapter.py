@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from pipeline.heads._base import (
     standardise,
     torch_seeded,
 )
+from pipeline.heads.registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 _AFFINITY_BLOCK = 4_000_000
 
 
+@register("tip_adapter")
 class TipAdapterHead(BaseHead):
     """Tip-Adapter (Zhang et al. 2022) on feature vectors, with optional key fine-tuning (-F).
 
@@ -79,6 +81,8 @@ class TipAdapterHead(BaseHead):
     (ties: lower cross-entropy) at the initial alpha, beta; without it the last epoch is kept
     and `alpha_`, `beta_` equal `alpha`, `beta`.
     """
+
+    needs_class_prompts: ClassVar[bool] = True
 
     def __init__(
         self,
