@@ -115,7 +115,7 @@ def test_the_import_scan_sees_lazy_and_by_name_imports():
     # Imported inside functions (extract._load) and by name (models' importlib registry).
     for module in ("pipeline/models/clip.py", "pipeline/models/bert.py", "pipeline/runner.py"):
         assert Path(module) in encode
-    assert Path("pipeline/report.py") not in encode
+    assert Path("pipeline/report/__init__.py") not in encode
 
 
 def test_no_dep_names_a_module_that_does_not_exist():
