@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline import store
 from pipeline.evaluation.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
+from pipeline.features import load_features
 from pipeline.perturb import KINDS as PERTURBATION_KINDS
 from pipeline.report.inputs import read_json
 from pipeline.report.markup import esc, fmt, img, note, table
@@ -261,10 +262,9 @@ def _qf_key(name: str) -> tuple[int, float, str]:
 
 
 def tsne_section(features_dir: Path, kind: str, seed: int) -> str:
+    # scikit-learn's manifold module takes a second to import; only a t-SNE plot needs it.
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
-
-    from pipeline.features import load_features
 
     if not store.list_shards(features_dir):
         return note(f"no feature shards in {features_dir}: run the features stage for t-SNE")
