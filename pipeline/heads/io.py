@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from pipeline.atomic import atomic_path, write_text
 from pipeline.errors import ModelFileError
-from pipeline.heads._base import BaseHead
+from pipeline.heads.contract import BaseHead
 from pipeline.heads.registry import HEADS, name_of
 
 FORMAT_VERSION = 1

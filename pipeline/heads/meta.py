@@ -10,16 +10,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import ConfigError, DataUnusable
-from pipeline.heads._base import (
-    BaseHead,
-    State,
-    binary_proba,
-    check_positive,
-    map_row_blocks,
-    seed_from,
-    softmax_rows,
-)
+from pipeline.heads.blocks import binary_proba, map_row_blocks, softmax_rows
+from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import make_head, name_of, register
+from pipeline.heads.torch_loop import seed_from
 
 FINALS = ("logistic",)
 

@@ -9,22 +9,22 @@ import numpy as np
 from scipy.special import expit
 
 from pipeline.errors import DataUnusable
-from pipeline.heads._base import (
-    BaseHead,
+from pipeline.heads.blocks import (
     StandardisedRows,
-    State,
-    check_device,
-    check_sgd_params,
     fit_standardiser,
     map_row_blocks,
-    seed_from,
     softmax_rows,
     standardise,
+)
+from pipeline.heads.contract import BaseHead, State, check_sgd_params
+from pipeline.heads.registry import register
+from pipeline.heads.torch_loop import (
+    check_device,
+    seed_from,
     to_numpy_state,
     torch_seeded,
     train_torch,
 )
-from pipeline.heads.registry import register
 
 
 @register("multitask")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
-from pipeline.heads._base import BaseHead
+from pipeline.heads.contract import BaseHead
 
 HEADS: dict[str, type[BaseHead]] = {}
 

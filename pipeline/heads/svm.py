@@ -13,17 +13,10 @@ from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import ConfigError, DataUnusable
 from pipeline.evaluation.metrics import fit_platt
-from pipeline.heads._base import (
-    BaseHead,
-    State,
-    check_positive,
-    fit_standardiser,
-    float64_blocks,
-    map_row_blocks,
-    seed_from,
-    standardise,
-)
+from pipeline.heads.blocks import fit_standardiser, float64_blocks, map_row_blocks, standardise
+from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import register
+from pipeline.heads.torch_loop import seed_from
 
 logger = logging.getLogger(__name__)
 

@@ -8,22 +8,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.heads._base import (
-    BaseHead,
-    State,
-    check_device,
-    check_positive,
+from pipeline.heads.blocks import (
     cross_entropy,
     fit_standardiser,
     l2_normalise,
     map_row_blocks,
-    minibatches,
-    seed_from,
     softmax_rows,
     standardise,
-    torch_seeded,
 )
+from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import register
+from pipeline.heads.torch_loop import check_device, minibatches, seed_from, torch_seeded
 
 logger = logging.getLogger(__name__)
 
