@@ -80,7 +80,9 @@ def run_evaluate(
             warned = True
         scores = _score_head(head_dir, info, by_kind[info["kind"]])
         scores.to_csv(scores_dir / f"{name}.csv", made_by or None)
-        block = _metrics_block(scores, info, cfg.threshold, made_by, provenance)
+        block = _metrics_block(
+            scores, info, threshold=cfg.threshold, made_by=made_by, provenance=provenance
+        )
         metrics[name] = block
         _write_plots(plots_dir, name, scores, cfg.threshold)
         logger.info(
@@ -135,6 +137,7 @@ def _score_head(head_dir: Path, info: dict[str, Any], fs: FeatureSet) -> Scores:
 def _metrics_block(
     scores: Scores,
     info: dict[str, Any],
+    *,
     threshold: float,
     made_by: dict[str, Any],
     provenance: dict[str, Any] | None,

@@ -115,13 +115,22 @@ def train_torch(
     largest = max((p.numel() for p in module.parameters()), default=1)
     with torch_threads(threads_for(min(batch_size, n_rows), 1, largest)):
         return _train_torch(
-            module, batch_loss, n_rows, epochs, lr, weight_decay, batch_size, generator, val_loss
+            module,
+            batch_loss,
+            n_rows=n_rows,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            generator=generator,
+            val_loss=val_loss,
         )
 
 
 def _train_torch(
     module: Any,
     batch_loss: Callable[[Any], Any],
+    *,
     n_rows: int,
     epochs: int,
     lr: float,

@@ -77,7 +77,12 @@ def build_report(
             "gallery",
             "Gallery",
             gallery_section(
-                Path(ingest_dir), Path(captions_dir), Path(objects_dir), scores, n_gallery, seed
+                Path(ingest_dir),
+                Path(captions_dir),
+                Path(objects_dir),
+                scores=scores,
+                n_gallery=n_gallery,
+                seed=seed,
             ),
         ),
     ]
@@ -89,7 +94,7 @@ def build_report(
 
 
 def report_for_dataset(
-    cache: Path, metrics_dir: Path, out_dir: Path, kind: str = "item", seed: int = 0
+    cache: Path, metrics_dir: Path, out_dir: Path, *, kind: str = "item", seed: int = 0
 ) -> Path:
     """`build_report` for the stage folders of one dataset under `cache` (cache/<data>)."""
     return build_report(

@@ -60,6 +60,7 @@ def gallery_section(
     ingest_dir: Path,
     captions_dir: Path,
     objects_dir: Path,
+    *,
     scores: dict[str, Scores],
     n_gallery: int,
     seed: int,
@@ -84,7 +85,11 @@ def gallery_section(
     lookup = {head: {str(i): k for k, i in enumerate(s.ids)} for head, s in scores.items()}
     cards = []
     for i in chosen:
-        cards.append(_card(i, ingest, captions, objects, scores, lookup))
+        cards.append(
+            _card(
+                i, ingest=ingest, captions=captions, objects=objects, scores=scores, lookup=lookup
+            )
+        )
     parts = []
     notes = []
     if captions is None:
@@ -139,6 +144,7 @@ def _round_robin(rows: list[int], generator: np.ndarray) -> list[int]:
 
 def _card(
     i: int,
+    *,
     ingest: store.Arrays,
     captions: store.Arrays | None,
     objects: store.Arrays | None,
