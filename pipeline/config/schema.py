@@ -172,7 +172,7 @@ class EncodeConfig:
 @dataclass
 class FeaturesConfig:
     # Which feature set the heads consume: item, item_global, item_local, tidy, image, text,
-    # image_text (see pipeline.features.KINDS).
+    # image_text (see pipeline.feature_kinds.KINDS).
     kind: str = "item"
     # D = w1*D_global + w2*D_local; ITEM sets both to 1.0.
     w1: float = ranged(1.0, Range(False, why="weight of D_global"))

@@ -43,7 +43,7 @@ def build_report(
         features_dir: features shards, for the t-SNE plot.
         ingest_dir, captions_dir, objects_dir: row-aligned shards, for the gallery.
         clip_dir: encode shards, for the Run table (default: `clip/` beside `ingest_dir`).
-        kind: feature kind of the t-SNE plot (`pipeline.features.KINDS`).
+        kind: feature kind of the t-SNE plot (`pipeline.feature_kinds.KINDS`).
         n_gallery: number of gallery images.
         seed: seeds the gallery choice, the t-SNE subsample and t-SNE itself.
         title: page title.
