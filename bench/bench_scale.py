@@ -107,7 +107,7 @@ def _train(features: Path, out: Path, head: str, epochs: int) -> None:
         getattr(cfg, name)["epochs"] = epochs
     cfg.meta["base_heads"] = [["mlp", {"epochs": epochs}], "svm"]
     kind = "image" if head == "tip_adapter" else "item"
-    train_heads(features, out, cfg, kind, seed=0)
+    train_heads(features, out, cfg=cfg, kind=kind, seed=0)
 
 
 def child(task: str, root: Path, head: str, epochs: int) -> dict:

@@ -68,8 +68,8 @@ def _report(args: argparse.Namespace) -> int:
         Path(args.cache) / params.data.name,
         Path(args.metrics),
         Path(args.out),
-        params.features.kind,
-        params.base.seed,
+        kind=params.features.kind,
+        seed=params.base.seed,
     )
     sys.stdout.write(f"report written to {path}\n")
     return 0

@@ -21,6 +21,7 @@ from pipeline.data.images import load_rgb
 from pipeline.data.ingest import run_ingest
 from pipeline.data.manifest import write_csv
 from pipeline.errors import DataUnusable
+from pipeline.evaluation.metrics import binary_metrics, p_generated
 from pipeline.extract.caption import CaptionStep, run_caption
 from pipeline.extract.encode import EncodeStep, run_encode
 from pipeline.extract.ground import GroundStep, run_ground
@@ -29,7 +30,6 @@ from pipeline.features import (
     planned_feature_provenance,
     run_features,
 )
-from pipeline.metrics import binary_metrics, p_generated
 from pipeline.perturb import parse_perturbation, perturb
 from pipeline.rows import store
 from pipeline.rows.atomic import atomic_path

@@ -22,31 +22,13 @@ import numpy as np
 
 from pipeline.config import FeaturesConfig
 from pipeline.errors import ConfigError
+from pipeline.feature_kinds import KINDS
 from pipeline.rows import store
 from pipeline.rows.key import params_hash
 from pipeline.rows.store import Arrays
 
 logger = logging.getLogger(__name__)
 
-# features.kind -> datasets of a features shard, concatenated in this order.
-KINDS: dict[str, tuple[str, ...]] = {
-    "item": ("D",),
-    "item_global": ("D_global",),
-    "item_local": ("D_local",),
-    "tidy": ("tidy",),
-    "image": ("image",),
-    "text": ("text",),
-    "image_text": ("image", "text"),
-    # Optional encoders (encode.bert / encode.dinov2 / encode.color_bins must be on).
-    "bert_image": ("bert_text", "image"),
-    # CT2's exact inputs: BERT [CLS] and CLIP's vision output before projection (raw).
-    "bert_image_pooled": ("bert_text", "image_pooled"),
-    "image_pooled": ("image_pooled",),
-    "dinov2": ("dinov2",),
-    "image_dinov2": ("image", "dinov2"),
-    "color": ("color_hist",),
-    "image_color": ("image", "color_hist"),
-}
 CLASS_PROMPTS = "class_prompts.h5"
 # Version of the feature formulas below; recorded in the shards' provenance, which a trained
 # head keeps and `misalign predict` compares. Bump it when a formula's output changes.
@@ -310,7 +292,7 @@ def load_features(
 def caption_provenance_of(features_dir: str | Path, split: str | None) -> dict[str, Any] | None:
     """Caption sources per class of the rows of `split` ("all" or None: every row), from the
     features shards (`metrics.caption_provenance`); None when the shards do not record them."""
-    from pipeline.metrics import caption_provenance
+    from pipeline.evaluation.metrics import caption_provenance
 
     labels, sources = [], []
     for path in store.list_shards(features_dir):

@@ -12,9 +12,9 @@ from pipeline.data.ingest import ingest_records
 from pipeline.data.manifest import IMAGE_EXTENSIONS, Record, write_csv
 from pipeline.errors import ConfigError, DatasetError, ModelFileError
 from pipeline.evalsets import extract_ingested, planned_settings
+from pipeline.evaluation.metrics import apply_calibration, p_generated
 from pipeline.features import feature_settings, load_features, settings_differences
 from pipeline.heads import load_head
-from pipeline.metrics import apply_calibration, p_generated
 from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
 from pipeline.rows import store
 from pipeline.train import ATTRIBUTION_HEADS, REAL, read_train_info

@@ -18,8 +18,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import DataUnusable, ModelFileError
-from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     REAL_CLASS,
     apply_calibration,
     fit_calibration,
@@ -27,20 +26,21 @@ from pipeline.metrics import (
     p_generated,
     threshold_for_balanced_accuracy,
 )
+from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
+from pipeline.heads import HEADS, head_class, make_head, save_head, valid_params
 from pipeline.rows import store
 from pipeline.rows.atomic import write_text
 
 logger = logging.getLogger(__name__)
 
 # Heads whose targets are class names ('real' or a generator/family) rather than 0/1.
-ATTRIBUTION_HEADS = ("multitask",)
+# Heads that attribute images to their source (their registry capability).
+ATTRIBUTION_HEADS = tuple(name for name, cls in HEADS.items() if cls.attributes_sources)
 TRAIN_INFO = "train.json"
 REAL = REAL_CLASS
 
 
 def head_params(cfg: TrainConfig, name: str, seed: int) -> dict[str, Any]:
-    from pipeline.heads import HEADS, valid_params
-
     if name not in HEADS:
         raise ConfigError(
             f"train.heads names unknown head {name!r}; known heads: {', '.join(sorted(HEADS))}"
@@ -108,8 +108,6 @@ def fit_configured_head(
     Returns:
         The fitted head and a description of the fit (for `train.json`).
     """
-    from pipeline.heads import make_head
-
     params = head_params(cfg, name, seed)
     if len(np.unique(train.y)) < 2:
         raise DataUnusable(
@@ -122,20 +120,7 @@ def fit_configured_head(
         X_tr, y_tr = np.concatenate([X_tr, extra_train[0]]), np.concatenate([y_tr, extra_train[1]])
     if extra_val is not None:
         X_va, y_va = np.concatenate([X_va, extra_val[0]]), np.concatenate([y_va, extra_val[1]])
-    zero_shot = "class_text_emb" in params
-    if name == "tip_adapter" and not zero_shot:
-        emb = _zero_shot_prompts(features_dir, kind, y_tr, "tip_adapter")
-        if emb is not None:
-            params["class_text_emb"], zero_shot = emb, True
-    if name == "meta" and "tip_adapter" in params.get("base_heads", ()):
-        # A Tip-Adapter among the meta head's base heads gets the same zero-shot term.
-        emb = _zero_shot_prompts(features_dir, kind, y_tr, "meta's tip_adapter")
-        if emb is not None:
-            params["base_heads"] = [
-                ("tip_adapter", {"class_text_emb": emb}) if b == "tip_adapter" else b
-                for b in params["base_heads"]
-            ]
-            zero_shot = True
+    zero_shot = _give_class_prompts(name, params, features_dir=features_dir, kind=kind, y=y_tr)
     head = make_head(name, params)
     logger.info(
         "training %s on %d rows (%s features, dim %d)", name, len(y_tr), kind, X_tr.shape[1]
@@ -152,6 +137,35 @@ def fit_configured_head(
     if name in ATTRIBUTION_HEADS:
         info["attribution_target"] = cfg.attribution_target
     return head, info
+
+
+def _give_class_prompts(
+    name: str, params: dict[str, Any], *, features_dir: str | Path, kind: str, y: np.ndarray
+) -> bool:
+    """Add the class prompts' embeddings to `params` where the head (or one of the base heads
+    it stacks) needs them for a zero-shot term; whether the head has such a term."""
+    cls = head_class(name)
+    if "class_text_emb" in params:
+        return True
+    if cls.needs_class_prompts:
+        emb = _zero_shot_prompts(features_dir, kind, y, name)
+        if emb is not None:
+            params["class_text_emb"] = emb
+        return emb is not None
+    bases = params.get("base_heads", ()) if cls.stacks_base_heads else ()
+    needing = [
+        b for b in bases if isinstance(b, str) and b in HEADS and HEADS[b].needs_class_prompts
+    ]
+    if not needing:
+        return False
+    # A base head that needs the class prompts gets the same zero-shot term as on its own.
+    emb = _zero_shot_prompts(features_dir, kind, y, f"{name}'s {', '.join(needing)}")
+    if emb is None:
+        return False
+    params["base_heads"] = [
+        (b, {"class_text_emb": emb}) if b in needing else b for b in params["base_heads"]
+    ]
+    return True
 
 
 def _described(params: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +244,7 @@ def pseudo_label(head: Any, pool: FeatureSet, threshold: float, seed: int) -> di
 def train_heads(
     features_dir: str | Path,
     out_dir: str | Path,
+    *,
     cfg: TrainConfig,
     kind: str,
     seed: int,
@@ -244,8 +259,6 @@ def train_heads(
     Rows of `eval_split` are never loaded, unless pseudo-labelling is explicitly allowed to
     use them as its unlabelled pool (then every head's `train.json` says `contaminated`).
     """
-    from pipeline.heads import save_head
-
     pool_split = cfg.pseudo_pool if cfg.pseudo_label else None
     contaminated = pool_split == eval_split
     if contaminated and not cfg.pseudo_allow_eval_split:
@@ -279,50 +292,78 @@ def train_heads(
         )
         info = {**(provenance or {}), **info}
         pool = fs.where(pool_split) if pool_split else None
-        if pool is not None and not len(pool.y):
-            logger.warning("pseudo-labelling: the %r split is empty; nothing to add", pool_split)
-            info["pseudo_labels"] = {"n_pool": 0}
-        elif pool is not None:
-            pl = pseudo_label(head, pool, cfg.pseudo_threshold, seed)
-            pred = pl["pred"]
-            pseudo_y = (
-                pred.astype(str) if name in ATTRIBUTION_HEADS else (pred != 0).astype(np.int64)
+        if pool is not None:
+            head, info["pseudo_labels"] = _refit_with_pseudo_labels(
+                name, cfg, head, train=train, val=val, pool=pool, fit=fit
             )
-            head, _ = fit_configured_head(
-                name,
-                cfg,
-                train,
-                val,
-                **fit,
-                extra_train=(pool.X[pl["train"]], pseudo_y[pl["train"]]),
-                extra_val=(pool.X[pl["val"]], pseudo_y[pl["val"]]),
-            )
-            info["pseudo_labels"] = pl["report"]
-            rep = pl["report"]
-            logger.info(
-                "%s pseudo-labels: %d of %d pool rows above threshold %.3f (%d to train, %d to "
-                "val; per class: %s)",
-                name,
-                rep["n_added_train"] + rep["n_added_val"],
-                rep["n_pool"],
-                rep["threshold"],
-                rep["n_added_train"],
-                rep["n_added_val"],
-                format_counts(rep["per_class"]),
-            )
-        cal = {"a": 1.0, "b": 0.0}
-        # A head that calibrates itself on val (the SVM's Platt fit) is not calibrated twice.
-        method = "none" if getattr(head, "calibrates_on_val", False) else cfg.calibration
-        if len(val.y) and len(np.unique(val.y)) == 2:
-            p_val = p_generated(head, val.X)
-            cal = fit_calibration(method, p_val, val.y)
-            p_val = apply_calibration(cal, p_val)
-            info["val_threshold"] = float(threshold_for_balanced_accuracy(val.y, p_val))
-        info["calibration"] = {"method": method, **cal}
+        calibration, val_threshold = _calibrate_on_val(name, cfg, head, val)
+        if val_threshold is not None:
+            info["val_threshold"] = val_threshold
+        info["calibration"] = calibration
         save_head(head, out_dir / name, provenance)
         write_text(out_dir / name / TRAIN_INFO, json.dumps(info, indent=2, default=str) + "\n")
         report[name] = info
     return report
+
+
+def _refit_with_pseudo_labels(
+    name: str,
+    cfg: TrainConfig,
+    head: Any,
+    *,
+    train: FeatureSet,
+    val: FeatureSet,
+    pool: FeatureSet,
+    fit: dict[str, Any],
+) -> tuple[Any, dict[str, Any]]:
+    """The head refitted with its confident pseudo-labels of `pool` added to train and val
+    (`pseudo_label`), and the report of what was added; the head as it is for an empty pool."""
+    if not len(pool.y):
+        logger.warning("pseudo-labelling: the %r split is empty; nothing to add", cfg.pseudo_pool)
+        return head, {"n_pool": 0}
+    pl = pseudo_label(head, pool, cfg.pseudo_threshold, fit["seed"])
+    pred = pl["pred"]
+    pseudo_y = pred.astype(str) if name in ATTRIBUTION_HEADS else (pred != 0).astype(np.int64)
+    head, _ = fit_configured_head(
+        name,
+        cfg,
+        train,
+        val,
+        **fit,
+        extra_train=(pool.X[pl["train"]], pseudo_y[pl["train"]]),
+        extra_val=(pool.X[pl["val"]], pseudo_y[pl["val"]]),
+    )
+    rep = pl["report"]
+    logger.info(
+        "%s pseudo-labels: %d of %d pool rows above threshold %.3f (%d to train, %d to "
+        "val; per class: %s)",
+        name,
+        rep["n_added_train"] + rep["n_added_val"],
+        rep["n_pool"],
+        rep["threshold"],
+        rep["n_added_train"],
+        rep["n_added_val"],
+        format_counts(rep["per_class"]),
+    )
+    return head, rep
+
+
+def _calibrate_on_val(
+    name: str, cfg: TrainConfig, head: Any, val: FeatureSet
+) -> tuple[dict[str, Any], float | None]:
+    """The post-hoc calibration of the head's p_generated fitted on val (identity without
+    both classes in val) and the threshold of balanced accuracy on the calibrated val
+    scores (None without both classes)."""
+    cal = {"a": 1.0, "b": 0.0}
+    # A head that calibrates itself on val (the SVM's Platt fit) is not calibrated twice.
+    method = "none" if head_class(name).calibrates_on_val else cfg.calibration
+    threshold = None
+    if len(val.y) and len(np.unique(val.y)) == 2:
+        p_val = p_generated(head, val.X)
+        cal = fit_calibration(method, p_val, val.y)
+        p_val = apply_calibration(cal, p_val)
+        threshold = float(threshold_for_balanced_accuracy(val.y, p_val))
+    return {"method": method, **cal}, threshold
 
 
 def trained_heads(heads_dir: str | Path) -> list[Path]:

@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--split", default="", help="split to score: evaluate.split, or all")
 
     def body(args, params):
-        from pipeline.evaluate import run_evaluate
+        from pipeline.evaluation.evaluate import run_evaluate
 
         run_evaluate(
             args.features,
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.metrics,
             args.scores,
             args.plots,
-            params.evaluate,
+            cfg=params.evaluate,
             split=args.split or None,
             summary_dir=args.summary or None,
         )

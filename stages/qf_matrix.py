@@ -18,8 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body(args, params):
         from pipeline.evalsets import qf_matrix
-        from pipeline.evaluate import write_json_atomic
         from pipeline.features import run_features
+        from pipeline.rows.atomic import write_json_atomic
 
         dirs = {}
         for q in params.evaluate.qf_matrix:

@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.cache),
             Path(args.metrics),
             Path(args.out),
-            params.features.kind,
-            params.base.seed,
+            kind=params.features.kind,
+            seed=params.base.seed,
         )
 
     return run("report", argv, ap, body)

@@ -20,10 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_heads(
             args.features,
             args.out,
-            params.train,
-            params.features.kind,
-            params.base.seed,
-            params.evaluate.split,
+            cfg=params.train,
+            kind=params.features.kind,
+            seed=params.base.seed,
+            eval_split=params.evaluate.split,
             provenance=run_provenance(params, args.features),
         )
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.evaluate: every metric against scikit-learn, files, and edge cases."""
+"""Tests for pipeline.evaluation.evaluate: every metric against scikit-learn, files, and edge cases."""
 
 import json
 import math
@@ -14,8 +14,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline.evaluate import write_json_atomic
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     Scores,
     binary_metrics,
     confusion,
@@ -24,6 +23,7 @@ from pipeline.metrics import (
     roc_points,
     threshold_for_balanced_accuracy,
 )
+from pipeline.rows.atomic import write_json_atomic
 
 GENERATORS = ["progan", "sd14", "midjourney"]
 
@@ -322,7 +322,7 @@ def test_subset_selects_rows_of_every_column():
 
 
 def test_summary_is_compact_and_takes_the_mean_block_or_computes_it(tmp_path):
-    from pipeline.summary import head_summary, write_summaries
+    from pipeline.evaluation.summary import head_summary, write_summaries
 
     per_gen = {"a": {"acc": 0.5, "ap": 0.75, "n": 4}, "b": {"acc": 1.0, "ap": None, "n": 4}}
     block = {"overall": {"acc": 0.7, "ap": 0.8, "auc": 0.9, "n": 8, "r_acc": 0.6}}

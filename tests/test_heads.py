@@ -585,7 +585,7 @@ def test_svm_solves_linearsvcs_problem(C: float, classes: int) -> None:
     one-vs-rest, on the head's own standardisation."""
     from sklearn.svm import LinearSVC
 
-    from pipeline.heads._base import standardise
+    from pipeline.heads.blocks import standardise
 
     X, y = _svm_data(600, 10, classes)
     head = SVMHead(C=C, tol=1e-10).fit(X, y)
@@ -600,7 +600,7 @@ def test_squared_hinge_rows_and_warm_start_give_the_same_optimum() -> None:
     """Fitting on `rows` equals fitting on the copied rows; a warm start and a Hessian made
     from the Gram matrix minus the inactive rows change nothing; float32 input gives the
     float64 result (standardised in float64 either way)."""
-    from pipeline.heads._base import fit_standardiser
+    from pipeline.heads.blocks import fit_standardiser
     from pipeline.heads.svm import augmented_gram, fit_squared_hinge
 
     X, y = _svm_data(20_000, 6, 2, seed=3)  # more than two row blocks
@@ -639,9 +639,9 @@ def test_heads_train_and_predict_without_copying_the_features(
     The row blocks are made small here so that the matrix is many blocks."""
     import tracemalloc
 
-    from pipeline.heads import _base
+    from pipeline.heads import blocks
 
-    monkeypatch.setattr(_base, "_BLOCK_BYTES", 128 << 10)
+    monkeypatch.setattr(blocks, "_BLOCK_BYTES", 128 << 10)
     X, y = _svm_data(24_000, 128, 2, seed=5)
     X = X.astype(np.float32)
     if isinstance(head, MultiTaskHead):

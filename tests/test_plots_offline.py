@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.evaluate import _write_points
-from pipeline.metrics import pr_points, roc_points
+from pipeline.evaluation.evaluate import _write_points
+from pipeline.evaluation.metrics import pr_points, roc_points
 from tests.helpers import ROOT
 from tests.test_report import _Chromium, _require_chromium
 

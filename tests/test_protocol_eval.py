@@ -12,9 +12,9 @@ from sklearn.metrics import accuracy_score, average_precision_score
 
 from pipeline.config import BaseConfig, EvaluateConfig, FeaturesConfig, IngestConfig, TrainConfig
 from pipeline.data.ingest import run_ingest
-from pipeline.evaluate import run_evaluate
+from pipeline.evaluation.evaluate import run_evaluate
+from pipeline.evaluation.metrics import Scores, evaluate_scores
 from pipeline.features import run_features
-from pipeline.metrics import Scores, evaluate_scores
 from pipeline.rows import store
 from pipeline.train import train_heads
 from tests.helpers import make_image
@@ -83,7 +83,11 @@ def test_cnndetection_blocks_equal_ufd_on_each_folder(tmp_path):
     _fake_encode(cache / "ingest", cache / "clip")
     run_features(cache / "ingest", cache / "clip", cache / "features", FeaturesConfig(), "cnn")
     train_heads(
-        cache / "features", tmp_path / "models", TrainConfig(heads=["mlp", "svm"]), "item", 0
+        cache / "features",
+        tmp_path / "models",
+        cfg=TrainConfig(heads=["mlp", "svm"]),
+        kind="item",
+        seed=0,
     )
     run_evaluate(
         cache / "features",
@@ -91,7 +95,7 @@ def test_cnndetection_blocks_equal_ufd_on_each_folder(tmp_path):
         tmp_path / "eval.json",
         cache / "scores",
         tmp_path / "plots",
-        EvaluateConfig(),
+        cfg=EvaluateConfig(),
     )
     written = json.loads((tmp_path / "eval.json").read_text())
     for head in ("mlp", "svm"):

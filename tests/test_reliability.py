@@ -187,7 +187,7 @@ def test_range_table_covers_every_numeric_param():
             elif hint in (int, float):
                 yield key
 
-    missing = [k for k in numeric_keys(config.Params) if k not in config._RANGES]
+    missing = [k for k in numeric_keys(config.Params) if k not in config.RANGES]
     assert not missing
 
 
@@ -200,7 +200,7 @@ def test_head_ranges_accept_the_heads_own_defaults():
     assert config.HEAD_PARAMS == {name: tuple(valid_params(name)) for name in HEADS}
     for name, cls in HEADS.items():
         for p in inspect.signature(cls.__init__).parameters.values():
-            rule = config._HEAD_RANGES.get(p.name)
+            rule = config.HEAD_RANGES.get(p.name)
             if rule is not None:
                 assert rule.ok(p.default), (name, p.name, p.default)
 

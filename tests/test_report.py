@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.evaluate import write_json_atomic
-from pipeline.metrics import Scores, evaluate_scores
+from pipeline.evaluation.metrics import Scores, evaluate_scores
 from pipeline.report import build_report
 from pipeline.rows import store
+from pipeline.rows.atomic import write_json_atomic
 from tests.helpers import make_image
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -275,7 +275,7 @@ CJK_PHRASE = "黑猫 on a 桌子"
 
 def _covers(text: str) -> bool:
     """Whether an installed label font (as matplotlib's font manager lists them) covers `text`."""
-    from pipeline.report import _label_fonts
+    from pipeline.report.gallery import _label_fonts
 
     return any({ord(c) for c in text if not c.isspace()} <= cps for _, cps in _label_fonts())
 
@@ -283,7 +283,7 @@ def _covers(text: str) -> bool:
 def test_thumbnail_labels_never_draw_tofu():
     """A phrase is drawn when an installed font covers it, else as the object's number; what is
     drawn is always covered by the font drawing it. (This machine has no CJK font.)"""
-    from pipeline.report import _box_label, _label_fonts
+    from pipeline.report.gallery import _box_label, _label_fonts
 
     assert _box_label(0, "a cat", 0.5)[1:] == ("a cat 0.50", False)
     label = _box_label(2, CJK_PHRASE, 0.524)
@@ -555,8 +555,8 @@ def test_browser_check_catches_broken_pages(tmp_path: Path) -> None:
 
 def test_empty_qf_matrix_is_a_note(tmp_path):
     """evaluate.qf_matrix: [] makes the stage write {}; the report says so instead of failing."""
-    from pipeline.report import _qf_section
+    from pipeline.report.figures import qf_section
 
     path = tmp_path / "qf_matrix.json"
     path.write_text("{}")
-    assert "empty" in _qf_section(path)
+    assert "empty" in qf_section(path)

@@ -10,10 +10,10 @@ from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.config import ConfigError, EvaluateConfig, FeaturesConfig, TrainConfig
-from pipeline.evaluate import run_evaluate
+from pipeline.evaluation.evaluate import run_evaluate
+from pipeline.evaluation.metrics import apply_calibration, fit_calibration
 from pipeline.features import CLASS_PROMPTS, compute_features
 from pipeline.heads import load_head
-from pipeline.metrics import apply_calibration, fit_calibration
 from pipeline.rows import store
 from pipeline.train import train_heads
 
@@ -72,8 +72,8 @@ def test_default_training_never_reads_test_rows(tmp_path):
         tip_adapter={"finetune": True, "epochs": 3},
         meta={"n_folds": 3},
     )
-    train_heads(clean, tmp_path / "m1", cfg, "item", seed=0)
-    train_heads(poisoned, tmp_path / "m2", cfg, "item", seed=0)
+    train_heads(clean, tmp_path / "m1", cfg=cfg, kind="item", seed=0)
+    train_heads(poisoned, tmp_path / "m2", cfg=cfg, kind="item", seed=0)
     X = np.random.default_rng(1).normal(3, 1, (20, 6))
     for name in cfg.heads:
         a, b = load_head(tmp_path / "m1" / name), load_head(tmp_path / "m2" / name)
@@ -89,7 +89,7 @@ def test_a_meta_heads_tip_adapter_gets_the_class_prompts(tmp_path):
     of the class prompts, as the top-level one does."""
     feats = write_features(tmp_path / "f")
     cfg = TrainConfig(heads=["meta"], meta={"base_heads": ["svm", "tip_adapter"], "n_folds": 3})
-    train_heads(feats, tmp_path / "models", cfg, "image", seed=0)
+    train_heads(feats, tmp_path / "models", cfg=cfg, kind="image", seed=0)
     meta = load_head(tmp_path / "models" / "meta")
     tip = meta.base_heads_[1]
     assert tip.text_weights_ is not None and tip.text_weights_.shape == (2, 6)
@@ -106,7 +106,7 @@ def test_every_head_trains_and_is_evaluated(tmp_path):
         multitask={"epochs": 30},
         meta={"n_folds": 3},
     )
-    train_heads(feats, tmp_path / "models", cfg, "item", seed=0)
+    train_heads(feats, tmp_path / "models", cfg=cfg, kind="item", seed=0)
     info = json.loads((tmp_path / "models" / "tip_adapter" / "train.json").read_text())
     assert info["kind"] == "image" and info["zero_shot_prompts"] is True
     metrics = run_evaluate(
@@ -115,7 +115,7 @@ def test_every_head_trains_and_is_evaluated(tmp_path):
         tmp_path / "eval.json",
         tmp_path / "scores",
         tmp_path / "plots",
-        EvaluateConfig(),
+        cfg=EvaluateConfig(),
     )
     assert set(metrics) == set(cfg.heads)
     for name, block in metrics.items():
@@ -157,7 +157,7 @@ def test_pseudo_labels_and_contamination(tmp_path, caplog):
     feats = write_features(tmp_path / "f", n=n, splits=splits)
     cfg = TrainConfig(heads=["svm", "multitask"], multitask={"epochs": 30}, pseudo_label=True)
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        train_heads(feats, tmp_path / "m", cfg, "item", seed=0)
+        train_heads(feats, tmp_path / "m", cfg=cfg, kind="item", seed=0)
     for name in cfg.heads:
         info = json.loads((tmp_path / "m" / name / "train.json").read_text())
         pl = info["pseudo_labels"]
@@ -176,18 +176,18 @@ def test_pseudo_labels_and_contamination(tmp_path, caplog):
         )
     bad = TrainConfig(heads=["svm"], pseudo_label=True, pseudo_pool="test")
     with pytest.raises(ConfigError, match="pseudo_allow_eval_split"):
-        train_heads(feats, tmp_path / "m2", bad, "item", seed=0)
+        train_heads(feats, tmp_path / "m2", cfg=bad, kind="item", seed=0)
     allowed = TrainConfig(
         heads=["svm"], pseudo_label=True, pseudo_pool="test", pseudo_allow_eval_split=True
     )
-    train_heads(feats, tmp_path / "m3", allowed, "item", seed=0)
+    train_heads(feats, tmp_path / "m3", cfg=allowed, kind="item", seed=0)
     metrics = run_evaluate(
         feats,
         tmp_path / "m3",
         tmp_path / "e.json",
         tmp_path / "s",
         tmp_path / "p",
-        EvaluateConfig(),
+        cfg=EvaluateConfig(),
     )
     assert metrics["svm"]["contaminated"] is True
 
@@ -197,8 +197,8 @@ def test_qf_matrix_fits_every_head_like_the_train_stage(tmp_path):
     which made every p_generated 1) and tip_adapter its class-prompt embeddings."""
     from pipeline.config import Params
     from pipeline.evalsets import qf_matrix
+    from pipeline.evaluation.metrics import p_generated
     from pipeline.features import load_features
-    from pipeline.metrics import p_generated
     from pipeline.train import fit_configured_head
 
     params = Params()

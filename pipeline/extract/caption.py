@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.config import BaseConfig, CaptionConfig, ModelsConfig
 from pipeline.errors import CaptionsMissing
+from pipeline.evaluation.metrics import caption_provenance, describe_provenance, warn_if_correlated
 from pipeline.extract.base import (
     DecodeThen,
     ModelStep,
@@ -25,7 +26,6 @@ from pipeline.extract.base import (
     scheduler_args,
 )
 from pipeline.extract.loaded import loaded_model
-from pipeline.metrics import caption_provenance, describe_provenance, warn_if_correlated
 from pipeline.rows import reader, store
 from pipeline.rows.atomic import write_text
 from pipeline.rows.key import decoding_hash, params_hash, row_hash

@@ -1,10 +1,14 @@
-"""Classification heads on cached CLIP features: scikit-learn estimators saved without pickle."""
+"""Classification heads on cached CLIP features: scikit-learn estimators saved without pickle.
+
+Importing the package imports every head module, each of which registers its head in
+`registry.HEADS`.
+"""
 
 from pipeline.heads.io import load_head, save_head
 from pipeline.heads.meta import MetaHead
 from pipeline.heads.mlp import MLPHead
 from pipeline.heads.multitask import MultiTaskHead
-from pipeline.heads.registry import HEADS, make_head, valid_params
+from pipeline.heads.registry import HEADS, head_class, make_head, valid_params
 from pipeline.heads.svm import SVMHead
 from pipeline.heads.tip_adapter import TipAdapterHead
 
@@ -15,6 +19,7 @@ __all__ = [
     "MultiTaskHead",
     "SVMHead",
     "TipAdapterHead",
+    "head_class",
     "load_head",
     "make_head",
     "save_head",

@@ -11,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
 from pipeline.errors import ModelFileError
-from pipeline.heads._base import BaseHead
+from pipeline.heads.contract import BaseHead
+from pipeline.heads.registry import HEADS, name_of
 from pipeline.rows.atomic import atomic_path, write_text
 
 FORMAT_VERSION = 1
@@ -32,8 +33,6 @@ def save_head(head: BaseHead, directory: Path, provenance: dict[str, Any] | None
         provenance: what made the training features (`{"preset", "models"}`), stored in
             head.json as `provenance` so that the head carries it wherever it is copied.
     """
-    from pipeline.heads.registry import name_of
-
     name = name_of(head)
     check_is_fitted(head)
     directory = Path(directory)
@@ -90,7 +89,8 @@ def load_head(directory: Path) -> BaseHead:
     Raises:
         ModelFileError: one line naming the bad file, what is wrong, and the fix.
     """
-    from pipeline.heads.registry import HEADS
+    # pipeline.models (the package) imports torch and huggingface_hub; only loading a head
+    # needs its weights-file check.
     from pipeline.models.files import check_weights_file
 
     directory = Path(directory)

@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import ConfigError, DataUnusable
-from pipeline.heads._base import (
-    BaseHead,
-    State,
-    binary_proba,
-    check_positive,
-    map_row_blocks,
-    seed_from,
-    softmax_rows,
-)
+from pipeline.heads.blocks import binary_proba, map_row_blocks, softmax_rows
+from pipeline.heads.contract import BaseHead, State, check_positive
+from pipeline.heads.registry import make_head, name_of, register
+from pipeline.heads.torch_loop import seed_from
 
 FINALS = ("logistic",)
 
 
+@register("meta")
 class MetaHead(BaseHead):
     """Stack base heads: a logistic regression on their concatenated class probabilities.
 
@@ -44,6 +40,8 @@ class MetaHead(BaseHead):
     Validation data given to `fit` is passed to every base head fit (each uses it for its own
     selection, see their docs); the stacker itself is fitted on training rows only.
     """
+
+    stacks_base_heads: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -79,8 +77,6 @@ class MetaHead(BaseHead):
         return specs
 
     def _build(self, seed: int) -> list[BaseHead]:
-        from pipeline.heads.registry import make_head
-
         heads = []
         for i, (name, params) in enumerate(self._specs()):
             params.setdefault("random_state", seed + i)
@@ -153,8 +149,6 @@ class MetaHead(BaseHead):
         self.final_intercept_ = arrays["final_intercept_"]
 
     def _children(self) -> list[tuple[str, BaseHead]]:
-        from pipeline.heads.registry import name_of
-
         return [(f"base_{i:02d}_{name_of(h)}", h) for i, h in enumerate(self.base_heads_)]
 
     def _set_children(self, children: list[BaseHead]) -> None:

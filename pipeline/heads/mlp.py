@@ -6,24 +6,26 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.heads._base import (
-    BaseHead,
+from pipeline.heads.blocks import (
     StandardisedRows,
-    State,
     binary_proba,
-    check_device,
-    check_sgd_params,
     fit_standardiser,
     map_row_blocks,
-    seed_from,
     softmax_rows,
     standardise,
+)
+from pipeline.heads.contract import BaseHead, State, check_sgd_params
+from pipeline.heads.registry import register
+from pipeline.heads.torch_loop import (
+    check_device,
+    seed_from,
     to_numpy_state,
     torch_seeded,
     train_torch,
 )
 
 
+@register("mlp")
 class MLPHead(BaseHead):
     """Linear → ReLU → linear classifier on standardised features.
 

@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import expit
 
 from pipeline.errors import DataUnusable
-from pipeline.heads._base import (
-    BaseHead,
+from pipeline.heads.blocks import (
     StandardisedRows,
-    State,
-    check_device,
-    check_sgd_params,
     fit_standardiser,
     map_row_blocks,
-    seed_from,
     softmax_rows,
     standardise,
+)
+from pipeline.heads.contract import BaseHead, State, check_sgd_params
+from pipeline.heads.registry import register
+from pipeline.heads.torch_loop import (
+    check_device,
+    seed_from,
     to_numpy_state,
     torch_seeded,
     train_torch,
 )
 
 
+@register("multitask")
 class MultiTaskHead(BaseHead):
     """Shared projection feeding a real/generated head and a generator-attribution head.
 
@@ -56,6 +58,8 @@ class MultiTaskHead(BaseHead):
     With `fit(..., X_val=, y_val=)` the epoch with the lowest validation loss (sum of both
     terms) is kept in `best_epoch_`; without validation the last epoch is kept.
     """
+
+    attributes_sources: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.linalg
@@ -12,21 +12,16 @@ from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import ConfigError, DataUnusable
-from pipeline.heads._base import (
-    BaseHead,
-    State,
-    check_positive,
-    fit_standardiser,
-    float64_blocks,
-    map_row_blocks,
-    seed_from,
-    standardise,
-)
-from pipeline.metrics import fit_platt
+from pipeline.evaluation.metrics import fit_platt
+from pipeline.heads.blocks import fit_standardiser, float64_blocks, map_row_blocks, standardise
+from pipeline.heads.contract import BaseHead, State, check_positive
+from pipeline.heads.registry import register
+from pipeline.heads.torch_loop import seed_from
 
 logger = logging.getLogger(__name__)
 
 
+@register("svm")
 class SVMHead(BaseHead):
     """One-vs-rest linear SVM on standardised features, calibrated with Platt's sigmoid.
 
@@ -64,7 +59,7 @@ class SVMHead(BaseHead):
 
     #: Its probabilities are already Platt-calibrated on the validation rows `fit` gets, so the
     #: train stage fits no second calibration on the same rows.
-    calibrates_on_val = True
+    calibrates_on_val: ClassVar[bool] = True
 
     def __init__(
         self,

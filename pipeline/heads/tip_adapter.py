@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.heads._base import (
-    BaseHead,
-    State,
-    check_device,
-    check_positive,
+from pipeline.heads.blocks import (
     cross_entropy,
     fit_standardiser,
     l2_normalise,
     map_row_blocks,
-    minibatches,
-    seed_from,
     softmax_rows,
     standardise,
-    torch_seeded,
 )
+from pipeline.heads.contract import BaseHead, State, check_positive
+from pipeline.heads.registry import register
+from pipeline.heads.torch_loop import check_device, minibatches, seed_from, torch_seeded
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +26,7 @@ logger = logging.getLogger(__name__)
 _AFFINITY_BLOCK = 4_000_000
 
 
+@register("tip_adapter")
 class TipAdapterHead(BaseHead):
     """Tip-Adapter (Zhang et al. 2022) on feature vectors, with optional key fine-tuning (-F).
 
@@ -79,6 +76,8 @@ class TipAdapterHead(BaseHead):
     (ties: lower cross-entropy) at the initial alpha, beta; without it the last epoch is kept
     and `alpha_`, `beta_` equal `alpha`, `beta`.
     """
+
+    needs_class_prompts: ClassVar[bool] = True
 
     def __init__(
         self,

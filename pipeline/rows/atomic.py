@@ -4,11 +4,15 @@ reader never sees half a file and an interrupted write leaves nothing behind."""
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from pipeline.errors import OutputError
 
@@ -83,3 +87,33 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_open(path, text=False) as fh:
         fh.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, ndigits: int | None = 6) -> None:
+    """Write ``obj`` as JSON (sorted keys, indent 2) via a temporary file and a rename.
+
+    Numpy scalars and arrays become plain numbers and lists; floats are rounded to ``ndigits``
+    decimals (``None`` keeps them exact). NaN and infinity raise ``ValueError`` instead of
+    producing JSON that DVC cannot parse: report undefined values as ``None``.
+    """
+    text = json.dumps(_jsonable(obj, ndigits, "$"), indent=2, sort_keys=True, allow_nan=False)
+    write_text(path, text + "\n")
+
+
+def _jsonable(obj: Any, ndigits: int | None, where: str) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, ndigits, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple | np.ndarray):
+        items = obj.tolist() if isinstance(obj, np.ndarray) else obj
+        return [_jsonable(v, ndigits, f"{where}[{i}]") for i, v in enumerate(items)]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, bool | int | str) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(
+                f"{where} is {obj}, which JSON cannot hold; report undefined metrics as None"
+            )
+        return round(obj, ndigits) if ndigits is not None else obj
+    raise TypeError(f"{where} has type {type(obj).__name__}, which cannot be written as JSON")

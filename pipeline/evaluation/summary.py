@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.rows.atomic import write_json_atomic
+
 OVERALL_KEYS = ("acc", "ap", "auc")
 MEAN_KEYS = ("acc", "ap")
 
@@ -41,8 +43,6 @@ def head_summary(block: dict[str, Any]) -> dict[str, Any]:
 
 def write_summaries(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Replace `out_dir` by one `<head>.json` summary per head of `metrics`."""
-    from pipeline.evaluate import write_json_atomic
-
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
