@@ -176,7 +176,7 @@ def qf_matrix(
     Returns:
         `{head: {"<train_qf>": {"<test_qf>": {"acc": .., "ap": .., "auc": .., "n": ..}}}}`.
     """
-    from pipeline.metrics import binary_metrics, p_generated
+    from pipeline.metrics import binary_metrics, own_decision, p_generated
     from pipeline.train import fit_configured_head, head_kind
 
     out: dict[str, Any] = {}
@@ -197,7 +197,8 @@ def qf_matrix(
             row = {}
             for q_test, ft in sets.items():
                 te = ft.where(eval_split)
-                m = binary_metrics(te.y, np.clip(p_generated(head, te.X), 0, 1))
+                p = np.clip(p_generated(head, te.X), 0, 1)
+                m = binary_metrics(te.y, p, decision=own_decision(head, te.X))
                 row[str(q_test)] = {k: m[k] for k in ("acc", "ap", "auc", "n")}
             out[name][str(q_train)] = row
             logger.info(

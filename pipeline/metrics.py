@@ -51,8 +51,10 @@ class Scores:
     class name: ``"real"`` or a generator name. The ``generator`` of real rows is not used by
     any metric. ``subset`` is the dataset folder of each image (``""`` when the dataset has
     none; ``None`` means none for every row): it decides which real images a generator's
-    block holds (:func:`evaluate_scores`). Fields are coerced to numpy arrays and validated on
-    construction.
+    block holds (:func:`evaluate_scores`). ``decision`` (heads with a decision rule of their
+    own, the SVM's margin > 0; ``None`` for the others) is 1 where the head itself calls the
+    image generated: the accuracies at threshold 0.5 are at this decision, not at
+    ``p_generated > 0.5``. Fields are coerced to numpy arrays and validated on construction.
     """
 
     ids: np.ndarray
@@ -62,6 +64,7 @@ class Scores:
     p_generated: np.ndarray
     pred_class: np.ndarray | None = None
     subset: np.ndarray | None = None
+    decision: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=str)
@@ -73,6 +76,8 @@ class Scores:
         self.p_generated = np.asarray(self.p_generated, dtype=np.float64)
         if self.pred_class is not None:
             self.pred_class = np.asarray(self.pred_class, dtype=str)
+        if self.decision is not None:
+            self.decision = _as_binary_label(np.asarray(self.decision).ravel())
         self.label = _as_binary_label(self.label)
 
         n = len(self.ids)
@@ -85,6 +90,8 @@ class Scores:
         }
         if self.pred_class is not None:
             columns["pred_class"] = self.pred_class
+        if self.decision is not None:
+            columns["decision"] = self.decision
         for name, values in columns.items():
             if values.shape != (n,):
                 raise ValueError(
@@ -113,6 +120,7 @@ class Scores:
             p_generated=self.p_generated[index],
             pred_class=None if self.pred_class is None else self.pred_class[index],
             subset=self.subset[index],
+            decision=None if self.decision is None else self.decision[index],
         )
 
     def to_csv(
@@ -130,6 +138,8 @@ class Scores:
         header = list(SCORE_COLUMNS)
         if self.pred_class is not None:
             header.append("pred_class")
+        if self.decision is not None:
+            header.append("decision")
         tail = [] if provenance is None else [provenance.get("preset", ""), models_text(provenance)]
         if provenance is not None:
             header += ["preset", "models"]
@@ -148,6 +158,8 @@ class Scores:
                 ]
                 if self.pred_class is not None:
                     row.append(self.pred_class[i])
+                if self.decision is not None:
+                    row.append(int(self.decision[i]))
                 writer.writerow(row + tail)
         logger.info("wrote %d scores to %s", len(self), path)
 
@@ -166,6 +178,7 @@ class Scores:
                 )
             rows = list(reader)
         has_pred = "pred_class" in fields
+        has_decision = "decision" in fields
         return cls(
             ids=np.array([r["id"] for r in rows], dtype=str),
             label=np.array([int(r["label"]) for r in rows], dtype=np.int64),
@@ -174,14 +187,22 @@ class Scores:
             p_generated=np.array([float(r["p_generated"]) for r in rows], dtype=np.float64),
             pred_class=np.array([r["pred_class"] for r in rows], dtype=str) if has_pred else None,
             subset=np.array([r.get("subset") or "" for r in rows], dtype=str),
+            decision=np.array([int(r["decision"]) for r in rows]) if has_decision else None,
         )
 
 
-def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 0.5) -> Metrics:
+def binary_metrics(
+    label: ArrayLike,
+    p_generated: ArrayLike,
+    threshold: float = 0.5,
+    decision: ArrayLike | None = None,
+) -> Metrics:
     """Real-vs-generated metrics of one block of images.
 
     An image is predicted generated when ``p_generated > threshold`` (strictly, as in the
-    CNNDetection / UnivFD evaluation code, so a score of exactly 0.5 counts as real).
+    CNNDetection / UnivFD evaluation code, so a score of exactly 0.5 counts as real), or,
+    with ``decision`` (0/1 per image, the head's own decision), where ``decision`` is 1: the
+    accuracies and F1 then follow it and ``threshold`` is not used.
     Metrics that are undefined for the block are ``None`` (``null`` in JSON), never NaN:
     ``r_acc`` without real images, ``f_acc`` without generated images, and ``ap`` and ``auc``
     unless both classes are present.
@@ -202,8 +223,14 @@ def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 
     if len(y) == 0:
         raise ValueError("cannot compute metrics of an empty block: no images were scored")
     _check_probabilities(p)
+    if decision is None:
+        pred = (p > threshold).astype(np.int64)
+    else:
+        pred = _as_binary_label(np.asarray(decision).ravel())
+        if pred.shape != y.shape:
+            raise ValueError(f"label has shape {y.shape} but decision has shape {pred.shape}")
 
-    correct = (p > threshold).astype(np.int64) == y
+    correct = pred == y
     real, generated = y == 0, y == 1
     both = bool(real.any() and generated.any())
     return {
@@ -213,7 +240,7 @@ def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 
         "ap": float(average_precision_score(y, p)) if both else None,
         "auc": float(roc_auc_score(y, p)) if both else None,
         # Binary F1 with "generated" as the positive class (CT2 task A's metric).
-        "f1": float(f1_score(y, (p > threshold).astype(np.int64), zero_division=0))
+        "f1": float(f1_score(y, pred, zero_division=0))
         if generated.any()
         else None,
         "n": len(y),
@@ -252,6 +279,9 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
 
     Binary metrics always come from ``p_generated``, also for attribution heads, so they can
     differ slightly from ``pred_class != "real"`` when the class probabilities are split.
+    When ``scores.decision`` is set and ``threshold`` is 0.5, the accuracies and F1 are at
+    the head's own decision instead (:func:`own_decision`); AP and AUC still rank
+    ``p_generated``.
     """
     generated = scores.label == 1
     bad = sorted(set(scores.generator[generated]) & {"", REAL_CLASS})
@@ -260,7 +290,8 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
             f"generated images have generator name(s) {bad}; every generated image needs a "
             f"generator name other than '' and {REAL_CLASS!r} (use e.g. 'unknown')"
         )
-    overall = binary_metrics(scores.label, scores.p_generated, threshold)
+    decision = scores.decision if threshold == 0.5 else None
+    overall = binary_metrics(scores.label, scores.p_generated, threshold, decision)
     if scores.pred_class is not None:
         true = scores.true_class
         labels = sorted(set(true) | set(scores.pred_class))
@@ -280,7 +311,12 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
         reals = real & np.isin(subset, sorted(folders)) if own else real
         block = fakes | reals
         per_generator[name] = {
-            **binary_metrics(scores.label[block], scores.p_generated[block], threshold),
+            **binary_metrics(
+                scores.label[block],
+                scores.p_generated[block],
+                threshold,
+                None if decision is None else decision[block],
+            ),
             "reals": "own" if own else "all",
         }
     warn_unbalanced(per_generator)
@@ -505,6 +541,15 @@ def p_generated(head: Any, X: np.ndarray) -> np.ndarray:
     if REAL_CLASS in classes:
         return 1.0 - np.asarray(proba[:, classes.index(REAL_CLASS)], dtype=np.float64)
     raise ValueError(f"cannot tell which class of {classes} means 'generated'")
+
+
+def own_decision(head: Any, X: np.ndarray) -> np.ndarray | None:
+    """0/1 per row where the head calls it generated by a decision rule of its own (the SVM's
+    margin > 0, ``decides_generated``); ``None`` for heads that decide by
+    ``p_generated > 0.5``."""
+    if not hasattr(head, "decides_generated"):
+        return None
+    return np.asarray(head.decides_generated(X), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- calibration
