@@ -154,8 +154,8 @@ class EncodeConfig:
 
 @dataclass
 class FeaturesConfig:
-    # Which feature set the heads consume: item, item_global, item_local, tidy, image, text,
-    # image_text (see pipeline.features.KINDS).
+    # Which feature set the heads consume: item, item_global, item_local, tidy, tidy_global,
+    # image, image_raw, text, image_text (see pipeline.features.KINDS).
     kind: str = "item"
     # D = w1*D_global + w2*D_local; ITEM sets both to 1.0.
     w1: float = 1.0
