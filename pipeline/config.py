@@ -180,6 +180,9 @@ class TrainConfig:
     # Tip-Adapter-F as published: a cache of 16 shots per class (seeded), paper's affinity.
     tip_adapter: dict[str, Any] = field(default_factory=lambda: {"finetune": True, "n_shots": 16})
     meta: dict[str, Any] = field(default_factory=lambda: {"base_heads": ["mlp", "svm"]})
+    # UniversalFakeDetect's released linear probe: {weights: path of its fc_weights.pth}; it
+    # always reads the features kind image_raw (pipeline.heads.ufd_probe).
+    ufd_probe: dict[str, Any] = field(default_factory=dict)
     # Feature kind per head where it differs from features.kind: Tip-Adapter's zero-shot term
     # compares CLIP *image* features with CLIP text embeddings of the class prompts.
     head_kinds: dict[str, str] = field(default_factory=lambda: {"tip_adapter": "image"})
@@ -509,6 +512,7 @@ HEAD_PARAMS: dict[str, tuple[str, ...]] = {
         "device",
     ),
     "meta": ("base_heads", "n_folds", "final", "random_state"),
+    "ufd_probe": ("weights",),
 }
 HEAD_NAMES = tuple(HEAD_PARAMS)
 

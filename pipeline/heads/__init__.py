@@ -7,6 +7,7 @@ from pipeline.heads.multitask import MultiTaskHead
 from pipeline.heads.registry import HEADS, make_head, valid_params
 from pipeline.heads.svm import SVMHead
 from pipeline.heads.tip_adapter import TipAdapterHead
+from pipeline.heads.ufd_probe import UFDProbeHead
 
 __all__ = [
     "HEADS",
@@ -15,6 +16,7 @@ __all__ = [
     "MultiTaskHead",
     "SVMHead",
     "TipAdapterHead",
+    "UFDProbeHead",
     "load_head",
     "make_head",
     "save_head",

@@ -13,6 +13,7 @@ from pipeline.heads.mlp import MLPHead
 from pipeline.heads.multitask import MultiTaskHead
 from pipeline.heads.svm import SVMHead
 from pipeline.heads.tip_adapter import TipAdapterHead
+from pipeline.heads.ufd_probe import UFDProbeHead
 
 HEADS: dict[str, type[BaseHead]] = {
     "mlp": MLPHead,
@@ -20,6 +21,7 @@ HEADS: dict[str, type[BaseHead]] = {
     "multitask": MultiTaskHead,
     "tip_adapter": TipAdapterHead,
     "meta": MetaHead,
+    "ufd_probe": UFDProbeHead,
 }
 
 
