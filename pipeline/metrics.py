@@ -240,9 +240,7 @@ def binary_metrics(
         "ap": float(average_precision_score(y, p)) if both else None,
         "auc": float(roc_auc_score(y, p)) if both else None,
         # Binary F1 with "generated" as the positive class (CT2 task A's metric).
-        "f1": float(f1_score(y, pred, zero_division=0))
-        if generated.any()
-        else None,
+        "f1": float(f1_score(y, pred, zero_division=0)) if generated.any() else None,
         "n": len(y),
         "n_real": int(real.sum()),
         "n_generated": int(generated.sum()),
@@ -673,7 +671,9 @@ def _nll(logits: np.ndarray, y: np.ndarray) -> float:
 
 def _fit_offset(logits: np.ndarray, y: np.ndarray) -> float:
     """The offset b minimising the NLL of ``σ(logits + b)`` (a convex one-dimensional fit)."""
-    return float(minimize_scalar(lambda b: _nll(logits + b, y), bounds=(-50.0, 50.0), method="bounded").x)
+    return float(
+        minimize_scalar(lambda b: _nll(logits + b, y), bounds=(-50.0, 50.0), method="bounded").x
+    )
 
 
 def apply_calibration(cal: dict[str, float], p: ArrayLike) -> np.ndarray:
