@@ -21,7 +21,7 @@ from pipeline.data.images import load_rgb
 from pipeline.data.ingest import run_ingest
 from pipeline.data.manifest import write_csv
 from pipeline.errors import DataUnusable
-from pipeline.evaluation.metrics import binary_metrics, p_generated
+from pipeline.evaluation.metrics import binary_metrics, own_decision, p_generated
 from pipeline.extract.caption import CaptionStep, run_caption
 from pipeline.extract.encode import EncodeStep, run_encode
 from pipeline.extract.ground import GroundStep, run_ground
@@ -217,7 +217,8 @@ def qf_matrix(
             row = {}
             for q_test, ft in sets.items():
                 te = ft.where(eval_split)
-                m = binary_metrics(te.y, np.clip(p_generated(head, te.X), 0, 1))
+                p = np.clip(p_generated(head, te.X), 0, 1)
+                m = binary_metrics(te.y, p, decision=own_decision(head, te.X))
                 row[str(q_test)] = {k: m[k] for k in ("acc", "ap", "auc", "n")}
             out[name][str(q_train)] = row
             logger.info(

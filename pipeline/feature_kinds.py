@@ -12,9 +12,12 @@ KINDS: dict[str, tuple[str, ...]] = {
     "item_global": ("D_global",),
     "item_local": ("D_local",),
     "tidy": ("tidy",),
+    "tidy_global": ("tidy_global",),
     "image": ("image",),
     "text": ("text",),
     "image_text": ("image", "text"),
+    # The raw CLIP image embedding, as UniversalFakeDetect's linear probe takes it.
+    "image_raw": ("image_raw",),
     # Optional encoders (encode.bert / encode.dinov2 / encode.color_bins must be on).
     "bert_image": ("bert_text", "image"),
     # CT2's exact inputs: BERT [CLS] and CLIP's vision output before projection (raw).

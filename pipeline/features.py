@@ -5,8 +5,11 @@ All formulas are pure numpy on the raw encoder outputs stored by the encode stag
 - ITEM global: ``D_global = I/‖I‖ − T/‖T‖`` (image vs caption).
 - ITEM local: ``D_local = mean_i (I_i/‖I_i‖ − T_i/‖T_i‖)`` over grounded objects (crop vs phrase).
 - ITEM: ``D = w1·D_global + w2·D_local``.
-- TIDY: ``|I − T|`` on raw, unnormalised embeddings.
+- TIDY (seed 004, its global-to-local scheme, eqs. 3-6), on raw, unnormalised embeddings:
+  ``D_g = |I − T|``, ``D_l = mean_i |I_i − T_i|`` over grounded objects, ``D = w1·D_g + w2·D_l``
+  (kind ``tidy``; its global-only ablation is kind ``tidy_global``).
 - Ablations: image only (I/‖I‖), text only (T/‖T‖), both concatenated.
+- UniversalFakeDetect's probe input: the raw CLIP image embedding (kind ``image_raw``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ logger = logging.getLogger(__name__)
 CLASS_PROMPTS = "class_prompts.h5"
 # Version of the feature formulas below; recorded in the shards' provenance, which a trained
 # head keeps and `misalign predict` compares. Bump it when a formula's output changes.
-FEATURES_VERSION = 1
+# 2: `tidy` is TIDY's global + local distance (was its global term, now `tidy_global`).
+FEATURES_VERSION = 2
 META = ("ids", "label", "generator", "split", "family", "subset")
 _PASSTHROUGH = {
     "bert_text_emb": "bert_text",
@@ -59,6 +63,12 @@ def item_local(
 ) -> np.ndarray:
     """Per-image mean of object differences; rows without objects take `fallback`'s row."""
     diff = l2_normalise(obj_image_emb) - l2_normalise(obj_text_emb)
+    return _mean_per_image(diff, offsets, fallback)
+
+
+def _mean_per_image(diff: np.ndarray, offsets: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Mean of each image's object rows of `diff` (`offsets` delimit them); `fallback`'s row
+    for an image without objects."""
     counts = np.diff(offsets)
     sums = np.zeros_like(fallback, dtype=np.float64)
     owner = np.repeat(np.arange(len(counts)), counts)
@@ -70,7 +80,31 @@ def item_local(
 
 
 def tidy(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    """TIDY's global distance ``D_g = |I − T|`` (its eq. 3), on raw CLIP embeddings."""
     return np.abs(image_emb - text_emb).astype(np.float32)
+
+
+def tidy_local(
+    obj_image_emb: np.ndarray,
+    obj_text_emb: np.ndarray,
+    offsets: np.ndarray,
+    fallback: np.ndarray,
+) -> np.ndarray:
+    """TIDY's local distance ``D_l = (1/n) Σ_i |I_i − T_i|`` (its eqs. 4-5): per image, the
+    mean over its n grounded objects of the absolute difference between the raw CLIP
+    embeddings of the object's crop and of its phrase. Rows without objects take
+    `fallback`'s row (`features.empty_local`: zeros, or the global distance)."""
+    return _mean_per_image(np.abs(obj_image_emb - obj_text_emb), offsets, fallback)
+
+
+def tidy_features(clip: Arrays, cfg: FeaturesConfig) -> tuple[np.ndarray, np.ndarray]:
+    """TIDY's global distance and its global-to-local distance ``D = w1·D_g + w2·D_l``
+    (eq. 6; the paper sets w1 = w2 = 1, the weights ITEM shares: `features.w1`/`w2`)."""
+    d_global = tidy(clip["image_emb"], clip["text_emb"])
+    offsets = np.asarray(clip["obj_offsets"], dtype=np.int64)
+    fallback = d_global if cfg.empty_local == "global" else np.zeros_like(d_global)
+    d_local = tidy_local(clip["obj_image_emb"], clip["obj_text_emb"], offsets, fallback)
+    return d_global, (cfg.w1 * d_global + cfg.w2 * d_local).astype(np.float32)
 
 
 def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
@@ -79,11 +113,14 @@ def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
     offsets = np.asarray(clip["obj_offsets"], dtype=np.int64)
     fallback = d_global if cfg.empty_local == "global" else np.zeros_like(d_global)
     d_local = item_local(clip["obj_image_emb"], clip["obj_text_emb"], offsets, fallback)
+    tidy_global, tidy_both = tidy_features(clip, cfg)
     out: Arrays = {
         "D_global": d_global,
         "D_local": d_local,
         "D": (cfg.w1 * d_global + cfg.w2 * d_local).astype(np.float32),
-        "tidy": tidy(clip["image_emb"], clip["text_emb"]),
+        "tidy": tidy_both,
+        "tidy_global": tidy_global,
+        "image_raw": np.asarray(clip["image_emb"], dtype=np.float32),
         "image": l2_normalise(clip["image_emb"]).astype(np.float32),
         "text": l2_normalise(clip["text_emb"]).astype(np.float32),
         "n_objects": np.diff(offsets).astype(np.int32),

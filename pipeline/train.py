@@ -52,7 +52,18 @@ def head_params(cfg: TrainConfig, name: str, seed: int) -> dict[str, Any]:
 
 
 def head_kind(cfg: TrainConfig, name: str, default_kind: str) -> str:
-    return cfg.head_kinds.get(name, default_kind)
+    """The features kind head `name` reads: `train.head_kinds`, else `default_kind`; a head
+    made for one kind (its class's `feature_kind`, the UFD probe's `image_raw`) reads that
+    one, and refuses another in `train.head_kinds`."""
+    fixed = HEADS[name].feature_kind if name in HEADS else None
+    if fixed is None:
+        return cfg.head_kinds.get(name, default_kind)
+    if cfg.head_kinds.get(name, fixed) != fixed:
+        raise ConfigError(
+            f"train.head_kinds.{name} = {cfg.head_kinds[name]!r}, but {name} reads only the "
+            f"features kind {fixed!r}; remove the entry or set it to {fixed!r}"
+        )
+    return str(fixed)
 
 
 def targets(fs: FeatureSet, name: str, attribution_target: str = "generator") -> np.ndarray:

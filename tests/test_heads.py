@@ -25,6 +25,7 @@ from pipeline.heads import (
     MultiTaskHead,
     SVMHead,
     TipAdapterHead,
+    UFDProbeHead,
     load_head,
     make_head,
     save_head,
@@ -477,6 +478,7 @@ def test_registry_names() -> None:
         "multitask": MultiTaskHead,
         "tip_adapter": TipAdapterHead,
         "meta": MetaHead,
+        "ufd_probe": UFDProbeHead,
     }
     assert make_head("mlp", {"hidden": 8}).get_params()["hidden"] == 8
     for name, cls in HEADS.items():

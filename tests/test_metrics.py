@@ -43,12 +43,16 @@ def test_one_platt_fit_for_the_svm_and_post_hoc_calibration():
     assert svm.fit_platt is metrics.fit_platt
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, 3000)
-    y = (rng.random(3000) < expit(1.5 * z - 0.5)).astype(int)
+    # A slope below 1 (over-confident scores): inside the bracket that keeps the ranking.
+    y = (rng.random(3000) < expit(0.6 * z - 0.5)).astype(int)
     a, b = metrics.fit_platt(z, y == 1)
     cal = metrics.fit_calibration("platt", expit(z), y)
     # Same fit: post-hoc Platt on logit(p) is fit_platt with the sign convention flipped.
     assert cal["a"] == pytest.approx(-a, rel=1e-4) and cal["b"] == pytest.approx(-b, abs=1e-4)
-    assert cal["a"] == pytest.approx(1.5, rel=0.1) and cal["b"] == pytest.approx(-0.5, abs=0.1)
+    assert cal["a"] == pytest.approx(0.6, rel=0.1) and cal["b"] == pytest.approx(-0.5, abs=0.1)
+    # A slope above 1 would sharpen distinct scores near 1 into ties: it is clamped to 1.
+    sharp = (rng.random(3000) < expit(1.5 * z - 0.5)).astype(int)
+    assert metrics.fit_calibration("platt", expit(z), sharp)["a"] == 1.0
 
 
 def test_svm_is_not_calibrated_twice(tmp_path):

@@ -45,6 +45,8 @@ def test_every_protocol_yields_valid_params(name):
         assert params.evaluate.datasets == {"ufd_test": "/data/UniversalFakeDetect/test"}
     if name == "tidy":
         assert params.features.kind == "tidy" and params.caption.source == "blip2"
+        # TIDY's main table uses its global + local distance: the objects must be grounded.
+        assert params.ground.enabled and params.features.w1 == params.features.w2 == 1.0
     if name == "ct2":
         assert params.train.head_kinds["multitask"] == "bert_image_pooled" and params.encode.bert
         assert params.encode.clip_pooled and params.models.clip.id == "ViT-B-32"

@@ -40,6 +40,7 @@ HEAD_PARAMS: dict[str, tuple[str, ...]] = {
         "device",
     ),
     "meta": ("base_heads", "n_folds", "final", "random_state"),
+    "ufd_probe": ("weights",),
 }
 HEAD_NAMES = tuple(HEAD_PARAMS)
 # Heads stacked on other heads (train.<head>.base_heads); the others are base heads.

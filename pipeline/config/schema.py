@@ -171,8 +171,8 @@ class EncodeConfig:
 
 @dataclass
 class FeaturesConfig:
-    # Which feature set the heads consume: item, item_global, item_local, tidy, image, text,
-    # image_text (see pipeline.feature_kinds.KINDS).
+    # Which feature set the heads consume: item, item_global, item_local, tidy, tidy_global,
+    # image, image_raw, text, image_text (see pipeline.feature_kinds.KINDS).
     kind: str = "item"
     # D = w1*D_global + w2*D_local; ITEM sets both to 1.0.
     w1: float = ranged(1.0, Range(False, why="weight of D_global"))
@@ -197,6 +197,9 @@ class TrainConfig:
     # Tip-Adapter-F as published: a cache of 16 shots per class (seeded), paper's affinity.
     tip_adapter: dict[str, Any] = field(default_factory=lambda: {"finetune": True, "n_shots": 16})
     meta: dict[str, Any] = field(default_factory=lambda: {"base_heads": ["mlp", "svm"]})
+    # UniversalFakeDetect's released linear probe: {weights: path of its fc_weights.pth}; it
+    # always reads the features kind image_raw (pipeline.heads.ufd_probe).
+    ufd_probe: dict[str, Any] = field(default_factory=dict)
     # Feature kind per head where it differs from features.kind: Tip-Adapter's zero-shot term
     # compares CLIP *image* features with CLIP text embeddings of the class prompts.
     head_kinds: dict[str, str] = field(default_factory=lambda: {"tip_adapter": "image"})

@@ -17,6 +17,7 @@ from pipeline.evaluation.metrics import (
     apply_calibration,
     binary_metrics,
     evaluate_scores,
+    own_decision,
     p_generated,
     pr_points,
     roc_points,
@@ -131,6 +132,8 @@ def _score_head(head_dir: Path, info: dict[str, Any], fs: FeatureSet) -> Scores:
         p_generated=np.clip(p, 0.0, 1.0),
         pred_class=np.asarray(head.predict(fs.X), dtype=str) if attribution else None,
         subset=fs.subset,
+        # The SVM's accuracies at 0.5 are at its own margin, not at its Platt sigmoid's 0.5.
+        decision=own_decision(head, fs.X),
     )
 
 
@@ -170,7 +173,10 @@ def _write_plots(plots_dir: Path, name: str, scores: Scores, threshold: float) -
         true, pred = scores.true_class, scores.pred_class
     else:  # detection heads: real / generated at the threshold of `acc`
         true = np.where(scores.label == 1, "generated", REAL_CLASS)
-        pred = np.where(scores.p_generated > threshold, "generated", REAL_CLASS)
+        called = scores.p_generated > threshold
+        if scores.decision is not None and threshold == 0.5:
+            called = scores.decision == 1
+        pred = np.where(called, "generated", REAL_CLASS)
     rows = [{"actual": str(a), "predicted": str(b)} for a, b in zip(true, pred)]
     _write_points(plots_dir / "confusion" / f"{name}.csv", rows)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.optimize import minimize
+from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 from sklearn.metrics import (
     average_precision_score,
@@ -51,8 +51,10 @@ class Scores:
     class name: ``"real"`` or a generator name. The ``generator`` of real rows is not used by
     any metric. ``subset`` is the dataset folder of each image (``""`` when the dataset has
     none; ``None`` means none for every row): it decides which real images a generator's
-    block holds (:func:`evaluate_scores`). Fields are coerced to numpy arrays and validated on
-    construction.
+    block holds (:func:`evaluate_scores`). ``decision`` (heads with a decision rule of their
+    own, the SVM's margin > 0; ``None`` for the others) is 1 where the head itself calls the
+    image generated: the accuracies at threshold 0.5 are at this decision, not at
+    ``p_generated > 0.5``. Fields are coerced to numpy arrays and validated on construction.
     """
 
     ids: np.ndarray
@@ -62,6 +64,7 @@ class Scores:
     p_generated: np.ndarray
     pred_class: np.ndarray | None = None
     subset: np.ndarray | None = None
+    decision: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=str)
@@ -73,6 +76,8 @@ class Scores:
         self.p_generated = np.asarray(self.p_generated, dtype=np.float64)
         if self.pred_class is not None:
             self.pred_class = np.asarray(self.pred_class, dtype=str)
+        if self.decision is not None:
+            self.decision = _as_binary_label(np.asarray(self.decision).ravel())
         self.label = _as_binary_label(self.label)
 
         n = len(self.ids)
@@ -85,6 +90,8 @@ class Scores:
         }
         if self.pred_class is not None:
             columns["pred_class"] = self.pred_class
+        if self.decision is not None:
+            columns["decision"] = self.decision
         for name, values in columns.items():
             if values.shape != (n,):
                 raise ValueError(
@@ -113,6 +120,7 @@ class Scores:
             p_generated=self.p_generated[index],
             pred_class=None if self.pred_class is None else self.pred_class[index],
             subset=self.subset[index],
+            decision=None if self.decision is None else self.decision[index],
         )
 
     def to_csv(
@@ -130,6 +138,8 @@ class Scores:
         header = list(SCORE_COLUMNS)
         if self.pred_class is not None:
             header.append("pred_class")
+        if self.decision is not None:
+            header.append("decision")
         tail = [] if provenance is None else [provenance.get("preset", ""), models_text(provenance)]
         if provenance is not None:
             header += ["preset", "models"]
@@ -148,6 +158,8 @@ class Scores:
                 ]
                 if self.pred_class is not None:
                     row.append(self.pred_class[i])
+                if self.decision is not None:
+                    row.append(int(self.decision[i]))
                 writer.writerow(row + tail)
         logger.info("wrote %d scores to %s", len(self), path)
 
@@ -166,6 +178,7 @@ class Scores:
                 )
             rows = list(reader)
         has_pred = "pred_class" in fields
+        has_decision = "decision" in fields
         return cls(
             ids=np.array([r["id"] for r in rows], dtype=str),
             label=np.array([int(r["label"]) for r in rows], dtype=np.int64),
@@ -174,14 +187,22 @@ class Scores:
             p_generated=np.array([float(r["p_generated"]) for r in rows], dtype=np.float64),
             pred_class=np.array([r["pred_class"] for r in rows], dtype=str) if has_pred else None,
             subset=np.array([r.get("subset") or "" for r in rows], dtype=str),
+            decision=np.array([int(r["decision"]) for r in rows]) if has_decision else None,
         )
 
 
-def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 0.5) -> Metrics:
+def binary_metrics(
+    label: ArrayLike,
+    p_generated: ArrayLike,
+    threshold: float = 0.5,
+    decision: ArrayLike | None = None,
+) -> Metrics:
     """Real-vs-generated metrics of one block of images.
 
     An image is predicted generated when ``p_generated > threshold`` (strictly, as in the
-    CNNDetection / UnivFD evaluation code, so a score of exactly 0.5 counts as real).
+    CNNDetection / UnivFD evaluation code, so a score of exactly 0.5 counts as real), or,
+    with ``decision`` (0/1 per image, the head's own decision), where ``decision`` is 1: the
+    accuracies and F1 then follow it and ``threshold`` is not used.
     Metrics that are undefined for the block are ``None`` (``null`` in JSON), never NaN:
     ``r_acc`` without real images, ``f_acc`` without generated images, and ``ap`` and ``auc``
     unless both classes are present.
@@ -202,8 +223,14 @@ def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 
     if len(y) == 0:
         raise ValueError("cannot compute metrics of an empty block: no images were scored")
     _check_probabilities(p)
+    if decision is None:
+        pred = (p > threshold).astype(np.int64)
+    else:
+        pred = _as_binary_label(np.asarray(decision).ravel())
+        if pred.shape != y.shape:
+            raise ValueError(f"label has shape {y.shape} but decision has shape {pred.shape}")
 
-    correct = (p > threshold).astype(np.int64) == y
+    correct = pred == y
     real, generated = y == 0, y == 1
     both = bool(real.any() and generated.any())
     return {
@@ -213,9 +240,7 @@ def binary_metrics(label: ArrayLike, p_generated: ArrayLike, threshold: float = 
         "ap": float(average_precision_score(y, p)) if both else None,
         "auc": float(roc_auc_score(y, p)) if both else None,
         # Binary F1 with "generated" as the positive class (CT2 task A's metric).
-        "f1": float(f1_score(y, (p > threshold).astype(np.int64), zero_division=0))
-        if generated.any()
-        else None,
+        "f1": float(f1_score(y, pred, zero_division=0)) if generated.any() else None,
         "n": len(y),
         "n_real": int(real.sum()),
         "n_generated": int(generated.sum()),
@@ -252,6 +277,9 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
 
     Binary metrics always come from ``p_generated``, also for attribution heads, so they can
     differ slightly from ``pred_class != "real"`` when the class probabilities are split.
+    When ``scores.decision`` is set and ``threshold`` is 0.5, the accuracies and F1 are at
+    the head's own decision instead (:func:`own_decision`); AP and AUC still rank
+    ``p_generated``.
     """
     generated = scores.label == 1
     bad = sorted(set(scores.generator[generated]) & {"", REAL_CLASS})
@@ -260,7 +288,8 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
             f"generated images have generator name(s) {bad}; every generated image needs a "
             f"generator name other than '' and {REAL_CLASS!r} (use e.g. 'unknown')"
         )
-    overall = binary_metrics(scores.label, scores.p_generated, threshold)
+    decision = scores.decision if threshold == 0.5 else None
+    overall = binary_metrics(scores.label, scores.p_generated, threshold, decision)
     if scores.pred_class is not None:
         true = scores.true_class
         labels = sorted(set(true) | set(scores.pred_class))
@@ -280,9 +309,15 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
         reals = real & np.isin(subset, sorted(folders)) if own else real
         block = fakes | reals
         per_generator[name] = {
-            **binary_metrics(scores.label[block], scores.p_generated[block], threshold),
+            **binary_metrics(
+                scores.label[block],
+                scores.p_generated[block],
+                threshold,
+                None if decision is None else decision[block],
+            ),
             "reals": "own" if own else "all",
         }
+    warn_unbalanced(per_generator)
     logger.info(
         "evaluated %d images (%d real, %d generators, split(s) %s) at threshold %.3f",
         len(scores),
@@ -296,12 +331,52 @@ def evaluate_scores(scores: Scores, threshold: float = 0.5) -> dict[str, Any]:
 
 def mean_block(per_generator: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Unweighted mean of :data:`MEAN_KEYS` over per-generator blocks (``None`` when no block
-    defines a metric), with ``n_blocks``."""
+    defines a metric), with ``n_blocks`` and how many blocks hold their own folder's reals
+    (``n_own``) or every real image (``n_all``, see :func:`evaluate_scores`): an ``all``
+    block is as unbalanced as the set's reals outnumber that generator's images, and its
+    ``acc`` then rewards calling everything real (read ``r_acc`` and ``f_acc``)."""
     out: dict[str, Any] = {"n_blocks": len(per_generator)}
+    for reals in ("own", "all"):
+        out[f"n_{reals}"] = sum(1 for b in per_generator.values() if b.get("reals") == reals)
     for key in MEAN_KEYS:
         values = [b[key] for b in per_generator.values() if b.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     return out
+
+
+#: An ``all`` block warns when one class outnumbers the other by more than this factor.
+UNBALANCED_RATIO = 2.0
+
+
+def unbalanced_blocks(per_generator: dict[str, dict[str, Any]]) -> list[str]:
+    """Names of the ``all`` blocks whose larger class (real or generated) holds more than
+    :data:`UNBALANCED_RATIO` times the images of the smaller one."""
+    out = []
+    for name, block in per_generator.items():
+        if block.get("reals") != "all":
+            continue
+        n_real, n_gen = int(block.get("n_real") or 0), int(block.get("n_generated") or 0)
+        if max(n_real, n_gen) > UNBALANCED_RATIO * min(n_real, n_gen):
+            out.append(name)
+    return out
+
+
+def warn_unbalanced(per_generator: dict[str, dict[str, Any]]) -> None:
+    """One warning naming the unbalanced ``all`` blocks (:func:`unbalanced_blocks`)."""
+    names = unbalanced_blocks(per_generator)
+    if not names:
+        return
+    counts = ", ".join(
+        f"{n} ({per_generator[n]['n_real']} real / {per_generator[n]['n_generated']} generated)"
+        for n in names
+    )
+    logger.warning(
+        "UNBALANCED BLOCKS: %d per-generator block(s) pool every real image of the set: %s. "
+        "Their acc (and mean.acc) rewards calling everything real; read r_acc and f_acc (or "
+        "bacc in the DVC summary), or give each generator's folder its own reals",
+        len(names),
+        counts,
+    )
 
 
 def threshold_for_balanced_accuracy(label: ArrayLike, p: ArrayLike) -> float:
@@ -466,6 +541,15 @@ def p_generated(head: Any, X: np.ndarray) -> np.ndarray:
     raise ValueError(f"cannot tell which class of {classes} means 'generated'")
 
 
+def own_decision(head: Any, X: np.ndarray) -> np.ndarray | None:
+    """0/1 per row where the head calls it generated by a decision rule of its own (the SVM's
+    margin > 0, ``decides_generated``); ``None`` for heads that decide by
+    ``p_generated > 0.5``."""
+    if not hasattr(head, "decides_generated"):
+        return None
+    return np.asarray(head.decides_generated(X), dtype=np.int64)
+
+
 # --------------------------------------------------------------------------- calibration
 
 
@@ -514,18 +598,44 @@ def fit_platt(scores: ArrayLike, positive: ArrayLike, max_iter: int = 100) -> np
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
+    """Log-odds for fitting: clipped to ±16.1 (p in [1e-7, 1 − 1e-7]) so that the NLL stays
+    finite. Never used to apply a calibration: the clip would tie distinct extreme scores."""
     return np.asarray(logit(np.clip(p, 1e-7, 1 - 1e-7)), dtype=np.float64)
 
 
+def _exact_logit(p: np.ndarray) -> np.ndarray:
+    """Log-odds without clipping: 0 and 1 become −inf and +inf, which `expit` maps back to 0
+    and 1, so no two distinct scores share a log-odds."""
+    with np.errstate(divide="ignore"):
+        return np.asarray(logit(np.asarray(p, dtype=np.float64)), dtype=np.float64)
+
+
 CALIBRATIONS = ("none", "temperature", "platt")
+#: Bracket of the fitted temperature. Below 1 a temperature sharpens, and σ(z / T) reaches
+#: exactly 1.0 in float64 once z / T > 36.7, so distinct scores near 1 would tie and AP / AUC
+#: would change; at and above 1 nothing saturates (the top log-odds a float64 probability
+#: below 1 carries is 36.7), and only scores fewer than about T float64 steps apart can merge.
+#: Above 100 the scores are squeezed towards 0.5 for no gain: a val set without signal lands
+#: on the upper bound.
+TEMPERATURE_BRACKET = (1.0, 100.0)
+#: Bracket of the post-hoc Platt slope `a` (of ``σ(a·logit p + b)``), for the same reasons:
+#: a positive slope keeps the order, a slope above 1 could saturate distinct scores to 1.0.
+PLATT_SLOPE_BRACKET = (0.01, 1.0)
 
 
 def fit_calibration(method: str, p: ArrayLike, y: ArrayLike) -> dict[str, float]:
     """Post-hoc calibration of ``p_generated`` on val rows: ``p' = σ(a·logit p + b)``.
 
-    - ``temperature``: ``a = 1/T``, ``b = 0``, T fitted by NLL (Guo et al.);
-    - ``platt``: ``(a, b)`` by :func:`fit_platt` on ``logit p``;
+    - ``temperature``: ``a = 1/T``, ``b = 0``, T fitted by NLL (Guo et al.) as a bounded
+      search over ``log T`` in :data:`TEMPERATURE_BRACKET`;
+    - ``platt``: ``(a, b)`` by :func:`fit_platt` on ``logit p``; a slope outside
+      :data:`PLATT_SLOPE_BRACKET` is clamped to it and ``b`` refitted for that slope;
     - ``none``, or val rows of one class: the identity.
+
+    Every result is a strictly increasing map of the raw score, so AP and AUC of the
+    calibrated scores equal those of the raw scores (also when the val rows carry no signal:
+    the temperature then stops at the bracket's top instead of running off to infinity,
+    which made every score exactly 0.5).
     """
     if method not in CALIBRATIONS:
         raise ValueError(f"calibration {method!r} is not one of {CALIBRATIONS}")
@@ -534,22 +644,47 @@ def fit_calibration(method: str, p: ArrayLike, y: ArrayLike) -> dict[str, float]
         return {"a": 1.0, "b": 0.0}
     z = _logit(np.asarray(p, dtype=np.float64))
     if method == "platt":
-        a, b = fit_platt(z, y == 1)
-        return {"a": float(-a), "b": float(-b)}
+        a, b = (-float(v) for v in fit_platt(z, y == 1))
+        low, high = PLATT_SLOPE_BRACKET
+        if not low <= a <= high:
+            a = float(np.clip(a, low, high))
+            b = _fit_offset(a * z, y)
+        return {"a": a, "b": b}
 
-    def nll(theta: np.ndarray) -> float:
-        q = np.clip(expit(np.exp(-theta[0]) * z), 1e-12, 1 - 1e-12)
-        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    def nll(log_t: float) -> float:
+        return _nll(z * math.exp(-log_t), y)
 
-    theta = minimize(nll, np.array([0.0]), method="Nelder-Mead").x
-    return {"a": float(np.exp(-theta[0])), "b": 0.0, "temperature": float(np.exp(theta[0]))}
+    low, high = (math.log(t) for t in TEMPERATURE_BRACKET)
+    log_t = float(minimize_scalar(nll, bounds=(low, high), method="bounded").x)
+    # The bounded search stops within its tolerance of an end; an end that is as good is kept.
+    for end in (low, high):
+        if nll(end) <= nll(log_t):
+            log_t = end
+    t = float(np.clip(math.exp(log_t), *TEMPERATURE_BRACKET))  # exp(log 100) > 100
+    return {"a": 1.0 / t, "b": 0.0, "temperature": t}
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of labels `y` under ``σ(logits)``."""
+    return float(np.mean(np.logaddexp(0.0, logits) - y * logits))
+
+
+def _fit_offset(logits: np.ndarray, y: np.ndarray) -> float:
+    """The offset b minimising the NLL of ``σ(logits + b)`` (a convex one-dimensional fit)."""
+    return float(
+        minimize_scalar(lambda b: _nll(logits + b, y), bounds=(-50.0, 50.0), method="bounded").x
+    )
 
 
 def apply_calibration(cal: dict[str, float], p: ArrayLike) -> np.ndarray:
-    """Apply a calibration from :func:`fit_calibration` (an empty dict is the identity)."""
+    """Apply a calibration from :func:`fit_calibration` (an empty dict is the identity).
+
+    The log-odds are taken without clipping, so distinct scores stay distinct (a clip at
+    1e-7 would tie every score beyond it)."""
     if cal.get("a", 1.0) == 1.0 and cal.get("b", 0.0) == 0.0:
         return np.asarray(p, dtype=np.float64)
-    return np.asarray(expit(cal["a"] * _logit(np.asarray(p)) + cal["b"]), dtype=np.float64)
+    z = _exact_logit(np.asarray(p, dtype=np.float64))
+    return np.asarray(expit(cal["a"] * z + cal["b"]), dtype=np.float64)
 
 
 # --------------------------------------------------------------------- caption provenance

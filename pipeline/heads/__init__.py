@@ -11,6 +11,7 @@ from pipeline.heads.multitask import MultiTaskHead
 from pipeline.heads.registry import HEADS, head_class, make_head, valid_params
 from pipeline.heads.svm import SVMHead
 from pipeline.heads.tip_adapter import TipAdapterHead
+from pipeline.heads.ufd_probe import UFDProbeHead
 
 __all__ = [
     "HEADS",
@@ -20,6 +21,7 @@ __all__ = [
     "SVMHead",
     "TipAdapterHead",
     "head_class",
+    "UFDProbeHead",
     "load_head",
     "make_head",
     "save_head",

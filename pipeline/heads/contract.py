@@ -39,6 +39,8 @@ class BaseHead(ClassifierMixin, BaseEstimator):
     attributes_sources: ClassVar[bool] = False
     #: Calibrates its own probabilities on val; post-hoc calibration would do it twice.
     calibrates_on_val: ClassVar[bool] = False
+    #: Reads only this features kind, whatever `features.kind` is (None: any kind).
+    feature_kind: ClassVar[str | None] = None
 
     # --- validation -----------------------------------------------------------------------------
 
