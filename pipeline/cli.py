@@ -107,8 +107,7 @@ def _weights(args: argparse.Namespace) -> int:
     if missing:
         sys.stderr.write(
             f"misalign weights: {len(missing)} of {len(statuses)} models missing; "
-            "`misalign weights fetch` downloads them (needs network), or run offline with "
-            "`dvc exp run -S models.preset=tiny`\n"
+            f"`misalign weights fetch` downloads them (needs network), {weights.OFFLINE_WAY}\n"
         )
         return 1
     return 0
