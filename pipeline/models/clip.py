@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import logs
 from pipeline.atomic import atomic_path, write_text
 from pipeline.digest import file_digest
 from pipeline.errors import ModelFileError
@@ -214,7 +215,8 @@ class ClipEncoder:
         import open_clip
 
         if preset == "tiny":
-            logger.warning(
+            logs.warn_tiny(
+                logger,
                 "models.preset=tiny: CLIP is a small RANDOM model (%s, seed %d); embeddings are "
                 "meaningless, for smoke runs and tests only",
                 TINY_CLIP,
