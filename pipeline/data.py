@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_open
 from pipeline.errors import DatasetError
+from pipeline.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -990,7 +990,7 @@ def ingest(
         workers,
     )
     results = (result for batch in checks for result in batch)
-    for record, (checked, cid) in tqdm(
+    for record, (checked, cid) in progress(
         zip(records, results), total=len(records), desc="ingest", unit="img"
     ):
         if isinstance(checked, str):

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline import data as datamod
 from pipeline import store
@@ -22,6 +21,7 @@ from pipeline.config import Params
 from pipeline.errors import DataUnusable
 from pipeline.extract import run_caption, run_encode, run_ground, run_ingest
 from pipeline.features import load_features, run_features
+from pipeline.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def perturbed_copy(
     if not rows:
         raise DataUnusable(f"no images of splits {splits} in {source_ingest} to perturb")
     written = set()
-    for row in tqdm(rows, desc=f"perturb {perturbation}", unit="img"):
+    for row in progress(rows, desc=f"perturb {perturbation}", unit="img"):
         rel = f"images/{row['ids'][:16]}_s{seed}.png"
         target = dest / rel
         # Always regenerated (deterministic, so the same bytes and ids when nothing changed):

@@ -69,3 +69,31 @@ def test_a_stage_run_warns_about_the_tiny_preset_once(tmp_path):
     assert len(warnings) == 2, proc.stderr
     assert "encode: models.preset=tiny: every model is small and RANDOM" in warnings[0]
     assert "'tiny-blip2' has RANDOM weights" in warnings[1]  # after the stage, by itself
+
+
+def test_progress_shows_an_eta_only_once_the_rate_is_known():
+    """60 s of warm-up (models loading) before the first image, then 1 image/s: no ETA while
+    warming up, then the ETA of 1 image/s (90 s for 90 images), not of 10 images in 70 s."""
+    import io
+
+    from pipeline.logs import progress
+
+    now = [1000.0]
+    out = io.StringIO()
+    bar = progress(total=100, file=out, mininterval=0, miniters=1, desc="clip", unit="img")
+    bar._time = lambda: now[0]  # tqdm's clock, made a step clock
+    bar.start_t = bar.last_print_t = now[0]
+    now[0] += 60
+    bar.update(1)
+    warm_up = out.getvalue().replace("\r", "\n").strip().splitlines()
+    for _ in range(9):
+        now[0] += 1
+        bar.update(1)
+    last = out.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    bar.close()
+    assert all("warming up" in line and "<?" in line for line in warm_up), warm_up
+    assert "10/100 [01:09<01:30,  1.00img/s]" in last, last
+
+    out = io.StringIO()  # an iterable of unknown length: no ETA anyway, and no error
+    assert list(progress(iter(range(3)), file=out, mininterval=0, desc="ingest")) == [0, 1, 2]
+    assert "3it" in out.getvalue()
