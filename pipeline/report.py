@@ -87,7 +87,8 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
 img.plot{max-width:100%;height:auto;display:block;margin:8px 0}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:16px}
-.card{margin:0;border:1px solid #ddd;border-radius:6px;padding:8px;background:#fafafa}
+.card{margin:0;border:1px solid #ddd;border-radius:6px;padding:8px;background:#fafafa;
+min-width:0;overflow-wrap:anywhere}
 .card img{display:block;max-width:100%;height:auto;margin:0 auto}
 .card p{margin:4px 0}.card table{margin:4px 0;font-size:12px}
 .tag{display:inline-block;padding:1px 6px;border-radius:4px;color:#fff;font-size:12px}
@@ -147,15 +148,19 @@ def build_report(
             "features": Path(features_dir),
         }
     )
+    presets = {str(a.get("preset", "")) for shards in attrs.values() for a in shards} - {""}
     clean = _read_eval(metrics_dir / "eval.json")
     perturbed, others = _extra_eval_sets(metrics_dir)
     scores = _read_scores(Path(scores_dir))
+    if not presets and clean:
+        presets = {str(b.get("preset", "")) for b in clean.values() if isinstance(b, dict)} - {""}
+    preset = ", ".join(sorted(presets))
     sections = [
         ("summary", "Summary", _summary_section(clean, others, metrics_dir)),
-        ("curves", "ROC and PR curves", _curves_section(scores, Path(scores_dir))),
-        ("robustness", "Robustness", _robustness_section(clean, perturbed, metrics_dir)),
-        ("qf-matrix", "QF matrix", _qf_section(metrics_dir / "qf_matrix.json")),
-        ("tsne", "t-SNE of the features", _tsne_section(Path(features_dir), kind, seed)),
+        ("curves", "ROC and PR curves", _curves_section(scores, Path(scores_dir), preset)),
+        ("robustness", "Robustness", _robustness_section(clean, perturbed, metrics_dir, preset)),
+        ("qf-matrix", "QF matrix", _qf_section(metrics_dir / "qf_matrix.json", preset)),
+        ("tsne", "t-SNE of the features", _tsne_section(Path(features_dir), kind, seed, preset)),
         (
             "gallery",
             "Gallery",
@@ -352,10 +357,20 @@ def _page(
 # ------------------------------------------------------------------------------------ figures
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, preset: str) -> Figure:
+    """A figure titled with the models preset, so that a picture taken out of the report still
+    says whether random models made it."""
     # Figure + Agg canvas, not pyplot: no global backend switch and no figure registry to leak.
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
+    tiny = preset == "tiny"
+    fig.suptitle(
+        f"models.preset={preset or '?'}" + (": RANDOM models, meaningless" if tiny else ""),
+        fontsize=9,
+        color="#b00020" if tiny else "#555555",
+        x=0.99,
+        ha="right",
+    )
     return fig
 
 
@@ -412,10 +427,10 @@ def _summary_section(
     return "\n".join(parts)
 
 
-def _curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
+def _curves_section(scores: dict[str, Scores], scores_dir: Path, preset: str = "") -> str:
     if not scores:
         return _note(f"no scores in {scores_dir}: run the evaluate stage for ROC and PR curves")
-    fig = _figure(10, 4.2)
+    fig = _figure(10, 4.6, preset)
     roc_ax, pr_ax = fig.subplots(1, 2)
     drawn, skipped = 0, []
     for head, s in scores.items():
@@ -445,8 +460,9 @@ def _curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
         pr_ax.set(
             xlabel="recall", ylabel="precision", title="precision-recall (AP)", ylim=(0, 1.02)
         )
-        roc_ax.legend(fontsize=8, loc="lower right")
-        pr_ax.legend(fontsize=8, loc="lower left")
+        # below the axes, never over a curve
+        for ax in (roc_ax, pr_ax):
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
         parts.append(_img(_png_uri(fig), "ROC and precision-recall curves per head"))
         parts.append(
             "<p>Generated is the positive class; one curve per head, each with its own line "
@@ -459,14 +475,16 @@ def _curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
             continue
         labels, matrix = confusion(s.true_class, s.pred_class)
         parts.append(f"<h3>Attribution confusion matrix: {_esc(head)}</h3>")
-        parts.append(_img(_png_uri(_confusion_figure(head, labels, matrix)), f"{head} confusion"))
+        parts.append(
+            _img(_png_uri(_confusion_figure(head, labels, matrix, preset)), f"{head} confusion")
+        )
     return "\n".join(parts)
 
 
-def _confusion_figure(head: str, labels: list[str], matrix: np.ndarray) -> Figure:
+def _confusion_figure(head: str, labels: list[str], matrix: np.ndarray, preset: str) -> Figure:
     k = len(labels)
     side = max(3.5, 0.38 * k + 2)
-    fig = _figure(side + 1, side)
+    fig = _figure(side + 1, side, preset)
     ax = fig.subplots()
     # Colour by row share (recall per true class), so rare classes are as readable as common ones.
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -489,6 +507,7 @@ def _robustness_section(
     clean: dict[str, Any] | None,
     perturbed: dict[str, dict[float, dict[str, Any]]],
     metrics_dir: Path,
+    preset: str = "",
 ) -> str:
     if not perturbed:
         return _note(
@@ -515,7 +534,7 @@ def _robustness_section(
             points.append((100.0 if kind == "jpeg" else 0.0, "clean", clean))
         points += [(s, f"{_SHORT[kind]} {s:g}", by_severity[s]) for s in severities]
         heads = sorted({h for _, _, data in points for h in data})
-        fig = _figure(10, 3.8)
+        fig = _figure(10, 3.8, preset)
         axes = fig.subplots(1, 2)
         # Severities as evenly spaced categories (clean, then from mild to harsh): on a linear
         # axis "clean" (0) and "σ 0.001" would print on top of each other.
@@ -558,7 +577,7 @@ def _robustness_section(
     return "\n".join(parts)
 
 
-def _qf_section(path: Path) -> str:
+def _qf_section(path: Path, preset: str = "") -> str:
     if not path.is_file():
         return _note(f"no {path}: no train-QF x test-QF study in this run")
     data = _read_json(path)
@@ -573,7 +592,13 @@ def _qf_section(path: Path) -> str:
     parts = [
         "<p>Rows: JPEG quality factor of the training images; columns: of the test images.</p>"
     ]
-    for head, grid in data.items():
+    for head, block in data.items():
+        # `preset` and `models` (what made the features) sit beside the train-QF rows
+        grid = (
+            {k: v for k, v in block.items() if k not in ("preset", "models")}
+            if isinstance(block, dict)
+            else block
+        )
         if not isinstance(grid, dict) or not all(
             isinstance(row, dict) and all(isinstance(c, dict) for c in row.values())
             for row in grid.values()
@@ -581,7 +606,9 @@ def _qf_section(path: Path) -> str:
             raise bad
         train_qf = sorted(grid, key=_qf_key)
         test_qf = sorted({t for row in grid.values() for t in row}, key=_qf_key)
-        fig = _figure(max(6.0, 1.1 * len(test_qf) * 2 + 2), max(3.0, 0.55 * len(train_qf) + 1.8))
+        fig = _figure(
+            max(6.0, 1.1 * len(test_qf) * 2 + 2), max(3.0, 0.55 * len(train_qf) + 1.8), preset
+        )
         for ax, metric in zip(fig.subplots(1, 2), ("acc", "ap")):
             values = np.array(
                 [[_percent(grid[r].get(c, {}).get(metric)) for c in test_qf] for r in train_qf]
@@ -611,7 +638,7 @@ def _qf_key(name: str) -> tuple[int, float, str]:
         return (0, 0.0, name)
 
 
-def _tsne_section(features_dir: Path, kind: str, seed: int) -> str:
+def _tsne_section(features_dir: Path, kind: str, seed: int, preset: str = "") -> str:
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
@@ -646,7 +673,7 @@ def _tsne_section(features_dir: Path, kind: str, seed: int) -> str:
     )
     classes = np.where(fs.y[index] == 1, fs.generator[index], REAL_CLASS)
     names = [REAL_CLASS] * bool((classes == REAL_CLASS).any()) + sorted(set(classes) - {REAL_CLASS})
-    fig = _figure(9, 6.5)
+    fig = _figure(9, 6.5, preset)
     ax = fig.subplots()
     markers = "os^Dv<>pPX*"
     colours = [c for m in ("tab10", "Dark2", "Set1") for c in _cmap_colours(m)]
