@@ -126,6 +126,7 @@ def _examples(*lines: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import __version__
+    from pipeline.protocols import list_protocols
 
     fmt = argparse.RawDescriptionHelpFormatter
     ap = argparse.ArgumentParser(
@@ -265,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=fmt,
     )
-    c.add_argument("name", nargs="?", help="protocol name (item, tidy, ct2, qf); none lists them")
+    c.add_argument(
+        "name", nargs="?", help=f"protocol name ({', '.join(list_protocols())}); none lists them"
+    )
     c.add_argument(
         "--data-root", default="", help="folder holding the protocol's datasets, e.g. /data"
     )
