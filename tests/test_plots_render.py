@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,21 +111,23 @@ def _env() -> dict[str, str]:
     )
 
 
-def _dvc(repo: Path, *args: str) -> str:
+def _dvc(repo: Path, *args: str, merged: bool = False) -> str:
+    """DVC's stdout; with `merged`, stdout and stderr interleaved as a terminal shows them."""
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=repo,
         env=_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merged else subprocess.PIPE,
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + (proc.stderr or "")[-3000:]
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, list[str]]:
+def run(tmp_path_factory) -> tuple[Path, list[str], str]:
     """A git+DVC copy of the project after `dvc repro evaluate` with the tiny preset."""
     repo = tmp_path_factory.mktemp("plotsrun")
     for item in ("dvc.yaml", "params.yaml"):
@@ -140,8 +143,8 @@ def run(tmp_path_factory) -> tuple[Path, list[str]]:
     params["ingest"]["shard_size"] = 8
     params["train"]["mlp"]["epochs"] = 10
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _dvc(repo, "repro", "evaluate")
-    return repo, list(params["train"]["heads"])
+    output = _dvc(repo, "repro", "evaluate", merged=True)
+    return repo, list(params["train"]["heads"]), output
 
 
 def _open(page: Path, profile: Path, n_plots: int) -> dict[str, Any]:
@@ -194,7 +197,7 @@ def _open(page: Path, profile: Path, n_plots: int) -> dict[str, Any]:
 
 
 def test_plots_page_of_a_tiny_run_draws_every_panel(run, tmp_path):
-    repo, heads = run
+    repo, heads, _ = run
     _dvc(repo, "plots", "show", "-o", str(tmp_path / "out"))
     plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]
     expected = sorted(f"plots/{c}/{h}.csv" for c in ("roc", "pr", "confusion") for h in heads)
@@ -215,9 +218,21 @@ def test_plots_page_of_a_tiny_run_draws_every_panel(run, tmp_path):
 def test_pr_is_drawn_as_steps(run):
     """Precision is constant between two recalls (its points are thresholds): steps, with the
     precision of the higher recall (average precision's rectangles); ROC keeps straight lines."""
-    repo, heads = run
+    repo, heads, _ = run
     plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]
     pr = plots[f"plots/pr/{heads[0]}.csv"][0]["content"]["spec"]
     roc = plots[f"plots/roc/{heads[0]}.csv"][0]["content"]["spec"]
     assert pr["mark"]["interpolate"] == "step-before"
     assert roc["mark"].get("interpolate", "linear") == "linear"
+
+
+def test_the_run_warns_about_the_tiny_preset_once_per_stage(run):
+    """Every stage of the run loads its tiny models (and evaluate its five tiny heads), yet
+    says once that they are random."""
+    stages = re.split(r"Running stage '([^']+)'", run[2])[1:]
+    warnings = {
+        stage: sum("WARNING" in line and "RANDOM" in line for line in text.splitlines())
+        for stage, text in zip(stages[::2], stages[1::2])
+    }
+    assert {"caption", "ground", "encode", "train", "evaluate"} <= set(warnings), warnings
+    assert set(warnings.values()) == {1}, warnings
