@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -107,51 +108,175 @@ def _weights(args: argparse.Namespace) -> int:
     if missing:
         sys.stderr.write(
             f"misalign weights: {len(missing)} of {len(statuses)} models missing; "
-            "`misalign weights fetch` downloads them (needs network), or run offline with "
-            "`dvc exp run -S models.preset=tiny`\n"
+            f"`misalign weights fetch` downloads them (needs network), {weights.OFFLINE_WAY}\n"
         )
         return 1
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="misalign", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+def _wrap(text: str) -> str:
+    """A description filled to the terminal's usual width (the raw formatter keeps the
+    examples' lines as written, and would not wrap descriptions either)."""
+    return textwrap.fill(text, width=79)
 
-    p = sub.add_parser("predict", help="score images or folders with a trained head")
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+    from pipeline.protocols import list_protocols
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(
+        prog="misalign",
+        description=_wrap(
+            "Tell real photos from AI-generated images by image-text misalignment. "
+            "DVC runs the pipeline (`dvc exp run`); this command scores new images, writes the "
+            "report, describes cache shards, prints protocols and checks or fetches weights."
+        ),
+        epilog=_examples(
+            "misalign weights check",
+            "misalign predict --head models/mlp --out scores.csv photos/",
+            "misalign <command> --help",
+        ),
+        formatter_class=fmt,
+    )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="<command>")
+
+    p = sub.add_parser(
+        "predict",
+        help="score images or folders with a trained head",
+        description=_wrap(
+            "Score image files or folders with a trained head: the images go through "
+            "the same extraction steps as the head's training rows (cached under --cache), and "
+            "each gets a probability of being generated and a label at the threshold."
+        ),
+        epilog=_examples(
+            "misalign predict --head models/mlp --out scores.csv photo.jpg more_photos/",
+            "misalign predict --head models/svm --threshold 0.5 --out scores.csv photos/",
+        ),
+        formatter_class=fmt,
+    )
     p.add_argument("--head", required=True, help="trained head folder, e.g. models/mlp")
-    p.add_argument("--out", required=True, help="CSV to write")
-    p.add_argument("--params", default="params.yaml", help="models and extraction settings")
-    p.add_argument("--cache", default="cache/predict", help="row cache for these images")
+    p.add_argument("--out", required=True, help="CSV to write, one row per image")
     p.add_argument(
-        "--threshold", default="val", help="'val' (chosen on val at training) or a number"
+        "--params",
+        default="params.yaml",
+        help="params file with the models and extraction settings (default: params.yaml)",
+    )
+    p.add_argument(
+        "--cache", default="cache/predict", help="row cache for these images (default: %(default)s)"
+    )
+    p.add_argument(
+        "--threshold",
+        default="val",
+        help="'val' (the threshold chosen on val at training, the default) or a number in [0, 1]",
     )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.set_defaults(func=_predict)
 
-    r = sub.add_parser("report", help="write the HTML report of the last run")
-    r.add_argument("--params", default="params.yaml")
+    r = sub.add_parser(
+        "report",
+        help="write the HTML report of the last run",
+        description=_wrap(
+            "Write the HTML report (metrics, curves, a gallery of test images) of the "
+            "run whose params, cache and metrics are given; `dvc repro` does this as its report "
+            "stage."
+        ),
+        epilog=_examples(
+            "misalign report",
+            "misalign report --params params.yaml --out report_copy   # report_copy/index.html",
+        ),
+        formatter_class=fmt,
+    )
+    r.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file of the run: its dataset name, feature kind and seed (default: "
+        "params.yaml)",
+    )
     r.add_argument("--cache", default="cache", help="cache root (default: cache)")
-    r.add_argument("--metrics", default="metrics", help="metrics folder")
-    r.add_argument("--out", default="report", help="output folder (index.html)")
+    r.add_argument("--metrics", default="metrics", help="metrics folder (default: metrics)")
+    r.add_argument("--out", default="report", help="output folder of index.html (default: report)")
     r.set_defaults(func=_report)
 
-    i = sub.add_parser("info", help="describe a shard or a stage folder")
-    i.add_argument("path")
+    i = sub.add_parser(
+        "info",
+        help="describe a shard or a stage folder",
+        description=_wrap(
+            "Describe an HDF5 shard of the row cache: its attributes (step versions, "
+            "params hash, preset) and its datasets' shapes and types; for a stage folder, the first "
+            "shard and the number of shards and images."
+        ),
+        epilog=_examples(
+            "misalign info cache/sample/clip",
+            "misalign info cache/sample/features/shard_00000.h5",
+        ),
+        formatter_class=fmt,
+    )
+    i.add_argument("path", help="a shard file (shard_00000.h5) or a stage folder under cache/")
     i.set_defaults(func=_info)
 
-    w = sub.add_parser("weights", help="check or fetch the weights the params need")
-    w.add_argument("action", choices=("check", "fetch"))
-    w.add_argument("--params", default="params.yaml")
-    w.add_argument("--timeout", type=float, default=15.0, help="seconds per network request")
+    w = sub.add_parser(
+        "weights",
+        help="check or fetch the weights the params need",
+        description=_wrap(
+            "check: list each model the params need, present or MISSING, with where "
+            "it was found or looked for. fetch: download the missing ones into the Hugging Face / "
+            "open_clip caches (needs network). The tiny preset needs no weights."
+        ),
+        epilog=_examples(
+            "misalign weights check",
+            "misalign weights fetch --timeout 30",
+            "dvc exp run -S models.preset=tiny      # offline, no weights",
+        ),
+        formatter_class=fmt,
+    )
+    w.add_argument(
+        "action", choices=("check", "fetch"), help="check what is there, or fetch what is missing"
+    )
+    w.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file naming the models (default: params.yaml)",
+    )
+    w.add_argument(
+        "--timeout",
+        type=float,
+        default=15.0,
+        help="seconds per network request (default: %(default)s)",
+    )
     w.set_defaults(func=_weights)
 
-    c = sub.add_parser("protocol", help="print the -S arguments of a named protocol")
-    c.add_argument("name", nargs="?")
-    c.add_argument("--data-root", default="", help="folder holding the protocol's datasets")
-    c.add_argument("--list", action="store_true")
+    c = sub.add_parser(
+        "protocol",
+        help="print the -S arguments of a named protocol",
+        description=_wrap(
+            "Print the `dvc exp run -S key=value` arguments of a seed paper's protocol "
+            "(datasets, features, heads), so that the protocol runs as a tracked experiment "
+            "without editing params.yaml. Without a name, list the protocols."
+        ),
+        epilog=_examples(
+            "misalign protocol --list",
+            'eval "dvc exp run $(misalign protocol item --data-root /data)"',
+            'eval "dvc exp run -S models.preset=tiny $(misalign protocol qf --data-root /data)"',
+        ),
+        formatter_class=fmt,
+    )
     c.add_argument(
-        "--params", default="params.yaml", help="keys it has get -S, new keys -S ++ (Hydra)"
+        "name", nargs="?", help=f"protocol name ({', '.join(list_protocols())}); none lists them"
+    )
+    c.add_argument(
+        "--data-root", default="", help="folder holding the protocol's datasets, e.g. /data"
+    )
+    c.add_argument("--list", action="store_true", help="list the protocols with a description")
+    c.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file: keys it has get -S, new keys -S ++ (Hydra) (default: params.yaml)",
     )
     c.set_defaults(func=_protocol)
     return ap

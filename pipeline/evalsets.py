@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.config import Params
 from pipeline.data.images import load_rgb
@@ -30,6 +29,7 @@ from pipeline.features import (
     planned_feature_provenance,
     run_features,
 )
+from pipeline.logs import progress
 from pipeline.perturb import parse_perturbation, perturb
 from pipeline.rows import store
 from pipeline.rows.atomic import atomic_path
@@ -151,7 +151,7 @@ def perturbed_copy(
     if not rows:
         raise DataUnusable(f"no images of splits {splits} in {source_ingest} to perturb")
     written = set()
-    for row in tqdm(rows, desc=f"perturb {perturbation}", unit="img"):
+    for row in progress(rows, desc=f"perturb {perturbation}", unit="img"):
         rel = f"images/{row['ids'][:16]}_s{seed}.png"
         target = dest / rel
         # Always regenerated (deterministic, so the same bytes and ids when nothing changed):

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.logs import warn_tiny
+
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
@@ -110,7 +112,8 @@ def label(record: dict[str, Any]) -> str:
 
 def warn_if_tiny(record: dict[str, Any], what: str) -> None:
     if record.get("preset") == TINY:
-        logger.warning(
+        warn_tiny(
+            logger,
             "%s was trained on features of the tiny preset's RANDOM models: its outputs are "
             "meaningless (retrain with models.preset=paper for real results)",
             what,

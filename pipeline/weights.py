@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 # Files a transformers model never needs when it loads from PyTorch weights.
 _OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.tflite", "*.mlmodel", "*.gguf"]
 _PICKLED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
+# The way to run with no weights and no network, named by every message about missing weights.
+OFFLINE_WAY = "or run offline with small random models: `dvc exp run -S models.preset=tiny`"
 
 
 class WeightsFetchError(MisalignError, RuntimeError):
@@ -94,8 +96,8 @@ def _probe(url: str, timeout: float) -> None:
     except (OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise WeightsFetchError(
-            f"cannot reach {url}: {reason}; check the network (or HF_ENDPOINT), or copy the "
-            "weights from a machine that has them and set models.<role>.path"
+            f"cannot reach {url}: {reason}; check the network (or HF_ENDPOINT), copy the "
+            f"weights from a machine that has them and set models.<role>.path, {OFFLINE_WAY}"
         ) from err
 
 
@@ -152,7 +154,7 @@ def fetch(params: Any, timeout: float = 15.0) -> list[WeightsStatus]:
     offline = _offline_reason()
     if offline:
         names = ", ".join(s.model for s in todo)
-        raise WeightsFetchError(f"cannot download {names}: {offline}")
+        raise WeightsFetchError(f"cannot download {names}: {offline}; {OFFLINE_WAY}")
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout)))
     for status in todo:
@@ -171,7 +173,8 @@ def fetch(params: Any, timeout: float = 15.0) -> list[WeightsStatus]:
         except Exception as err:  # network, auth, unknown repo: all reported the same way
             reason = " ".join(str(err).split())[:300] or type(err).__name__
             raise WeightsFetchError(
-                f"cannot download {status.model} ({status.role}): {type(err).__name__}: {reason}"
+                f"cannot download {status.model} ({status.role}): {type(err).__name__}: "
+                f"{reason}; {OFFLINE_WAY}"
             ) from err
     return check(params)
 

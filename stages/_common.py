@@ -6,10 +6,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 from pipeline.config import Params, load_params
 from pipeline.errors import user_errors
-from pipeline.logs import setup_logging
+from pipeline.logs import setup_logging, tiny_announced
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -34,18 +35,21 @@ def run(
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params)
-        if params.models.preset == "tiny":
+        tiny = params.models.preset == "tiny"
+        if tiny:
+            # said once here; the model loads and heads of this run then say it at DEBUG only
             logging.getLogger(name).warning(
                 "models.preset=tiny: every model is small and RANDOM; results are meaningless "
                 "and marked preset=tiny in every output"
             )
-        if needs_models:
-            # Every model of the run is checked up front, so that a missing one is reported
-            # before hours of work by an earlier stage, together with the others.
-            from pipeline.models import check_weights, needed_roles
+        with tiny_announced() if tiny else nullcontext():
+            if needs_models:
+                # Every model of the run is checked up front, so that a missing one is reported
+                # before hours of work by an earlier stage, together with the others.
+                from pipeline.models import check_weights, needed_roles
 
-            check_weights(params.models, needed_roles(params))
-        body(args, params)
+                check_weights(params.models, needed_roles(params))
+            body(args, params)
     except user_errors() as err:
         print(f"error in stage {name}: {err}", file=sys.stderr)
         return 1

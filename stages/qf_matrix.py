@@ -19,6 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(args, params):
         from pipeline.evalsets import qf_matrix
         from pipeline.features import run_features
+        from pipeline.provenance import run_provenance
         from pipeline.rows.atomic import write_json_atomic
 
         dirs = {}
@@ -28,7 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_features(source / "ingest", source / "clip", dirs[q], params.features, name)
         Path(args.features).mkdir(parents=True, exist_ok=True)
         matrix = qf_matrix(dirs, params, params.evaluate.split, params.evaluate.qf_heads)
-        write_json_atomic(args.metrics, matrix)
+        # each head's block says what made its features, like every other output's
+        made_by = run_provenance(params, next(iter(dirs.values()))) if dirs else {}
+        write_json_atomic(args.metrics, {h: {**made_by, **grid} for h, grid in matrix.items()})
 
     return run("qf_matrix", argv, ap, body)
 

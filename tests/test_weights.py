@@ -57,9 +57,23 @@ def test_fetch_offline_fails_at_once_with_the_reason(empty_caches, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
-    with pytest.raises(weights.WeightsFetchError, match="HF_HUB_OFFLINE=1 is set"):
+    with pytest.raises(weights.WeightsFetchError, match="HF_HUB_OFFLINE=1 is set") as err:
         weights.fetch(_params())
     assert time.monotonic() - start < 30
+    assert "`dvc exp run -S models.preset=tiny`" in str(err.value)  # the offline way
+
+
+def test_fetch_offline_command_names_the_tiny_preset(empty_caches, monkeypatch, capsys):
+    """`misalign weights fetch` offline says, like `weights check`, how to run without weights."""
+    from pipeline.cli import main as cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    params = empty_caches / "params.yaml"
+    params.write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    assert cli(["weights", "fetch", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE=1" in err and "dvc exp run -S models.preset=tiny" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_fetch_with_an_unreachable_hub_fails_in_seconds(empty_caches, monkeypatch):
@@ -71,9 +85,10 @@ def test_fetch_with_an_unreachable_hub_fails_in_seconds(empty_caches, monkeypatc
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # closed local port
     start = time.monotonic()
-    with pytest.raises(weights.WeightsFetchError, match="cannot reach http://127.0.0.1:9"):
+    with pytest.raises(weights.WeightsFetchError, match="cannot reach http://127.0.0.1:9") as err:
         weights.fetch(_params(), timeout=5)
     assert time.monotonic() - start < 30
+    assert "models.preset=tiny" in str(err.value)
 
 
 def test_snapshot_skips_pickles_only_when_the_repo_has_safetensors(monkeypatch):

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.config import BaseConfig, IngestConfig
 from pipeline.data.images import ImageInfo, inspect_image
@@ -17,6 +16,7 @@ from pipeline.data.layouts import resolve_dataset
 from pipeline.data.manifest import Item, Record, item_columns, write_csv
 from pipeline.data.split import assign_splits
 from pipeline.errors import DatasetError
+from pipeline.logs import progress
 from pipeline.rows import store
 from pipeline.rows.atomic import writable_dir
 from pipeline.rows.key import content_id, params_hash
@@ -80,7 +80,7 @@ def ingest(
         workers,
     )
     results = (result for batch in checks for result in batch)
-    for record, (checked, cid) in tqdm(
+    for record, (checked, cid) in progress(
         zip(records, results), total=len(records), desc="ingest", unit="img"
     ):
         if isinstance(checked, str):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import logs
 from pipeline.errors import ModelFileError
 from pipeline.models.files import check_weights_file
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
@@ -214,7 +215,8 @@ class ClipEncoder:
         import open_clip
 
         if preset == "tiny":
-            logger.warning(
+            logs.warn_tiny(
+                logger,
                 "models.preset=tiny: CLIP is a small RANDOM model (%s, seed %d); embeddings are "
                 "meaningless, for smoke runs and tests only",
                 TINY_CLIP,

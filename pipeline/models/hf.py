@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from huggingface_hub import try_to_load_from_cache
 
+from pipeline import logs
 from pipeline.errors import ConfigError, MisalignError
 from pipeline.models.files import check_model_dir
 from pipeline.rows.atomic import write_text
@@ -179,8 +180,9 @@ def build_tiny(name: str, seed: int, build: Callable[[Path], None]) -> Path:
 
 
 def warn_tiny(name: str, seed: int) -> None:
-    """Say loudly that a tiny model is random."""
-    logger.warning(
+    """Say loudly that a tiny model is random (once per stage run: see `logs.warn_tiny`)."""
+    logs.warn_tiny(
+        logger,
         "models.preset=tiny: '%s' has RANDOM weights (seed %d); its outputs are MEANINGLESS and "
         "only fit for tests and offline smoke runs",
         name,

@@ -67,12 +67,16 @@ def build_report(
     clean = read_eval(metrics_dir / "eval.json")
     perturbed, others = extra_eval_sets(metrics_dir)
     scores = read_scores(Path(scores_dir))
+    presets = {str(a.get("preset", "")) for shards in attrs.values() for a in shards} - {""}
+    if not presets and clean:
+        presets = {str(b.get("preset", "")) for b in clean.values() if isinstance(b, dict)} - {""}
+    preset = ", ".join(sorted(presets))
     sections = [
         ("summary", "Summary", summary_section(clean, others, metrics_dir)),
-        ("curves", "ROC and PR curves", curves_section(scores, Path(scores_dir))),
-        ("robustness", "Robustness", robustness_section(clean, perturbed, metrics_dir)),
-        ("qf-matrix", "QF matrix", qf_section(metrics_dir / "qf_matrix.json")),
-        ("tsne", "t-SNE of the features", tsne_section(Path(features_dir), kind, seed)),
+        ("curves", "ROC and PR curves", curves_section(scores, Path(scores_dir), preset)),
+        ("robustness", "Robustness", robustness_section(clean, perturbed, metrics_dir, preset)),
+        ("qf-matrix", "QF matrix", qf_section(metrics_dir / "qf_matrix.json", preset)),
+        ("tsne", "t-SNE of the features", tsne_section(Path(features_dir), kind, seed, preset)),
         (
             "gallery",
             "Gallery",

@@ -45,10 +45,20 @@ _AXIS = {
 _SHORT = {"noise": "σ", "blur": "σ", "jpeg": "q"}
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, preset: str) -> Figure:
+    """A figure titled with the models preset, so that a picture taken out of the report still
+    says whether random models made it."""
     # Figure + Agg canvas, not pyplot: no global backend switch and no figure registry to leak.
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
+    tiny = preset == "tiny"
+    fig.suptitle(
+        f"models.preset={preset or '?'}" + (": RANDOM models, meaningless" if tiny else ""),
+        fontsize=9,
+        color="#b00020" if tiny else "#555555",
+        x=0.99,
+        ha="right",
+    )
     return fig
 
 
@@ -62,10 +72,10 @@ def _percent(value: Any) -> float:
     return 100 * float(value) if isinstance(value, int | float) else math.nan
 
 
-def curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
+def curves_section(scores: dict[str, Scores], scores_dir: Path, preset: str = "") -> str:
     if not scores:
         return note(f"no scores in {scores_dir}: run the evaluate stage for ROC and PR curves")
-    fig = _figure(10, 4.2)
+    fig = _figure(10, 4.6, preset)
     roc_ax, pr_ax = fig.subplots(1, 2)
     drawn, skipped = 0, []
     for head, s in scores.items():
@@ -95,8 +105,9 @@ def curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
         pr_ax.set(
             xlabel="recall", ylabel="precision", title="precision-recall (AP)", ylim=(0, 1.02)
         )
-        roc_ax.legend(fontsize=8, loc="lower right")
-        pr_ax.legend(fontsize=8, loc="lower left")
+        # below the axes, never over a curve
+        for ax in (roc_ax, pr_ax):
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
         parts.append(img(_png_uri(fig), "ROC and precision-recall curves per head"))
         parts.append(
             "<p>Generated is the positive class; one curve per head, each with its own line "
@@ -109,14 +120,16 @@ def curves_section(scores: dict[str, Scores], scores_dir: Path) -> str:
             continue
         labels, matrix = confusion(s.true_class, s.pred_class)
         parts.append(f"<h3>Attribution confusion matrix: {esc(head)}</h3>")
-        parts.append(img(_png_uri(_confusion_figure(head, labels, matrix)), f"{head} confusion"))
+        parts.append(
+            img(_png_uri(_confusion_figure(head, labels, matrix, preset)), f"{head} confusion")
+        )
     return "\n".join(parts)
 
 
-def _confusion_figure(head: str, labels: list[str], matrix: np.ndarray) -> Figure:
+def _confusion_figure(head: str, labels: list[str], matrix: np.ndarray, preset: str) -> Figure:
     k = len(labels)
     side = max(3.5, 0.38 * k + 2)
-    fig = _figure(side + 1, side)
+    fig = _figure(side + 1, side, preset)
     ax = fig.subplots()
     # Colour by row share (recall per true class), so rare classes are as readable as common ones.
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -139,6 +152,7 @@ def robustness_section(
     clean: dict[str, Any] | None,
     perturbed: dict[str, dict[float, dict[str, Any]]],
     metrics_dir: Path,
+    preset: str = "",
 ) -> str:
     if not perturbed:
         return note(
@@ -165,7 +179,7 @@ def robustness_section(
             points.append((100.0 if kind == "jpeg" else 0.0, "clean", clean))
         points += [(s, f"{_SHORT[kind]} {s:g}", by_severity[s]) for s in severities]
         heads = sorted({h for _, _, data in points for h in data})
-        fig = _figure(10, 3.8)
+        fig = _figure(10, 3.8, preset)
         axes = fig.subplots(1, 2)
         # Severities as evenly spaced categories (clean, then from mild to harsh): on a linear
         # axis "clean" (0) and "σ 0.001" would print on top of each other.
@@ -208,7 +222,7 @@ def robustness_section(
     return "\n".join(parts)
 
 
-def qf_section(path: Path) -> str:
+def qf_section(path: Path, preset: str = "") -> str:
     if not path.is_file():
         return note(f"no {path}: no train-QF x test-QF study in this run")
     data = read_json(path)
@@ -223,7 +237,13 @@ def qf_section(path: Path) -> str:
     parts = [
         "<p>Rows: JPEG quality factor of the training images; columns: of the test images.</p>"
     ]
-    for head, grid in data.items():
+    for head, block in data.items():
+        # `preset` and `models` (what made the features) sit beside the train-QF rows
+        grid = (
+            {k: v for k, v in block.items() if k not in ("preset", "models")}
+            if isinstance(block, dict)
+            else block
+        )
         if not isinstance(grid, dict) or not all(
             isinstance(row, dict) and all(isinstance(c, dict) for c in row.values())
             for row in grid.values()
@@ -231,7 +251,9 @@ def qf_section(path: Path) -> str:
             raise bad
         train_qf = sorted(grid, key=_qf_key)
         test_qf = sorted({t for row in grid.values() for t in row}, key=_qf_key)
-        fig = _figure(max(6.0, 1.1 * len(test_qf) * 2 + 2), max(3.0, 0.55 * len(train_qf) + 1.8))
+        fig = _figure(
+            max(6.0, 1.1 * len(test_qf) * 2 + 2), max(3.0, 0.55 * len(train_qf) + 1.8), preset
+        )
         for ax, metric in zip(fig.subplots(1, 2), ("acc", "ap")):
             values = np.array(
                 [[_percent(grid[r].get(c, {}).get(metric)) for c in test_qf] for r in train_qf]
@@ -261,7 +283,7 @@ def _qf_key(name: str) -> tuple[int, float, str]:
         return (0, 0.0, name)
 
 
-def tsne_section(features_dir: Path, kind: str, seed: int) -> str:
+def tsne_section(features_dir: Path, kind: str, seed: int, preset: str = "") -> str:
     # scikit-learn's manifold module takes a second to import; only a t-SNE plot needs it.
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
@@ -295,7 +317,7 @@ def tsne_section(features_dir: Path, kind: str, seed: int) -> str:
     )
     classes = np.where(fs.y[index] == 1, fs.generator[index], REAL_CLASS)
     names = [REAL_CLASS] * bool((classes == REAL_CLASS).any()) + sorted(set(classes) - {REAL_CLASS})
-    fig = _figure(9, 6.5)
+    fig = _figure(9, 6.5, preset)
     ax = fig.subplots()
     markers = "os^Dv<>pPX*"
     colours = [c for m in ("tab10", "Dark2", "Set1") for c in _cmap_colours(m)]

@@ -49,7 +49,8 @@ th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
 img.plot{max-width:100%;height:auto;display:block;margin:8px 0}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:16px}
-.card{margin:0;border:1px solid #ddd;border-radius:6px;padding:8px;background:#fafafa}
+.card{margin:0;border:1px solid #ddd;border-radius:6px;padding:8px;background:#fafafa;
+min-width:0;overflow-wrap:anywhere}
 .card img{display:block;max-width:100%;height:auto;margin:0 auto}
 .card p{margin:4px 0}.card table{margin:4px 0;font-size:12px}
 .tag{display:inline-block;padding:1px 6px;border-radius:4px;color:#fff;font-size:12px}

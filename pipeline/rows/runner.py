@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from pipeline.logs import progress
 from pipeline.rows import store
 from pipeline.rows.atomic import writable_dir, write_text
 from pipeline.rows.key import matches, reuse_index
@@ -226,7 +226,7 @@ def run_step(
     # Counted in images over the whole stage (a shard is 64 of them), so that the rate and the
     # ETA mean something; rows reused from the cache count as done. Log lines (a model loading
     # inside the first shard) are written above the bar, not into it.
-    bar = tqdm(total=_n_images(step), desc=step.stage, unit="img", smoothing=0.1)
+    bar = progress(total=_n_images(step), desc=step.stage, unit="img")
     with bar, logging_redirect_tqdm():
         if scheduler == "dask":
             client = _client(scheduler, dask_address, n_workers)
