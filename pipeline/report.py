@@ -26,6 +26,7 @@ from pipeline.errors import DataUnusable
 from pipeline.metrics import REAL_CLASS, Scores, confusion, pr_points, roc_points
 from pipeline.perturb import KINDS as PERTURBATION_KINDS
 from pipeline.perturb import parse_perturbation
+from pipeline.runner import timings_path
 
 logger = logging.getLogger(__name__)
 
@@ -226,12 +227,21 @@ def _read_scores(scores_dir: Path) -> dict[str, Scores]:
 
 
 def _stage_attrs(dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    """Root attributes of every shard of each stage folder (absent folders are left out)."""
-    return {
+    """Root attributes of every shard of each stage folder (absent folders are left out); the
+    first also carries `finished_utc` from the stage's timings file, since shards hold no time."""
+    out = {
         stage: [store.read_attrs(p) for p in store.list_shards(d)]
         for stage, d in dirs.items()
         if store.list_shards(d)
     }
+    for stage, shards in out.items():
+        try:
+            timings = json.loads(timings_path(dirs[stage]).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(timings, dict):
+            shards[0]["finished_utc"] = timings.get("finished_utc", "")
+    return out
 
 
 # ------------------------------------------------------------------------------------- HTML
@@ -322,11 +332,11 @@ def _page(
                 ", ".join(sorted({str(a.get("preset", "")) for a in shards} - {""})) or "—",
                 str(first.get("model", "")) or "—",
                 str(len(shards)),
-                str(first.get("created_utc", "")),
+                str(first.get("finished_utc", "")) or "—",
             ]
         )
     run = (
-        _table(["stage", "dataset", "preset", "model", "shards", "created (UTC)"], run_rows)
+        _table(["stage", "dataset", "preset", "model", "shards", "finished (UTC)"], run_rows)
         if run_rows
         else _note("no shards found: run information is unavailable")
     )
