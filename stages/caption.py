@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from stages._common import parser, run
+from stages._models import check_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_caption(args.ingest, args.out, params.caption, params.models, params.base, args.name)
 
-    return run("caption", argv, ap, body, needs_models=True)
+    return run("caption", argv, ap, body, before=check_models)
 
 
 if __name__ == "__main__":

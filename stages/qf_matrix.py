@@ -17,9 +17,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
 
     def body(args, params):
-        from pipeline.evalsets import qf_matrix
         from pipeline.evaluate import write_json_atomic
         from pipeline.features import run_features
+        from pipeline.qf_matrix import qf_matrix
 
         dirs = {}
         for q in params.evaluate.qf_matrix:

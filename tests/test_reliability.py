@@ -786,7 +786,7 @@ def test_refused_clip_checkpoints(tmp_path, monkeypatch):
     assert _find_checkpoint("ViT-L-14", "openai") == jit  # where the weights check looks
     with pytest.raises(ModelFileError, match=f"{jit}.*TorchScript"):
         check_weights(params_from_dict({}).models, ["clip"])
-    from pipeline.models.files import check_weights_file
+    from pipeline.weight_files import check_weights_file
 
     with pytest.raises(ModelFileError, match=f"{jit}.*TorchScript"):
         check_weights_file(jit, "CLIP")

@@ -196,9 +196,9 @@ def test_qf_matrix_fits_every_head_like_the_train_stage(tmp_path):
     """QF matrix heads go through the train stage's fit: multitask gets class names (not 0/1,
     which made every p_generated 1) and tip_adapter its class-prompt embeddings."""
     from pipeline.config import Params
-    from pipeline.evalsets import qf_matrix
     from pipeline.features import load_features
     from pipeline.metrics import p_generated
+    from pipeline.qf_matrix import qf_matrix
     from pipeline.train import fit_configured_head
 
     params = Params()

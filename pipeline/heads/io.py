@@ -91,7 +91,7 @@ def load_head(directory: Path) -> BaseHead:
         ModelFileError: one line naming the bad file, what is wrong, and the fix.
     """
     from pipeline.heads.registry import HEADS
-    from pipeline.models.files import check_weights_file
+    from pipeline.weight_files import check_weights_file
 
     directory = Path(directory)
     meta_path = directory / META_FILE

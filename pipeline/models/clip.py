@@ -17,8 +17,8 @@ from PIL import Image
 from pipeline.atomic import atomic_path, write_text
 from pipeline.digest import file_digest
 from pipeline.errors import ModelFileError
-from pipeline.models.files import check_weights_file
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
+from pipeline.weight_files import check_weights_file
 
 logger = logging.getLogger(__name__)
 

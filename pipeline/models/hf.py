@@ -19,7 +19,7 @@ from huggingface_hub import try_to_load_from_cache
 from pipeline.atomic import write_text
 from pipeline.digest import tree_digest
 from pipeline.errors import ConfigError, MisalignError
-from pipeline.models.files import check_model_dir
+from pipeline.weight_files import check_model_dir
 
 logger = logging.getLogger(__name__)
 
