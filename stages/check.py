@@ -36,9 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{key} = {path!r} does not exist (looked from {Path.cwd()}); give a folder "
                     "in a known layout or a manifest CSV, e.g. -S data.path=/data/my_set"
                 )
+        # After the paths (a typo there is the likelier mistake), before any stage reads data.
+        check_models(params)
         write_text(args.out, STAMP)
 
-    return run("check", argv, ap, body, before=check_models)
+    return run("check", argv, ap, body)
 
 
 if __name__ == "__main__":
