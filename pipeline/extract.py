@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 # wrapper it calls (models/blip2.py, models/grounding.py, models/clip.py, bert.py, dinov2.py).
 # It is part of every row's key, so bumping it recomputes that step's rows (and downstream rows
 # only where their inputs then change). tests/test_cache_key.py pins each step's output on
-# a fixed fixture (tests/golden/step_outputs.json): a change of output without a bump here fails it; a refactor that keeps the
-# output passes and invalidates nothing.
+# a fixed fixture (tests/golden/step_outputs.json): a change of output without a bump here
+# fails it; a refactor that keeps the output passes and invalidates nothing.
 STEP_VERSIONS: dict[str, int] = {"captions": 1, "objects": 1, "clip": 1}
 
 
