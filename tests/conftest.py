@@ -52,8 +52,11 @@ _TEST_TIER = {
     "test_report.py::test_browser_check_catches_broken_pages": "system",
 }
 
-# Fixtures that load models or build extraction outputs.
-_FIXTURE_TIER = {"tiny_extraction": "integration"}
+# Fixtures that load the tiny models or run extraction steps (test_models_hf, test_cache_key,
+# test_reader): a test using one is an integration test wherever it is.
+_FIXTURE_TIER = dict.fromkeys(
+    ("captioner", "grounder", "tiny_dir", "small", "extracted"), "integration"
+)
 
 
 def tier_of(item: pytest.Item) -> str:
