@@ -48,14 +48,18 @@ _FILE_TIER = {
 _TEST_TIER = {
     "test_reliability.py::test_kill_9_then_resume_equals_an_uninterrupted_run": "system",
     "test_reliability.py::test_refused_clip_checkpoints": "integration",
+    "test_reliability.py::test_odd_files_are_used_intact_or_quarantined_with_a_reason": "integration",
+    # Heads trained to convergence on synthetic data: no model, but minutes of CPU together.
+    "test_heads.py::test_linear_gaussians_reach_bayes": "integration",
+    "test_heads.py::test_xor_reaches_bayes": "integration",
     "test_report.py::test_report_renders_offline_in_headless_chromium": "system",
     "test_report.py::test_browser_check_catches_broken_pages": "system",
 }
 
 # Fixtures that load the tiny models or run extraction steps (test_models_hf, test_cache_key,
-# test_reader): a test using one is an integration test wherever it is.
+# test_reader), or train a head to convergence: a test using one is an integration test.
 _FIXTURE_TIER = dict.fromkeys(
-    ("captioner", "grounder", "tiny_dir", "small", "extracted"), "integration"
+    ("captioner", "grounder", "tiny_dir", "small", "extracted", "fitted_multitask"), "integration"
 )
 
 
