@@ -1,4 +1,4 @@
-"""Further evaluation sets: perturbed copies of a dataset, other datasets, the JPEG QF matrix.
+"""Further evaluation sets: perturbed copies of a dataset, other datasets, JPEG qualities.
 
 Each set is an ordinary dataset under `cache/<name>/` that goes through the same extraction
 (ingest → caption → ground → encode → features, with the same row cache) and is scored by the
@@ -13,19 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import Params
 from pipeline.data.images import load_rgb
 from pipeline.data.ingest import run_ingest
 from pipeline.data.manifest import write_csv
 from pipeline.errors import DataUnusable
-from pipeline.evaluation.metrics import binary_metrics, own_decision, p_generated
 from pipeline.extract.caption import CaptionStep, run_caption
 from pipeline.extract.encode import EncodeStep, run_encode
 from pipeline.extract.ground import GroundStep, run_ground
 from pipeline.features import (
-    load_features,
     planned_feature_provenance,
     run_features,
 )
@@ -33,7 +29,6 @@ from pipeline.logs import progress
 from pipeline.perturb import parse_perturbation, perturb
 from pipeline.rows import store
 from pipeline.rows.atomic import atomic_path
-from pipeline.train import fit_configured_head, head_kind
 
 logger = logging.getLogger(__name__)
 
@@ -185,46 +180,3 @@ def perturbed_copy(
     )
     logger.info("%s: %d perturbed images in %s", perturbation, len(rows), dest)
     return dest
-
-
-def qf_matrix(
-    feature_dirs: dict[int, Path],
-    params: Params,
-    eval_split: str = "test",
-    heads: Sequence[str] = ("svm",),
-) -> dict[str, Any]:
-    """Train each head on every JPEG quality's train split, test on every quality's eval split.
-
-    Returns:
-        `{head: {"<train_qf>": {"<test_qf>": {"acc": .., "ap": .., "auc": .., "n": ..}}}}`.
-    """
-
-    out: dict[str, Any] = {}
-    for name in heads:
-        kind = head_kind(params.train, name, params.features.kind)
-        sets = {q: load_features(d, kind) for q, d in feature_dirs.items()}
-        out[name] = {}
-        for q_train, fs in sets.items():
-            head, _ = fit_configured_head(
-                name,
-                params.train,
-                fs.where("train"),
-                fs.where("val"),
-                kind=kind,
-                seed=params.base.seed,
-                features_dir=feature_dirs[q_train],
-            )
-            row = {}
-            for q_test, ft in sets.items():
-                te = ft.where(eval_split)
-                p = np.clip(p_generated(head, te.X), 0, 1)
-                m = binary_metrics(te.y, p, decision=own_decision(head, te.X))
-                row[str(q_test)] = {k: m[k] for k in ("acc", "ap", "auc", "n")}
-            out[name][str(q_train)] = row
-            logger.info(
-                "QF matrix %s, train QF %s: %s",
-                name,
-                q_train,
-                ", ".join(f"test QF {k} acc {v['acc']:.3f}" for k, v in row.items()),
-            )
-    return out

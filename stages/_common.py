@@ -24,13 +24,14 @@ def run(
     argv: Sequence[str] | None,
     ap: argparse.ArgumentParser,
     body: Callable[[argparse.Namespace, Params], None],
-    needs_models: bool = False,
+    before: Callable[[Params], None] | None = None,
 ) -> int:
     """Parse args, load and validate the whole params file, then run `body`; user errors exit 1
     with one clear message.
 
     The order matters: nothing heavy (torch, transformers, open_clip) is imported before the
-    params are valid, so a bad value is reported in seconds; `body` imports what it needs."""
+    params are valid, so a bad value is reported in seconds; `body` imports what it needs.
+    `before` runs first, e.g. `stages._models.check_models` in the stages that load models."""
     setup_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = ap.parse_args(argv)
     try:
@@ -43,12 +44,8 @@ def run(
                 "and marked preset=tiny in every output"
             )
         with tiny_announced() if tiny else nullcontext():
-            if needs_models:
-                # Every model of the run is checked up front, so that a missing one is reported
-                # before hours of work by an earlier stage, together with the others.
-                from pipeline.models import check_weights, needed_roles
-
-                check_weights(params.models, needed_roles(params))
+            if before is not None:
+                before(params)
             body(args, params)
     except user_errors() as err:
         print(f"error in stage {name}: {err}", file=sys.stderr)

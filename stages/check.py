@@ -1,4 +1,5 @@
-"""DVC stage check: validate the whole params.yaml (and that data paths exist) in seconds.
+"""DVC stage check: validate the whole params.yaml, that data paths exist and that the models'
+weights are there, in seconds.
 
 Every other stage depends on its stamp, so DVC runs it first after any change of params.yaml:
 a misspelt key or a bad value stops `dvc exp run` before any stage works. The stamp's content
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from stages._common import parser, run
+from stages._models import check_models
 
 STAMP = "params.yaml checked: every key known, every value valid\n"
 
@@ -34,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{key} = {path!r} does not exist (looked from {Path.cwd()}); give a folder "
                     "in a known layout or a manifest CSV, e.g. -S data.path=/data/my_set"
                 )
+        # After the paths (a typo there is the likelier mistake), before any stage reads data.
+        check_models(params)
         write_text(args.out, STAMP)
 
     return run("check", argv, ap, body)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages._common import parser, run
+from stages._models import check_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache = Path(args.cache)
         extract_dataset(args.data, cache, cache.name, params, args.layout, with_features=False)
 
-    return run("evalset", argv, ap, body, needs_models=True)
+    return run("evalset", argv, ap, body, before=check_models)
 
 
 if __name__ == "__main__":

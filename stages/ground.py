@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 
 from stages._common import parser, run
+from stages._models import check_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dataset=args.name,
         )
 
-    return run("ground", argv, ap, body, needs_models=True)
+    return run("ground", argv, ap, body, before=check_models)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages._common import parser, run
+from stages._models import check_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data = perturbed_copy(args.source, f"jpeg_{q}", cache / "data", params.base.seed)
             extract_dataset(data, cache, cache.name, params, "manifest", with_features=False)
 
-    return run("qf_extract", argv, ap, body, needs_models=True)
+    return run("qf_extract", argv, ap, body, before=check_models)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
 
     def body(args, params):
-        from pipeline.evalsets import qf_matrix
+        from pipeline.evaluation.qf_matrix import qf_matrix
         from pipeline.features import run_features
         from pipeline.provenance import run_provenance
         from pipeline.rows.atomic import write_json_atomic

@@ -1,6 +1,26 @@
-"""Shared pytest setup: every test runs offline and single-threaded enough for 2 cores."""
+"""Shared pytest setup: every test runs offline and single-threaded enough for 2 cores, and
+every test is in exactly one tier.
+
+Tiers (markers, set here; `pytest -q` runs them all, as CI does):
+
+- `fast`: no model load, no DVC, no browser, no stage subprocess that loads a model; the whole
+  tier runs in under 2 minutes. `pytest -q -m fast` while developing.
+- `integration`: the tiny models, extraction stages, the row cache over real steps.
+- `system`: the project as a user runs it: `dvc repro`, a wheel install, a headless browser,
+  the whole tiny pipeline end to end, kill -9 of running stages.
+
+A test's tier is the marker written on it, else its entry in `_TEST_TIER`, else that of a
+fixture it uses (`_FIXTURE_TIER`), else its file's (`_FILE_TIER`, `fast` when absent). A fast test that loads a model or starts DVC, a browser
+or a model stage fails, naming the tier it belongs to.
+"""
+
+from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
 
 # A hub miss costs 20-50 s of retries; tests never download anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,3 +28,101 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TIERS = ("fast", "integration", "system")
+
+_FILE_TIER = {
+    "test_dvc.py": "system",
+    "test_e2e.py": "system",
+    "test_packaging.py": "system",
+    "test_plots_offline.py": "system",
+    "test_cache_key.py": "integration",
+    "test_clip.py": "integration",
+    "test_gpu_check.py": "integration",
+    "test_models_hf.py": "integration",
+    "test_protocol_eval.py": "integration",
+    "test_reader.py": "integration",
+}
+
+# Tests (by function name, parameters left out) whose tier is not their file's.
+_TEST_TIER = {
+    "test_reliability.py::test_kill_9_then_resume_equals_an_uninterrupted_run": "system",
+    "test_reliability.py::test_refused_clip_checkpoints": "integration",
+    "test_reliability.py::test_odd_files_are_used_intact_or_quarantined_with_a_reason": "integration",
+    # Heads trained to convergence on synthetic data: no model, but minutes of CPU together.
+    "test_heads.py::test_linear_gaussians_reach_bayes": "integration",
+    "test_heads.py::test_xor_reaches_bayes": "integration",
+    "test_report.py::test_report_renders_offline_in_headless_chromium": "system",
+    "test_report.py::test_browser_check_catches_broken_pages": "system",
+}
+
+# Fixtures that load the tiny models or run extraction steps (test_models_hf, test_cache_key,
+# test_reader), or train a head to convergence: a test using one is an integration test.
+_FIXTURE_TIER = dict.fromkeys(
+    ("captioner", "grounder", "tiny_dir", "small", "extracted", "fitted_multitask"), "integration"
+)
+
+
+def tier_of(item: pytest.Item) -> str:
+    filename = item.path.name
+    name = getattr(item, "originalname", None) or item.name.split("[")[0]
+    if f"{filename}::{name}" in _TEST_TIER:
+        return _TEST_TIER[f"{filename}::{name}"]
+    for fixture in getattr(item, "fixturenames", ()):
+        if fixture in _FIXTURE_TIER:
+            return _FIXTURE_TIER[fixture]
+    return _FILE_TIER.get(filename, "fast")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marked = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if not marked:  # a tier marker written on the test itself wins
+            item.add_marker(getattr(pytest.mark, tier_of(item)))
+        elif len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marked)}; give it one tier")
+
+
+# Commands a fast test must not start: they load models, run DVC or a browser.
+_HEAVY_COMMANDS = ("dvc", "chromium", "chromium-browser", "google-chrome")
+_HEAVY_MODULES = ("stages.caption", "stages.ground", "stages.encode", "stages.evalset")
+_HEAVY_MODULES += ("stages.qf_extract", "tests.kill_probe")
+
+
+def _heavy(args: object) -> str | None:
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else [str(args)]
+    if argv and os.path.basename(argv[0]) in _HEAVY_COMMANDS:
+        return argv[0]
+    return next((a for a in argv if a in _HEAVY_MODULES), None)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_fast(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """In the fast tier, loading a model or starting DVC, a browser or a model stage fails."""
+    if request.node.get_closest_marker("fast") is None:
+        yield
+        return
+    from pipeline.models.clip import ClipEncoder
+    from pipeline.models.hf import HFWrapper
+
+    where = request.node.nodeid
+
+    def refuse(what: str) -> None:
+        pytest.fail(f"{where} is in the fast tier but {what}; list it in tests/conftest.py")
+
+    def no_load(cls: type, *args: object, **kwargs: object) -> None:
+        refuse(f"loads a model ({cls.__name__})")
+
+    monkeypatch.setattr(HFWrapper, "load", classmethod(no_load))
+    monkeypatch.setattr(ClipEncoder, "load", classmethod(no_load))
+    popen_init = subprocess.Popen.__init__
+
+    def checked_init(self: subprocess.Popen, args: object, *rest: object, **kw: object) -> None:
+        if (heavy := _heavy(args)) is not None:
+            refuse(f"starts {heavy}")
+        popen_init(self, args, *rest, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked_init)
+    yield

@@ -1,4 +1,5 @@
-"""Builders shared by tests: small images (valid and broken) and datasets in tmp folders."""
+"""Builders shared by tests: small images (valid and broken), datasets and synthetic feature
+shards in tmp folders."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline.config import FeaturesConfig
+from pipeline.features import CLASS_PROMPTS, compute_features
+from pipeline.rows import store
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -48,3 +53,48 @@ def tiny_sample(dest: Path, per_generator: int = 2, n_real: int = 12) -> Path:
         shutil.copy(SAMPLE / row["file"], target)
     write_manifest(dest / "manifest.csv", keep)
     return dest
+
+
+GENERATORS = ("ganA", "diffB", "diffC")
+
+
+def write_features(directory, n=240, d=6, seed=0, poison_test=False, splits=None):
+    """Two separable classes in raw-embedding space, three generators, fixed splits."""
+    rng = np.random.default_rng(seed)
+    label = np.tile([0, 1], n // 2)
+    gen = np.where(label == 0, "real", np.array(GENERATORS)[rng.integers(0, 3, n)])
+    shift = np.array([[0.0] * d] + [np.eye(d)[k] * 3 for k in range(3)])
+    which = np.where(label == 0, 0, 1 + np.searchsorted(GENERATORS, gen, sorter=[1, 0, 2]))
+    image = rng.normal(0, 1, (n, d)) + 5.0 + shift[which]
+    image[:, 0] += 6.0 * (2 * label - 1)
+    text = rng.normal(0, 1, (n, d)) - 2.0
+    split = (
+        splits if splits is not None else np.array(["train", "val", "test"])[np.arange(n) % 5 % 3]
+    )
+    if poison_test:
+        test = split == "test"
+        label = np.where(test, 1 - label, label)
+        image = np.where(test[:, None], np.random.default_rng(99).normal(0, 100, (n, d)), image)
+    clip = {
+        "image_emb": image.astype(np.float32),
+        "text_emb": text.astype(np.float32),
+        "obj_offsets": np.zeros(n + 1, np.int64),
+        "obj_image_emb": np.zeros((0, d), np.float32),
+        "obj_text_emb": np.zeros((0, d), np.float32),
+    }
+    feats = compute_features(clip, FeaturesConfig())
+    meta = {
+        "ids": np.array([f"id{i}" for i in range(n)], dtype=object),
+        "label": label.astype(np.int8),
+        "generator": gen.astype(object),
+        "split": np.asarray(split, dtype=object),
+        "family": np.where(label == 0, "real", "fam").astype(object),
+        "subset": np.full(n, "", dtype=object),
+    }
+    store.write_shard(directory / store.shard_name(0), {**meta, **feats}, {})
+    store.write_shard(
+        directory / CLASS_PROMPTS,
+        {"ids": np.array(["c0", "c1"], dtype=object), "text_emb": rng.normal(size=(2, d))},
+        {},
+    )
+    return directory

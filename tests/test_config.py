@@ -87,6 +87,13 @@ def test_check_stage_refuses_a_missing_data_path_and_a_misspelt_key(tmp_path, ca
     assert check.main(["--params", str(path), "--out", str(stamp)]) == 1
     assert "train.mlp.hiden" in capsys.readouterr().err and not stamp.exists()
     del params["train"]["mlp"]["hiden"]
+    # The weights are checked here too, before ingest reads the data.
+    params["models"]["preset"] = "paper"
+    params["models"]["clip"]["path"] = str(tmp_path / "missing.pt")
+    path.write_text(yaml.safe_dump(params))
+    assert check.main(["--params", str(path), "--out", str(stamp)]) == 1
+    assert "missing.pt" in capsys.readouterr().err and not stamp.exists()
+    params["models"]["preset"] = "tiny"
     path.write_text(yaml.safe_dump(params))
     assert check.main(["--params", str(path), "--out", str(stamp)]) == 0
     assert stamp.read_text() == check.STAMP

@@ -58,7 +58,7 @@ def test_one_platt_fit_for_the_svm_and_post_hoc_calibration():
 def test_svm_is_not_calibrated_twice(tmp_path):
     from pipeline.config import TrainConfig
     from pipeline.train import train_heads
-    from tests.test_train import write_features
+    from tests.helpers import write_features
 
     feats = write_features(tmp_path / "f")
     cfg = TrainConfig(heads=["svm"], calibration="temperature")

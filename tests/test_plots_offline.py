@@ -17,8 +17,8 @@ from PIL import Image
 
 from pipeline.evaluation.evaluate import _write_points
 from pipeline.evaluation.metrics import pr_points, roc_points
+from tests.browser import Chromium, require_chromium
 from tests.helpers import ROOT
-from tests.test_report import _Chromium, _require_chromium
 
 HEADS = {"mlp": 2.0, "svm": 0.5}  # head -> class separation of its made-up scores
 
@@ -70,7 +70,7 @@ def _plots_page(tmp: Path, with_project_config: bool) -> Path:
 def _screenshot(page: Path, profile: Path) -> tuple[Image.Image, list[str], int]:
     """Open `page` with every host unresolvable; wait for vega to paint; return a screenshot,
     the URLs the page requested and the number of drawn plots (canvas/svg elements)."""
-    browser = _Chromium(profile)
+    browser = Chromium(profile)
     try:
         target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
@@ -121,7 +121,7 @@ def test_plots_render_offline_with_the_project_template(tmp_path):
     html = page.read_text()
     assert not re.search(r"<script[^>]*\bsrc=", html), "no <script src>: everything inline"
     assert "vegaEmbed" in html and "models.preset=paper" in html  # titles name the preset
-    _require_chromium()
+    require_chromium()
     image, requests, drawn = _screenshot(page, tmp_path / "profile")
     image.save(tmp_path / "plots.png")
     assert requests == []
@@ -157,7 +157,7 @@ def test_without_the_template_the_page_needs_the_network(tmp_path):
     """The check can fail: DVC's own page asks a CDN for vega and paints nothing offline."""
     page = _plots_page(tmp_path, with_project_config=False)
     assert re.search(r"<script[^>]*\bsrc=\"https://", page.read_text())
-    _require_chromium()
+    require_chromium()
     image, requests, drawn = _screenshot(page, tmp_path / "profile")
     assert drawn == 0 and any("vega" in r for r in requests)
     assert _coloured_fraction(image) < 0.0005

@@ -153,3 +153,34 @@ def test_the_stage_bar_counts_images_as_each_batch_finishes(tmp_path, monkeypatc
     bars.clear(), updates.clear()
     run_step(Doubler(grown, version="v2"), tmp_path)  # a step that reports no batches
     assert updates == [2, 2, 2]
+
+
+def test_a_stage_run_twice_writes_byte_identical_shards(tmp_path):
+    """The ingest stage computed twice over the same images, a second apart, writes the same
+    bytes (no wall-clock time in any file of the output), so DVC sees an unchanged output."""
+    import time
+
+    import yaml
+
+    from stages import ingest
+    from tests.helpers import ROOT, make_image, write_manifest
+
+    data = tmp_path / "data"
+    rows = [{"path": f"img{i}.png", "label": i % 2, "generator": "g"} for i in range(4)]
+    for i in range(4):
+        make_image(data / f"img{i}.png", i)
+    write_manifest(data / "manifest.csv", rows)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"]["preset"] = "tiny"
+    params["ingest"]["shard_size"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    outs = [tmp_path / "first" / "ingest", tmp_path / "second" / "ingest"]
+    for k, out in enumerate(outs):
+        if k:
+            time.sleep(1.1)  # a time kept to the second would now differ
+        args = ["--params", str(tmp_path / "params.yaml"), "--data", str(data), "--out", str(out)]
+        assert ingest.main([*args, "--name", "t"]) == 0
+    first, second = (sorted(p.name for p in out.iterdir()) for out in outs)
+    assert first == second and {"shard_00000.h5", "shard_00001.h5"} <= set(first)
+    for name in first:  # the shards and every other file of the output
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name

@@ -91,7 +91,7 @@ def load_head(directory: Path) -> BaseHead:
     """
     # pipeline.models (the package) imports torch and huggingface_hub; only loading a head
     # needs its weights-file check.
-    from pipeline.models.files import check_weights_file
+    from pipeline.weight_files import check_weights_file
 
     directory = Path(directory)
     meta_path = directory / META_FILE

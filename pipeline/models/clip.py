@@ -16,10 +16,10 @@ from PIL import Image
 
 from pipeline import logs
 from pipeline.errors import ModelFileError
-from pipeline.models.files import check_weights_file
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
 from pipeline.rows.atomic import atomic_path, write_text
 from pipeline.rows.digest import file_digest
+from pipeline.weight_files import check_weights_file
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from huggingface_hub import try_to_load_from_cache
 
 from pipeline import logs
 from pipeline.errors import ConfigError, MisalignError
-from pipeline.models.files import check_model_dir
 from pipeline.rows.atomic import write_text
 from pipeline.rows.digest import tree_digest
+from pipeline.weight_files import check_model_dir
 
 logger = logging.getLogger(__name__)
 

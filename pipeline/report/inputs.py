@@ -11,6 +11,7 @@ from pipeline.errors import DataUnusable
 from pipeline.evaluation.metrics import Scores
 from pipeline.perturb import parse_perturbation
 from pipeline.rows import store
+from pipeline.rows.runner import timings_path
 
 
 def read_json(path: Path) -> Any:
@@ -65,9 +66,18 @@ def read_scores(scores_dir: Path) -> dict[str, Scores]:
 
 
 def stage_attrs(dirs: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
-    """Root attributes of every shard of each stage folder (absent folders are left out)."""
-    return {
+    """Root attributes of every shard of each stage folder (absent folders are left out); the
+    first also carries `finished_utc` from the stage's timings file, since shards hold no time."""
+    out = {
         stage: [store.read_attrs(p) for p in store.list_shards(d)]
         for stage, d in dirs.items()
         if store.list_shards(d)
     }
+    for stage, shards in out.items():
+        try:
+            timings = json.loads(timings_path(dirs[stage]).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(timings, dict):
+            shards[0]["finished_utc"] = timings.get("finished_utc", "")
+    return out

@@ -146,11 +146,11 @@ def page(
                 ", ".join(sorted({str(a.get("preset", "")) for a in shards} - {""})) or "—",
                 str(first.get("model", "")) or "—",
                 str(len(shards)),
-                str(first.get("created_utc", "")),
+                str(first.get("finished_utc", "")) or "—",
             ]
         )
     run = (
-        table(["stage", "dataset", "preset", "model", "shards", "created (UTC)"], run_rows)
+        table(["stage", "dataset", "preset", "model", "shards", "finished (UTC)"], run_rows)
         if run_rows
         else note("no shards found: run information is unavailable")
     )

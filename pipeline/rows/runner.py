@@ -11,6 +11,7 @@ complete. An interrupted run therefore leaves the old outputs intact and its fin
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import logging
 import os
@@ -273,6 +274,8 @@ def run_step(
         "n_images": n_processed + n_reused,
         "n_shards": n,
         "scheduler": scheduler,
+        # The wall-clock time lives here, beside the outputs, never in a shard (see store).
+        "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     write_text(timings_path(out_dir), json.dumps(timings, indent=2) + "\n")
     logger.info(
