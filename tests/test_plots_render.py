@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.browser import Chromium, require_chromium
 from tests.helpers import ROOT, tiny_sample
-from tests.test_report import _Chromium, _require_chromium
 
 # Before the page's scripts run: keep the result of every vegaEmbed call (the inlined
 # vega-embed assigns the global, which goes through this setter).
@@ -149,7 +149,7 @@ def run(tmp_path_factory) -> tuple[Path, list[str], str]:
 
 def _open(page: Path, profile: Path, n_plots: int) -> dict[str, Any]:
     """Load the page with every host unresolvable; return console errors and panels."""
-    browser = _Chromium(profile)
+    browser = Chromium(profile)
     try:
         target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
@@ -202,7 +202,7 @@ def test_plots_page_of_a_tiny_run_draws_every_panel(run, tmp_path):
     plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]
     expected = sorted(f"plots/{c}/{h}.csv" for c in ("roc", "pr", "confusion") for h in heads)
     assert sorted(plots) == expected
-    _require_chromium()
+    require_chromium()
     seen = _open(tmp_path / "out" / "index.html", tmp_path / "profile", len(plots))
     assert seen["errors"] == []
     assert len(seen["panels"]) == len(plots), seen
