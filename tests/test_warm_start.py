@@ -74,3 +74,31 @@ def test_warm_start_refuses_another_head_or_other_rows(tmp_path):
     save_head(make_head("mlp", {"hidden": 4, "epochs": 1}).fit(X, y), tmp_path / "mlp")
     with pytest.raises(ConfigError, match="hidden width"):
         make_head("mlp", {"hidden": 8, "warm_start_from": str(tmp_path / "mlp")}).fit(X, y)
+
+
+def test_train_on_several_features_folders(tmp_path):
+    """Heads train on the union of the folders' rows; train.json records each folder."""
+    import json
+
+    from pipeline.config import TrainConfig
+    from pipeline.features import load_feature_union, load_features
+    from pipeline.train import train_heads
+    from tests.test_train import write_features
+
+    a = write_features(tmp_path / "a", n=60, seed=0)
+    b = write_features(tmp_path / "b", n=90, seed=1)
+    cfg = TrainConfig(heads=["svm"], calibration="none")
+    report = train_heads([a, b], tmp_path / "models", cfg=cfg, kind="item", seed=0)
+    info = json.loads((tmp_path / "models" / "svm" / "train.json").read_text())
+    assert [d["path"] for d in info["features_dirs"]] == [str(a), str(b)]
+    union = load_feature_union([a, b], "item", splits=("train", "val"))
+    n_train = len(load_features(a, "item", ("train",)).y) + len(load_features(b, "item", ("train",)).y)
+    assert report["svm"]["n_train"] == n_train == len(union.where("train").y)
+    # The same head as fitting the union's rows directly.
+    direct = make_head("svm", {"C": 1.0, "random_state": 0}).fit(
+        union.where("train").X,
+        union.where("train").y,
+        X_val=union.where("val").X,
+        y_val=union.where("val").y,
+    )
+    np.testing.assert_allclose(load_head(tmp_path / "models" / "svm").coef_, direct.coef_)
