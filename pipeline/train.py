@@ -330,7 +330,7 @@ def train_heads(
             head, info["pseudo_labels"] = _refit_with_pseudo_labels(
                 name, cfg, head, train=train, val=val, pool=pool, fit=fit
             )
-        calibration, val_threshold = _calibrate_on_val(name, cfg, head, val)
+        calibration, val_threshold = calibrate_on_val(name, cfg, head, val)
         if val_threshold is not None:
             info["val_threshold"] = val_threshold
         info["calibration"] = calibration
@@ -382,7 +382,7 @@ def _refit_with_pseudo_labels(
     return head, rep
 
 
-def _calibrate_on_val(
+def calibrate_on_val(
     name: str, cfg: TrainConfig, head: Any, val: FeatureSet
 ) -> tuple[dict[str, Any], float | None]:
     """The post-hoc calibration of the head's p_generated fitted on val (identity without
