@@ -111,3 +111,30 @@ def test_study_command_writes_the_table_and_lists_recipes(features, tmp_path, ca
     listed = capsys.readouterr().out
     assert all(name in listed for name in STUDIES)
     assert main(["study", "logo", "--features", str(features), "--by", "dataset"]) == 1
+
+
+def test_report_has_a_section_per_study(features, tmp_path):
+    from pipeline.report.build import build_report
+
+    run_study("train_sets", StudyInputs([features], SVM, head="svm"), tmp_path / "metrics")
+    run_study(
+        "finetune",
+        StudyInputs([features], MLP, head="mlp", options={"train": "ganA", "finetune": "diffB"}),
+        tmp_path / "metrics",
+    )
+    missing = tmp_path / "none"
+    path = build_report(
+        tmp_path / "report",
+        metrics_dir=tmp_path / "metrics",
+        scores_dir=missing,
+        features_dir=features,
+        ingest_dir=missing,
+        captions_dir=missing,
+        objects_dir=missing,
+        n_gallery=0,
+    )
+    html = path.read_text()
+    for name in ("train_sets", "finetune"):
+        assert f'id="study-{name}"' in html
+        assert f"{name} study: auc per cell" in html
+    assert html.count("<tr>") >= 9 + 3

@@ -10,6 +10,7 @@ from pipeline.report.figures import curves_section, qf_section, robustness_secti
 from pipeline.report.gallery import gallery_section
 from pipeline.report.inputs import extra_eval_sets, read_eval, read_scores, stage_attrs
 from pipeline.report.markup import page, summary_section
+from pipeline.report.studies import study_sections
 from pipeline.rows.atomic import write_text
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def build_report(
     Args:
         out_dir: folder of the report (created if needed).
         metrics_dir: holds `eval.json`, optional `eval_<name>.json` (perturbations such as
-            `jpeg_75`, or other datasets) and optional `qf_matrix.json`.
+            `jpeg_75`, or other datasets), optional `qf_matrix.json` and optional study
+            tables `study_<name>.json` (one section each).
         scores_dir: per-image scores, one `<head>.csv` per head.
         features_dir: features shards, for the t-SNE plot.
         ingest_dir, captions_dir, objects_dir: row-aligned shards, for the gallery.
@@ -90,6 +92,8 @@ def build_report(
             ),
         ),
     ]
+    # One page section per study table (`misalign study <name>` writes study_<name>.json).
+    sections += study_sections(metrics_dir, preset)
     document = page(title, attrs, sections)
     path = out_dir / "index.html"
     write_text(path, document)
