@@ -340,8 +340,7 @@ def _add_study_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
             "misalign study logo --by subset",
             "misalign study distances",
             "misalign study finetune --train ganA --finetune diffB --epochs 5",
-            "misalign study train_sets --by dataset --features cache/a/features "
-            "cache/b/features",
+            "misalign study train_sets --by dataset --features cache/a/features cache/b/features",
             "misalign study captioners                     # prints dvc exp run commands",
         ),
         formatter_class=fmt,
@@ -362,7 +361,9 @@ def _add_study_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     s.add_argument(
         "--by", default="generator", choices=GROUPINGS, help="what a group is (default: generator)"
     )
-    s.add_argument("--out", default="metrics", help="folder of study_<name>.json (default: metrics)")
+    s.add_argument(
+        "--out", default="metrics", help="folder of study_<name>.json (default: metrics)"
+    )
     s.add_argument("--train", help="finetune: the group trained on first (default: each)")
     s.add_argument("--finetune", help="finetune: the group fine-tuned on (default: each other)")
     s.add_argument("--epochs", type=int, help="finetune: fine-tuning epochs of a torch head")

@@ -11,8 +11,8 @@ import inspect
 import json
 import logging
 import shutil
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -291,9 +291,7 @@ def train_heads(
         )
     splits = ("train", "val") + ((pool_split,) if pool_split else ())
     dirs = (
-        [features_dir]
-        if isinstance(features_dir, (str, Path))
-        else [Path(d) for d in features_dir]
+        [features_dir] if isinstance(features_dir, (str, Path)) else [Path(d) for d in features_dir]
     )
     if not dirs:
         raise ConfigError("train_heads got no features folder; give at least one")

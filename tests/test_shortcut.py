@@ -76,7 +76,9 @@ def test_metadata_columns_and_jpeg_quality(tmp_path):
     row = dict(zip(COLUMNS, image_metadata(tmp_path / "p.png")))
     assert row["format_png"] == 1 and row["jpeg_quality"] == 100
     assert row["width"] == picture.width and row["height"] == picture.height
-    assert row["bytes_per_pixel"] == (tmp_path / "p.png").stat().st_size / (picture.width * picture.height)
+    assert row["bytes_per_pixel"] == (tmp_path / "p.png").stat().st_size / (
+        picture.width * picture.height
+    )
     exif = Image.Exif()
     exif[0x010F] = "camera"
     picture.save(tmp_path / "e.jpg", exif=exif)

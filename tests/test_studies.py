@@ -90,7 +90,9 @@ def test_finetune_starts_from_the_saved_head(features, tmp_path):
     # Some fine-tuning moves the head away from the saved one.
     inputs.options["epochs"] = 5
     moved, _ = run_study("finetune", inputs, tmp_path)
-    assert any(c["ap"] != c["before"]["ap"] or c["acc"] != c["before"]["acc"] for c in moved["cells"])
+    assert any(
+        c["ap"] != c["before"]["ap"] or c["acc"] != c["before"]["acc"] for c in moved["cells"]
+    )
 
 
 def test_finetune_refuses_a_head_without_warm_start(features, tmp_path):
@@ -100,8 +102,21 @@ def test_finetune_refuses_a_head_without_warm_start(features, tmp_path):
 
 
 def test_study_command_writes_the_table_and_lists_recipes(features, tmp_path, capsys):
-    assert main(["study", "train_sets", "--features", str(features), "--head", "svm",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "study",
+                "train_sets",
+                "--features",
+                str(features),
+                "--head",
+                "svm",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "9 cells" in capsys.readouterr().out
     assert (tmp_path / "study_train_sets.json").is_file()
     assert main(["study", "clip_arch"]) == 0

@@ -24,9 +24,9 @@ def test_zero_epochs_keep_the_saved_weights(tmp_path, name):
     X2, y2 = _rows(1, shift=-1.0)
     if name == "multitask":
         y2 = np.where(y2 == 1, "gen", "real")
-    tuned = make_head(
-        name, {"hidden": 8, "epochs": 0, "warm_start_from": str(tmp_path / "a")}
-    ).fit(X2, y2)
+    tuned = make_head(name, {"hidden": 8, "epochs": 0, "warm_start_from": str(tmp_path / "a")}).fit(
+        X2, y2
+    )
     for k, v in saved.weights_.items():
         np.testing.assert_array_equal(tuned.weights_[k], v)
     np.testing.assert_array_equal(tuned.mean_, saved.mean_)
@@ -92,7 +92,9 @@ def test_train_on_several_features_folders(tmp_path):
     info = json.loads((tmp_path / "models" / "svm" / "train.json").read_text())
     assert [d["path"] for d in info["features_dirs"]] == [str(a), str(b)]
     union = load_feature_union([a, b], "item", splits=("train", "val"))
-    n_train = len(load_features(a, "item", ("train",)).y) + len(load_features(b, "item", ("train",)).y)
+    n_train = len(load_features(a, "item", ("train",)).y) + len(
+        load_features(b, "item", ("train",)).y
+    )
     assert report["svm"]["n_train"] == n_train == len(union.where("train").y)
     # The same head as fitting the union's rows directly.
     direct = make_head("svm", {"C": 1.0, "random_state": 0}).fit(

@@ -16,7 +16,6 @@ from pipeline.heads.blocks import (
 )
 from pipeline.heads.contract import BaseHead, State, check_sgd_params
 from pipeline.heads.registry import register
-from pipeline.heads.warm import load_torch_weights, warm_start_head
 from pipeline.heads.torch_loop import (
     check_device,
     seed_from,
@@ -24,6 +23,7 @@ from pipeline.heads.torch_loop import (
     torch_seeded,
     train_torch,
 )
+from pipeline.heads.warm import load_torch_weights, warm_start_head
 
 
 @register("mlp")
@@ -86,9 +86,10 @@ class MLPHead(BaseHead):
         val = self._validate_val(X_val, y_val, classes)
         self.classes_ = classes
         saved = warm_start_head(self, X.shape[1], classes)
-        self.mean_, self.scale_ = (
+        standardiser: tuple[np.ndarray, np.ndarray] = (
             fit_standardiser(X) if saved is None else (saved.mean_, saved.scale_)
         )
+        self.mean_, self.scale_ = standardiser
         n_out = 1 if len(classes) == 2 else len(classes)
         Xt = StandardisedRows(X, self.mean_, self.scale_, device)
         yt = torch.as_tensor(y_idx).to(device)

@@ -18,7 +18,6 @@ from pipeline.heads.blocks import (
 )
 from pipeline.heads.contract import BaseHead, State, check_sgd_params
 from pipeline.heads.registry import register
-from pipeline.heads.warm import load_torch_weights, warm_start_head
 from pipeline.heads.torch_loop import (
     check_device,
     seed_from,
@@ -26,6 +25,7 @@ from pipeline.heads.torch_loop import (
     torch_seeded,
     train_torch,
 )
+from pipeline.heads.warm import load_torch_weights, warm_start_head
 
 
 @register("multitask")
@@ -123,9 +123,10 @@ class MultiTaskHead(BaseHead):
         gen_position = np.full(len(classes), -1, dtype=np.int64)
         gen_position[self.generator_indices_] = np.arange(len(self.generator_indices_))
         saved = warm_start_head(self, X.shape[1], classes)
-        self.mean_, self.scale_ = (
+        standardiser: tuple[np.ndarray, np.ndarray] = (
             fit_standardiser(X) if saved is None else (saved.mean_, saved.scale_)
         )
+        self.mean_, self.scale_ = standardiser
 
         def tensors(Xa: np.ndarray, ya: np.ndarray) -> tuple[Any, Any, Any]:
             return (

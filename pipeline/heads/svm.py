@@ -17,8 +17,8 @@ from pipeline.evaluation.metrics import fit_platt
 from pipeline.heads.blocks import fit_standardiser, float64_blocks, map_row_blocks, standardise
 from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import register
-from pipeline.heads.warm import warm_start_head
 from pipeline.heads.torch_loop import seed_from
+from pipeline.heads.warm import warm_start_head
 
 logger = logging.getLogger(__name__)
 

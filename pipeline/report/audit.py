@@ -19,10 +19,14 @@ def shortcut_section(path: Path) -> str:
         raise DataUnusable(f"{path} is not a shortcut audit; rerun the evaluate stage")
     baseline = audit.get("metadata_baseline") or {}
     rows = [[head, fmt("auc", auc)] for head, auc in sorted(audit["heads"].items())]
-    rows.append(["metadata only (format, JPEG quality, size, EXIF)", fmt("auc", baseline.get("auc"))])
+    rows.append(
+        ["metadata only (format, JPEG quality, size, EXIF)", fmt("auc", baseline.get("auc"))]
+    )
     banner = ""
     if audit.get("warning"):
-        banner = f'<div class="banner" id="shortcut-banner" role="alert">{esc(audit["message"])}</div>'
+        banner = (
+            f'<div class="banner" id="shortcut-banner" role="alert">{esc(audit["message"])}</div>'
+        )
     return "\n".join(
         [
             banner,

@@ -67,6 +67,7 @@ def _figure_of(
     name: str, cells: list[dict[str, Any]], keys: tuple[str, ...], metric: str, preset: str
 ) -> str:
     """A heatmap of `metric` over (first key, last key); finetune's rows are 'A → B'."""
+
     def row_of(c: dict[str, Any]) -> str:
         return " → ".join(str(c.get(k, "")) for k in keys[:-1])
 
@@ -85,7 +86,9 @@ def _figure_of(
         for j in range(len(cols)):
             v = values[i, j]
             text = "—" if math.isnan(v) else f"{v:.1f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, c="white" if v < 60 else "black")
+            ax.text(
+                j, i, text, ha="center", va="center", fontsize=8, c="white" if v < 60 else "black"
+            )
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
     ax.set(xlabel=keys[-1], ylabel=" → ".join(keys[:-1]), title=f"{name}: {metric} (%)")

@@ -113,7 +113,8 @@ def fit_head(
     its calibration."""
     cfg = inputs.cfg
     if params:
-        cfg = replace(cfg, **{inputs.head: {**(getattr(cfg, inputs.head, {}) or {}), **params}})
+        merged: dict[str, Any] = {inputs.head: {**(getattr(cfg, inputs.head, {}) or {}), **params}}
+        cfg = replace(cfg, **merged)
     head, _ = fit_configured_head(
         inputs.head,
         cfg,

@@ -25,9 +25,18 @@ class Distances(Study):
             names = rows.names()
             head, cal = fit_head(inputs, rows.fs.where("train"), rows.fs.where("val"), kind=kind)
             cells.append(
-                {"kind": kind, "test": "all", **score(head, cal, rows.fs.where("test"), inputs.threshold)}
+                {
+                    "kind": kind,
+                    "test": "all",
+                    **score(head, cal, rows.fs.where("test"), inputs.threshold),
+                }
             )
             for test in names:
                 metrics = score(head, cal, rows.of(test, "test"), inputs.threshold)
                 cells.append({"kind": kind, "test": test, **metrics})
-        return {**self.header(inputs), "kinds": list(DISTANCE_KINDS), "groups": names, "cells": cells}
+        return {
+            **self.header(inputs),
+            "kinds": list(DISTANCE_KINDS),
+            "groups": names,
+            "cells": cells,
+        }
