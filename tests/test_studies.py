@@ -96,9 +96,9 @@ def test_finetune_starts_from_the_saved_head(features, tmp_path):
 
 
 def test_finetune_refuses_a_head_without_warm_start(features, tmp_path):
-    cfg = TrainConfig(heads=["tip_adapter"])
+    cfg = TrainConfig(heads=["meta"])
     with pytest.raises(ConfigError, match="cannot fine-tune"):
-        run_study("finetune", StudyInputs([features], cfg, head="tip_adapter"), tmp_path)
+        run_study("finetune", StudyInputs([features], cfg, head="meta"), tmp_path)
 
 
 def test_study_command_writes_the_table_and_lists_recipes(features, tmp_path, capsys):

@@ -104,3 +104,19 @@ def test_train_on_several_features_folders(tmp_path):
         y_val=union.where("val").y,
     )
     np.testing.assert_allclose(load_head(tmp_path / "models" / "svm").coef_, direct.coef_)
+
+
+def test_tip_adapter_f_continues_from_the_saved_cache(tmp_path):
+    X, y = _rows(0)
+    params = {"finetune": True, "epochs": 2, "n_shots": 8, "alpha_grid": None, "beta_grid": None}
+    saved = make_head("tip_adapter", {**params, "standardize": True}).fit(X, y)
+    save_head(saved, tmp_path / "a")
+    X2, y2 = _rows(1)
+    warm = {**params, "warm_start_from": str(tmp_path / "a")}
+    same = make_head("tip_adapter", {**warm, "epochs": 0}).fit(X2, y2)
+    np.testing.assert_array_equal(same.cache_keys_, saved.cache_keys_)
+    np.testing.assert_allclose(same.predict_proba(X2), saved.predict_proba(X2))
+    tuned = make_head("tip_adapter", {**warm, "epochs": 1, "lr": 1e-4}).fit(X2, y2)
+    moved = np.abs(tuned.cache_keys_ - saved.cache_keys_).max()
+    assert 0 < moved < 0.01
+    np.testing.assert_array_equal(tuned.cache_labels_, saved.cache_labels_)

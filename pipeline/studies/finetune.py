@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
-from pipeline.heads import save_head, valid_params
+from pipeline.heads import HEADS, save_head, valid_params
 from pipeline.studies.base import Rows, Study, StudyInputs, fit_head, load_rows, score
 
 
@@ -24,7 +24,7 @@ class Finetune(Study):
 
     def run(self, inputs: StudyInputs) -> dict[str, Any]:
         if "warm_start_from" not in valid_params(inputs.head):
-            warm = [h for h in ("mlp", "svm", "multitask") if "warm_start_from" in valid_params(h)]
+            warm = [h for h in HEADS if "warm_start_from" in valid_params(h)]
             raise ConfigError(
                 f"head {inputs.head!r} cannot fine-tune a saved head; use one of {warm}"
             )
