@@ -153,3 +153,16 @@ def test_report_has_a_section_per_study(features, tmp_path):
         assert f'id="study-{name}"' in html
         assert f"{name} study: auc per cell" in html
     assert html.count("<tr>") >= 9 + 3
+
+
+def test_groups_without_train_rows_are_skipped_not_fatal(tmp_path):
+    first = load_features(write_features(tmp_path / "a", n=300), "item")
+    order = np.argsort([int(i[2:]) for i in first.ids])
+    gen, split = first.generator[order], first.split[order].astype(str)
+    split = np.where(gen == "diffC", "test", split)  # diffC: test rows only
+    feats = write_features(tmp_path / "b", n=300, splits=split)
+    table, _ = run_study("train_sets", StudyInputs([feats], SVM, head="svm"), tmp_path)
+    assert table["train_groups"] == ["diffB", "ganA"]
+    assert table["test_groups"] == sorted(GENERATORS)
+    assert table["skipped"] == {"diffC": "train rows lack a class"}
+    assert len(table["cells"]) == 2 * 3

@@ -1,8 +1,10 @@
 """What every study shares: its inputs, the rows of a group, one fit-and-score, the table file.
 
 A study trains heads on groups of cached feature rows and scores them on other groups; it
-never re-extracts. Groups are generators (each generator's fakes with every real row), subsets
-(dataset folders, with their own reals) or datasets (features folders).
+never re-extracts. Groups are generators or families (each one's generated rows with every real row), subsets
+(dataset folders, with their own reals) or datasets (features folders). A group without
+both classes in its train rows cannot be trained on, one without generated test rows cannot
+be tested on; the table lists such groups under `skipped`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pipeline.train import calibrate_on_val, fit_configured_head
 
 logger = logging.getLogger(__name__)
 
-GROUPINGS = ("generator", "subset", "dataset")
+GROUPINGS = ("generator", "family", "subset", "dataset")
+#: Groupings whose groups are the generated rows of a source, sharing every real row.
+_SOURCE_GROUPS = ("generator", "family")
 STUDY_FILE = "study_{name}.json"
 
 
@@ -37,7 +41,7 @@ class StudyInputs:
         kind: features kind the head reads (`pipeline.feature_kinds.KINDS`).
         seed: seeds the head.
         head: registry name of the head trained in every cell.
-        by: what a group is: "generator", "subset" or "dataset".
+        by: what a group is: "generator", "family", "subset" or "dataset".
         threshold: decision threshold of the accuracies.
         options: study-specific settings (e.g. finetune's `train`, `finetune`, `epochs`).
     """
@@ -61,16 +65,42 @@ class Rows:
     by: str
 
     def names(self) -> list[str]:
-        """The groups, sorted; for generator groups the generators of the fake rows."""
+        """The groups, sorted; for generator (family) groups those of the generated rows."""
         return sorted({str(g) for g in self.group.tolist()} - {""})
 
     def of(self, groups: list[str] | str, split: str) -> FeatureSet:
-        """The rows of `groups` in `split`; generator groups take every real row of it too."""
+        """The rows of `groups` in `split`; generator and family groups take every real row
+        of the split too."""
         wanted = [groups] if isinstance(groups, str) else list(groups)
         keep = np.isin(self.group, wanted) & (self.fs.split == split)
-        if self.by == "generator":
+        if self.by in _SOURCE_GROUPS:
             keep |= (self.fs.y == 0) & (self.fs.split == split)
         return self.fs.take(keep)
+
+    def trainable(self, groups: list[str] | str) -> bool:
+        """Whether the train rows of `groups` hold both classes."""
+        return len(np.unique(self.of(groups, "train").y)) == 2
+
+    def testable(self, group: str) -> bool:
+        """Whether `group` has generated test rows (and so a block to score)."""
+        return bool((self.of(group, "test").y == 1).any())
+
+    def usable(self) -> tuple[list[str], list[str], dict[str, str]]:
+        """The groups that can be trained on, those that can be tested on, and why any
+        other group is left out."""
+        names = self.names()
+        train = [g for g in names if self.trainable(g)]
+        test = [g for g in names if self.testable(g)]
+        skipped = {
+            g: "no test rows of generated images"
+            if g in train
+            else "train rows lack a class"
+            if g in test
+            else "train rows lack a class; no generated test rows"
+            for g in names
+            if g not in train or g not in test
+        }
+        return train, test, skipped
 
 
 def load_rows(inputs: StudyInputs, kind: str | None = None) -> Rows:
@@ -90,7 +120,8 @@ def load_rows(inputs: StudyInputs, kind: str | None = None) -> Rows:
         elif inputs.by == "subset":
             groups.append(fs.subset.astype(object))
         else:
-            groups.append(np.where(fs.y == 0, "", fs.generator).astype(object))
+            source = fs.family if inputs.by == "family" else fs.generator
+            groups.append(np.where(fs.y == 0, "", source).astype(object))
     rows = Rows(concat_features(parts), np.concatenate(groups), inputs.by)
     if len(rows.names()) < 2:
         raise DataUnusable(
@@ -164,7 +195,8 @@ class Study:
             "features_dirs": [str(d) for d in inputs.features_dirs],
         }
         if rows is not None:
-            out["groups"] = rows.names()
+            train, test, skipped = rows.usable()
+            out.update(groups=rows.names(), train_groups=train, test_groups=test, skipped=skipped)
         return out
 
     def write(self, table: dict[str, Any], out_dir: Path) -> Path:

@@ -17,18 +17,19 @@ class TrainSets(Study):
 
     def run(self, inputs: StudyInputs) -> dict[str, Any]:
         rows = load_rows(inputs)
-        names = rows.names()
+        trainable, testable, _ = rows.usable()
         cells = []
-        for train in names:
+        for train in trainable:
             head, cal = fit_head(inputs, rows.of(train, "train"), rows.of(train, "val"))
-            for test in names:
+            for test in testable:
                 metrics = score(head, cal, rows.of(test, "test"), inputs.threshold)
                 cells.append({"train": train, "test": test, **metrics})
         return {**self.header(inputs, rows), "cells": cells}
 
 
 class LeaveOneOut(Study):
-    """Train on every group but one, test on each group: the left-out one is unseen."""
+    """Train on every group but one, test on each group: the left-out one is unseen. Only
+    groups with generated test rows are left out (an unseen group must be scored)."""
 
     name = "logo"
     summary = "leave one generator (or subset, dataset) out of training; test on each"
@@ -37,11 +38,14 @@ class LeaveOneOut(Study):
     def run(self, inputs: StudyInputs) -> dict[str, Any]:
         rows = load_rows(inputs)
         names = rows.names()
+        _, testable, _ = rows.usable()
         cells = []
-        for held_out in names:
+        for held_out in testable:
             seen = [g for g in names if g != held_out]
+            if not rows.trainable(seen):
+                continue
             head, cal = fit_head(inputs, rows.of(seen, "train"), rows.of(seen, "val"))
-            for test in names:
+            for test in testable:
                 metrics = score(head, cal, rows.of(test, "test"), inputs.threshold)
                 cells.append(
                     {"held_out": held_out, "test": test, "unseen": test == held_out, **metrics}

@@ -19,10 +19,10 @@ class Distances(Study):
 
     def run(self, inputs: StudyInputs) -> dict[str, Any]:
         cells = []
-        names: list[str] = []
+        rows = None
         for kind in DISTANCE_KINDS:
             rows = load_rows(inputs, kind)
-            names = rows.names()
+            _, names, _ = rows.usable()
             head, cal = fit_head(inputs, rows.fs.where("train"), rows.fs.where("val"), kind=kind)
             cells.append(
                 {
@@ -34,9 +34,4 @@ class Distances(Study):
             for test in names:
                 metrics = score(head, cal, rows.of(test, "test"), inputs.threshold)
                 cells.append({"kind": kind, "test": test, **metrics})
-        return {
-            **self.header(inputs),
-            "kinds": list(DISTANCE_KINDS),
-            "groups": names,
-            "cells": cells,
-        }
+        return {**self.header(inputs, rows), "kinds": list(DISTANCE_KINDS), "cells": cells}

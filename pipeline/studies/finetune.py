@@ -29,8 +29,8 @@ class Finetune(Study):
                 f"head {inputs.head!r} cannot fine-tune a saved head; use one of {warm}"
             )
         rows = load_rows(inputs)
-        names = rows.names()
-        pairs = _pairs(names, inputs.options.get("train"), inputs.options.get("finetune"))
+        trainable, names, _ = rows.usable()
+        pairs = _pairs(trainable, inputs.options.get("train"), inputs.options.get("finetune"))
         tuning: dict[str, Any] = {}
         if inputs.options.get("epochs") is not None:
             tuning["epochs"] = int(inputs.options["epochs"])
@@ -53,7 +53,10 @@ class Finetune(Study):
 def _pairs(names: list[str], a: str | None, b: str | None) -> list[tuple[str, str]]:
     for given in (a, b):
         if given is not None and given not in names:
-            raise ConfigError(f"group {given!r} is not in the features; groups: {names}")
+            raise ConfigError(
+                f"group {given!r} cannot be trained on (absent, or its train rows lack a "
+                f"class); groups that can: {names}"
+            )
     return [
         (x, y)
         for x in names
