@@ -18,8 +18,8 @@ from pipeline.heads.blocks import (
 )
 from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import register
-from pipeline.heads.warm import warm_start_head
 from pipeline.heads.torch_loop import check_device, minibatches, seed_from, torch_seeded
+from pipeline.heads.warm import warm_start_head
 
 logger = logging.getLogger(__name__)
 
