@@ -166,3 +166,20 @@ def test_groups_without_train_rows_are_skipped_not_fatal(tmp_path):
     assert table["test_groups"] == sorted(GENERATORS)
     assert table["skipped"] == {"diffC": "train rows lack a class"}
     assert len(table["cells"]) == 2 * 3
+
+
+def test_train_sets_by_dataset_cells_equal_direct_fits(tmp_path):
+    a = write_features(tmp_path / "lsun" / "features", n=120, seed=0)
+    b = write_features(tmp_path / "imagenet" / "features", n=120, seed=1)
+    table, _ = run_study("train_sets", StudyInputs([a, b], SVM, head="svm", by="dataset"), tmp_path)
+    assert table["groups"] == ["imagenet", "lsun"]
+    folder = {"lsun": a, "imagenet": b}
+    for cell in table["cells"]:
+        tr = load_features(folder[cell["train"]], "item")
+        te = load_features(folder[cell["test"]], "item").where("test")
+        model, _ = fit_configured_head(
+            "svm", SVM, tr.where("train"), tr.where("val"), kind="item", seed=0, features_dir=a
+        )
+        cal, _ = calibrate_on_val("svm", SVM, model, tr.where("val"))
+        p = np.clip(apply_calibration(cal, p_generated(model, te.X)), 0, 1)
+        same(cell, binary_metrics(te.y, p, 0.5, decision=own_decision(model, te.X)))
