@@ -111,12 +111,19 @@ def load_rows(inputs: StudyInputs, kind: str | None = None) -> Rows:
         raise ConfigError("a study needs at least one features folder (--features)")
     if inputs.by == "dataset" and len(inputs.features_dirs) < 2:
         raise ConfigError("--by dataset compares features folders; give two or more --features")
+    if inputs.by == "dataset":
+        named = [dataset_name(d) for d in inputs.features_dirs]
+        if len(set(named)) < len(named):
+            raise ConfigError(
+                f"--by dataset names each features folder by the folder above it, and "
+                f"{named} repeat a name; give folders of different datasets (cache/<name>/features)"
+            )
     parts, groups = [], []
     for d in inputs.features_dirs:
         fs = load_features(d, kind or inputs.kind, splits=("train", "val", "test"))
         parts.append(fs)
         if inputs.by == "dataset":
-            groups.append(np.full(len(fs.y), Path(d).parent.name or str(d), dtype=object))
+            groups.append(np.full(len(fs.y), dataset_name(d), dtype=object))
         elif inputs.by == "subset":
             groups.append(fs.subset.astype(object))
         else:
@@ -129,6 +136,11 @@ def load_rows(inputs: StudyInputs, kind: str | None = None) -> Rows:
             f"study compares two or more: pick another --by"
         )
     return rows
+
+
+def dataset_name(features_dir: Path) -> str:
+    """The group name of a features folder under `--by dataset`: the folder above it."""
+    return Path(features_dir).resolve().parent.name or str(features_dir)
 
 
 def fit_head(
