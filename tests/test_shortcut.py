@@ -124,3 +124,13 @@ def test_evaluate_writes_the_audit_beside_every_head_and_the_report_warns(tmp_pa
         n_gallery=0,
     ).read_text()
     assert 'id="shortcut-banner"' in html and "SHORTCUT: file metadata alone" in html
+
+
+def test_missing_images_leave_a_note_not_a_failure(tmp_path):
+    import shutil
+
+    ingest = dataset(tmp_path / "gone", lambda label: "PNG")
+    shutil.rmtree(tmp_path / "gone" / "images")
+    audit = shortcut_audit(ingest)
+    assert audit["metadata_baseline"] is None and not audit["warning"]
+    assert audit["n_unreadable"] == N and "can be read" in audit["message"]
