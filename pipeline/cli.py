@@ -1,4 +1,5 @@
-"""The `misalign` command: predict, report, info, protocol, weights (DVC runs the stages)."""
+"""The `misalign` command: predict, report, info, protocol, weights, study (DVC runs the
+stages)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import load_params
 from pipeline.errors import user_errors
@@ -111,6 +113,41 @@ def _weights(args: argparse.Namespace) -> int:
             f"`misalign weights fetch` downloads them (needs network), {weights.OFFLINE_WAY}\n"
         )
         return 1
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from pipeline.studies import STUDIES, Recipe, StudyInputs, run_study
+
+    if args.list or not args.name:
+        for name, cls in STUDIES.items():
+            sys.stdout.write(f"{name:11s} {cls.summary} [{cls.reproduces}]\n")
+        return 0
+    params = load_params(args.params)
+    features = args.features or [str(Path(args.cache) / params.data.name / "features")]
+    options = {"train": args.train, "finetune": args.finetune, "epochs": args.epochs}
+    inputs = StudyInputs(
+        features_dirs=[Path(f) for f in features],
+        cfg=params.train,
+        kind=args.kind or params.features.kind,
+        seed=params.base.seed,
+        head=args.head,
+        by=args.by,
+        threshold=params.evaluate.threshold,
+        options={k: v for k, v in options.items() if v is not None},
+    )
+    table, path = run_study(args.name, inputs, Path(args.out))
+    if isinstance(STUDIES[args.name](), Recipe):
+        sys.stdout.write(
+            f"{args.name} needs new extraction, which DVC runs; one experiment each:\n"
+            + "\n".join(table["commands"])
+            + "\n"
+        )
+        return 0
+    sys.stdout.write(
+        f"study {args.name}: {len(table['cells'])} cells written to {path}; "
+        "`misalign report` draws it\n"
+    )
     return 0
 
 
@@ -279,7 +316,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="params file: keys it has get -S, new keys -S ++ (Hydra) (default: params.yaml)",
     )
     c.set_defaults(func=_protocol)
+    _add_study_parser(sub, fmt)
     return ap
+
+
+def _add_study_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    from pipeline.studies import STUDIES
+    from pipeline.studies.base import GROUPINGS
+
+    s = sub.add_parser(
+        "study",
+        help="run a named study on the cached features",
+        description=_wrap(
+            "Run a study on the cached features (no extraction): train the head on groups of "
+            "rows (generators, subsets or datasets) and score it on others; the table goes to "
+            "<out>/study_<name>.json and into the report. Studies needing new extraction "
+            "(captioners, clip_arch) print their `dvc exp run` commands. Without a name, list "
+            "the studies."
+        ),
+        epilog=_examples(
+            "misalign study --list",
+            "misalign study train_sets --head svm          # one cell per (train, test) pair",
+            "misalign study logo --by subset",
+            "misalign study distances",
+            "misalign study finetune --train ganA --finetune diffB --epochs 5",
+            "misalign study train_sets --by dataset --features cache/a/features cache/b/features",
+            "misalign study captioners                     # prints dvc exp run commands",
+        ),
+        formatter_class=fmt,
+    )
+    s.add_argument("name", nargs="?", help=f"study ({', '.join(STUDIES)}); none lists them")
+    s.add_argument("--list", action="store_true", help="list the studies")
+    s.add_argument(
+        "--params", default="params.yaml", help="params file of the run (default: params.yaml)"
+    )
+    s.add_argument("--cache", default="cache", help="cache root (default: cache)")
+    s.add_argument(
+        "--features",
+        nargs="+",
+        help="features folders (default: cache/<data.name>/features); several for --by dataset",
+    )
+    s.add_argument("--head", default="mlp", help="head trained in every cell (default: mlp)")
+    s.add_argument("--kind", default="", help="features kind (default: features.kind)")
+    s.add_argument(
+        "--by", default="generator", choices=GROUPINGS, help="what a group is (default: generator)"
+    )
+    s.add_argument(
+        "--out", default="metrics", help="folder of study_<name>.json (default: metrics)"
+    )
+    s.add_argument("--train", help="finetune: the group trained on first (default: each)")
+    s.add_argument("--finetune", help="finetune: the group fine-tuned on (default: each other)")
+    s.add_argument("--epochs", type=int, help="finetune: fine-tuning epochs of a torch head")
+    s.set_defaults(func=_study)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,53 @@ def load_features(
         family=meta["family"][order],
         subset=meta["subset"][order],
     )
+
+
+def concat_features(sets: Sequence[FeatureSet]) -> FeatureSet:
+    """The union of the rows of several feature sets of one kind (several datasets trained
+    on at once), in the given order; rows of each split stay grouped by split."""
+    if not sets:
+        raise ValueError("concat_features needs at least one feature set")
+    widths = {fs.X.shape[1] for fs in sets}
+    if len(widths) > 1:
+        raise ConfigError(
+            f"the feature sets have different widths {sorted(widths)}; train on datasets "
+            "encoded with the same model and features kind"
+        )
+    if len(sets) == 1:
+        return sets[0]
+    fields = FeatureSet.__dataclass_fields__
+    return FeatureSet(*(np.concatenate([getattr(fs, f) for fs in sets]) for f in fields))
+
+
+def load_feature_union(
+    features_dirs: Sequence[str | Path], kind: str = "item", splits: tuple[str, ...] | None = None
+) -> FeatureSet:
+    """`load_features` of each folder, their rows joined (`concat_features`); rows are grouped
+    by split across folders, so that `where(split)` takes each split's rows of every folder.
+    The folders must have been made with the same models (`check_same_models`)."""
+    check_same_models(features_dirs)
+    parts = [load_features(d, kind, splits=splits) for d in features_dirs]
+    if splits is None or len(parts) == 1:
+        return concat_features(parts)
+    return concat_features([p.where(s) for s in dict.fromkeys(splits) for p in parts])
+
+
+def check_same_models(features_dirs: Sequence[str | Path]) -> None:
+    """Refuse folders whose features come from different models, dtypes or step versions:
+    their rows would not be comparable (params hashes may differ: they name the dataset)."""
+    first = feature_settings(features_dirs[0])
+    for other in features_dirs[1:]:
+        diff = [
+            d
+            for d in settings_differences(first, feature_settings(other))
+            if ".params_hash:" not in d
+        ]
+        if diff:
+            raise ConfigError(
+                f"{features_dirs[0]} and {other} were made differently ({'; '.join(diff)}); "
+                "train on several datasets only with features of the same models and settings"
+            )
 
 
 def caption_provenance_of(features_dir: str | Path, split: str | None) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,12 @@ from pipeline.evaluation.metrics import (
     p_generated,
     threshold_for_balanced_accuracy,
 )
-from pipeline.features import CLASS_PROMPTS, FeatureSet, feature_settings, load_features
+from pipeline.features import (
+    CLASS_PROMPTS,
+    FeatureSet,
+    feature_settings,
+    load_feature_union,
+)
 from pipeline.heads import HEADS, head_class, make_head, save_head, valid_params
 from pipeline.rows import store
 from pipeline.rows.atomic import write_text
@@ -253,7 +259,7 @@ def pseudo_label(head: Any, pool: FeatureSet, threshold: float, seed: int) -> di
 
 
 def train_heads(
-    features_dir: str | Path,
+    features_dir: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     *,
     cfg: TrainConfig,
@@ -267,6 +273,11 @@ def train_heads(
     `provenance` (`pipeline.provenance.run_provenance`: the preset and models behind the
     features) goes into every head's `train.json` and `head.json`.
 
+    `features_dir` may be several folders (datasets encoded with the same models): the heads
+    train on the union of their train rows and select on the union of their val rows; every
+    `train.json` lists the folders (`features_dirs`) and what made each one. The class
+    prompts are the first folder's.
+
     Rows of `eval_split` are never loaded, unless pseudo-labelling is explicitly allowed to
     use them as its unlabelled pool (then every head's `train.json` says `contaminated`).
     """
@@ -279,6 +290,12 @@ def train_heads(
             "train.pseudo_allow_eval_split=true to accept contaminated metrics"
         )
     splits = ("train", "val") + ((pool_split,) if pool_split else ())
+    dirs = (
+        [features_dir] if isinstance(features_dir, (str, Path)) else [Path(d) for d in features_dir]
+    )
+    if not dirs:
+        raise ConfigError("train_heads got no features folder; give at least one")
+    features_dir = dirs[0]
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -288,7 +305,7 @@ def train_heads(
     for name in cfg.heads:
         name_kind = head_kind(cfg, name, kind)
         if name_kind not in by_kind:
-            by_kind[name_kind] = load_features(features_dir, name_kind, splits=splits)
+            by_kind[name_kind] = load_feature_union(dirs, name_kind, splits=splits)
         fs = by_kind[name_kind]
         train, val = fs.where("train"), fs.where("val")
         fit: dict[str, Any] = {"kind": name_kind, "seed": seed, "features_dir": features_dir}
@@ -299,6 +316,10 @@ def train_heads(
                 # What made the features (weights, dtype, versions); predict refuses others.
                 "feature_settings": feature_settings(features_dir),
                 "contaminated": contaminated,
+                # Every dataset the head was trained on, with what made it (one for most runs).
+                "features_dirs": [
+                    {"path": str(d), "feature_settings": feature_settings(d)} for d in dirs
+                ],
             }
         )
         info = {**(provenance or {}), **info}
@@ -307,7 +328,7 @@ def train_heads(
             head, info["pseudo_labels"] = _refit_with_pseudo_labels(
                 name, cfg, head, train=train, val=val, pool=pool, fit=fit
             )
-        calibration, val_threshold = _calibrate_on_val(name, cfg, head, val)
+        calibration, val_threshold = calibrate_on_val(name, cfg, head, val)
         if val_threshold is not None:
             info["val_threshold"] = val_threshold
         info["calibration"] = calibration
@@ -359,7 +380,7 @@ def _refit_with_pseudo_labels(
     return head, rep
 
 
-def _calibrate_on_val(
+def calibrate_on_val(
     name: str, cfg: TrainConfig, head: Any, val: FeatureSet
 ) -> tuple[dict[str, Any], float | None]:
     """The post-hoc calibration of the head's p_generated fitted on val (identity without

@@ -17,6 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plots", required=True, help="folder for ROC / PR plot data")
     ap.add_argument("--summary", default="", help="folder for the per-head DVC summaries")
     ap.add_argument("--split", default="", help="split to score: evaluate.split, or all")
+    ap.add_argument("--ingest", default="", help="ingest shards, for the shortcut audit")
+    ap.add_argument("--shortcut", default="", help="shortcut audit JSON to write (with --ingest)")
 
     def body(args, params):
         from pipeline.evaluation.evaluate import run_evaluate
@@ -30,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg=params.evaluate,
             split=args.split or None,
             summary_dir=args.summary or None,
+            ingest_dir=args.ingest or None,
+            shortcut_path=args.shortcut or None,
         )
 
     return run("evaluate", argv, ap, body)

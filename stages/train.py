@@ -10,7 +10,12 @@ from stages._common import parser, run
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = parser(__doc__ or "")
-    ap.add_argument("--features", required=True, help="features shards folder")
+    ap.add_argument(
+        "--features",
+        required=True,
+        nargs="+",
+        help="features shards folder; several folders train on the union of their rows",
+    )
     ap.add_argument("--out", required=True, help="output folder for the heads (models/)")
 
     def body(args, params):
@@ -24,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind=params.features.kind,
             seed=params.base.seed,
             eval_split=params.evaluate.split,
-            provenance=run_provenance(params, args.features),
+            provenance=run_provenance(params, args.features[0]),
         )
 
     return run("train", argv, ap, body)

@@ -15,13 +15,14 @@ import pytest
 from PIL import Image
 
 from pipeline.evaluation.metrics import Scores, evaluate_scores
+from pipeline.evaluation.shortcut import shortcut_audit
 from pipeline.report import build_report
 from pipeline.rows import store
 from pipeline.rows.atomic import write_json_atomic
 from tests.browser import render, require_chromium
 from tests.helpers import make_image
 
-SECTIONS = ("run", "summary", "curves", "robustness", "qf-matrix", "tsne", "gallery")
+SECTIONS = ("run", "summary", "shortcut", "curves", "robustness", "qf-matrix", "tsne", "gallery")
 EVIL_CAPTION = '<script>alert("caption")</script> a dog & a "cat"'
 EVIL_PHRASE = "<b>café ☕</b>"
 
@@ -124,6 +125,9 @@ def make_run(
         scores.to_csv(dirs["scores"] / f"{head}.csv")
         metrics[head] = evaluate_scores(scores)
     write_json_atomic(dirs["metrics"] / "eval.json", metrics)
+    heads_auc = {h: m["overall"]["auc"] for h, m in metrics.items()}
+    audit = shortcut_audit(dirs["ingest"], head_auc=heads_auc)
+    write_json_atomic(dirs["metrics"] / "shortcut.json", audit)
     for name, shift in (("noise_0.005", 0.9), ("jpeg_75", 0.8), ("jpeg_50", 0.6)):
         degraded = {h: _scaled(m, shift) for h, m in metrics.items()}
         write_json_atomic(dirs["metrics"] / f"eval_{name}.json", degraded)

@@ -10,8 +10,25 @@ from __future__ import annotations
 from pipeline.config.rules import Range, positive_int
 
 HEAD_PARAMS: dict[str, tuple[str, ...]] = {
-    "mlp": ("hidden", "epochs", "lr", "weight_decay", "batch_size", "random_state", "device"),
-    "svm": ("C", "C_grid", "n_calibration_folds", "tol", "max_iter", "random_state"),
+    "mlp": (
+        "hidden",
+        "epochs",
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "random_state",
+        "device",
+        "warm_start_from",
+    ),
+    "svm": (
+        "C",
+        "C_grid",
+        "n_calibration_folds",
+        "tol",
+        "max_iter",
+        "random_state",
+        "warm_start_from",
+    ),
     "multitask": (
         "hidden",
         "epochs",
@@ -22,6 +39,7 @@ HEAD_PARAMS: dict[str, tuple[str, ...]] = {
         "family_map",
         "random_state",
         "device",
+        "warm_start_from",
     ),
     "tip_adapter": (
         "alpha",
@@ -38,6 +56,7 @@ HEAD_PARAMS: dict[str, tuple[str, ...]] = {
         "beta_grid",
         "random_state",
         "device",
+        "warm_start_from",
     ),
     "meta": ("base_heads", "n_folds", "final", "random_state"),
     "ufd_probe": ("weights",),

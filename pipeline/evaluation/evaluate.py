@@ -23,6 +23,7 @@ from pipeline.evaluation.metrics import (
     roc_points,
     warn_if_correlated,
 )
+from pipeline.evaluation.shortcut import shortcut_audit
 from pipeline.evaluation.summary import write_summaries
 from pipeline.features import FeatureSet, caption_provenance_of, load_features
 from pipeline.heads import load_head
@@ -45,6 +46,8 @@ def run_evaluate(
     cfg: Any,
     split: str | None = None,
     summary_dir: str | Path | None = None,
+    ingest_dir: str | Path | None = None,
+    shortcut_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score every trained head on one evaluation set and write metrics, scores and curves.
 
@@ -61,6 +64,11 @@ def run_evaluate(
         split: rows to score; `cfg.split` by default, "all" for every row (other datasets).
         summary_dir: where to write the compact per-head summaries DVC shows
             (`pipeline.evaluation.summary`); none when not given.
+        ingest_dir, shortcut_path: with both, the shortcut audit
+            (`pipeline.evaluation.shortcut`) fits a metadata-only baseline on the same
+            train rows, scores it on the same split, writes `shortcut_path` (its metrics
+            beside every head's AUC) and puts its AUC in every head's block
+            (`metadata_baseline_auc`).
     """
     split = split or cfg.split
     scores_dir, plots_dir = Path(scores_dir), Path(plots_dir)
@@ -91,11 +99,32 @@ def run_evaluate(
             name,
             ", ".join(f"{k} {_fmt(block['overall'].get(k))}" for k in ("acc", "ap", "auc")),
         )
+    if ingest_dir is not None and shortcut_path is not None:
+        _audit(ingest_dir, shortcut_path, metrics, split=split, threshold=cfg.threshold)
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(metrics_path, metrics)
     if summary_dir is not None:
         write_summaries(metrics, summary_dir)
     return metrics
+
+
+def _audit(
+    ingest_dir: str | Path,
+    path: str | Path,
+    metrics: dict[str, Any],
+    *,
+    split: str,
+    threshold: float,
+) -> None:
+    """The shortcut audit of the rows scored, written to `path`; its AUC goes beside each
+    head's in `metrics`."""
+    heads = {name: block["overall"].get("auc") for name, block in metrics.items()}
+    audit = shortcut_audit(ingest_dir, eval_split=split, threshold=threshold, head_auc=heads)
+    baseline = audit.get("metadata_baseline") or {}
+    for block in metrics.values():
+        block["metadata_baseline_auc"] = baseline.get("auc")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, audit)
 
 
 def _prepare_outputs(scores_dir: Path, plots_dir: Path) -> None:

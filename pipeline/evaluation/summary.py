@@ -58,6 +58,8 @@ def head_summary(block: dict[str, Any]) -> dict[str, Any]:
         out["preset"] = block["preset"]
     if block.get("contaminated"):
         out["contaminated"] = True
+    if "metadata_baseline_auc" in block:  # the shortcut audit's, beside the head's auc
+        out["metadata_auc"] = block["metadata_baseline_auc"]
     return out
 
 

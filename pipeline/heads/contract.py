@@ -123,7 +123,9 @@ class BaseHead(ClassifierMixin, BaseEstimator):
 def check_sgd_params(head: Any) -> None:
     """Validate the hyperparameters shared by the torch-trained heads (MLP, multi-task)."""
     check_positive("hidden", head.hidden, integer=True)
-    check_positive("epochs", head.epochs, integer=True)
+    # A warm-started head may take zero epochs: it then keeps the saved weights.
+    warm = getattr(head, "warm_start_from", None) not in (None, "")
+    check_positive("epochs", head.epochs, integer=True, allow_zero=warm)
     check_positive("batch_size", head.batch_size, integer=True)
     check_positive("lr", head.lr)
     check_positive("weight_decay", head.weight_decay, allow_zero=True)

@@ -23,6 +23,7 @@ from pipeline.heads.torch_loop import (
     torch_seeded,
     train_torch,
 )
+from pipeline.heads.warm import load_torch_weights, warm_start_head
 
 
 @register("mlp")
@@ -42,6 +43,10 @@ class MLPHead(BaseHead):
         batch_size: rows per step; a training set smaller than this is one full batch.
         random_state: seeds weight initialisation and shuffling; an int makes fit repeatable.
         device: torch device for training; prediction always runs in numpy float64.
+        warm_start_from: folder of a saved MLP head (`save_head`) to fine-tune: training
+            starts from its weights and keeps its input standardisation, instead of a random
+            start (`epochs` may then be 0: the saved head unchanged). Its classes and width
+            must match the rows.
 
     With `fit(..., X_val=, y_val=)` the weights of the epoch with the lowest validation
     cross-entropy are kept (`best_epoch_`); without validation the last epoch is kept.
@@ -56,6 +61,7 @@ class MLPHead(BaseHead):
         batch_size: int = 64,
         random_state: Any = 0,
         device: str = "cpu",
+        warm_start_from: str | None = None,
     ) -> None:
         self.hidden = hidden
         self.epochs = epochs
@@ -64,6 +70,7 @@ class MLPHead(BaseHead):
         self.batch_size = batch_size
         self.random_state = random_state
         self.device = device
+        self.warm_start_from = warm_start_from
 
     def fit(self, X: Any, y: Any, *, X_val: Any = None, y_val: Any = None) -> MLPHead:
         """Fit on (X, y); optional (X_val, y_val) select the best epoch.
@@ -78,7 +85,11 @@ class MLPHead(BaseHead):
         X, classes, y_idx = self._validate_train(X, y)
         val = self._validate_val(X_val, y_val, classes)
         self.classes_ = classes
-        self.mean_, self.scale_ = fit_standardiser(X)
+        saved = warm_start_head(self, X.shape[1], classes)
+        standardiser: tuple[np.ndarray, np.ndarray] = (
+            fit_standardiser(X) if saved is None else (saved.mean_, saved.scale_)
+        )
+        self.mean_, self.scale_ = standardiser
         n_out = 1 if len(classes) == 2 else len(classes)
         Xt = StandardisedRows(X, self.mean_, self.scale_, device)
         yt = torch.as_tensor(y_idx).to(device)
@@ -96,6 +107,8 @@ class MLPHead(BaseHead):
                 torch.nn.ReLU(),
                 torch.nn.Linear(self.hidden, n_out),
             ).to(device)
+            if saved is not None:
+                load_torch_weights(net, saved.weights_)
             val_loss = None
             if val is not None:
                 Xv = StandardisedRows(val[0], self.mean_, self.scale_, device)

@@ -25,6 +25,7 @@ from pipeline.heads.torch_loop import (
     torch_seeded,
     train_torch,
 )
+from pipeline.heads.warm import load_torch_weights, warm_start_head
 
 
 @register("multitask")
@@ -54,6 +55,8 @@ class MultiTaskHead(BaseHead):
             generator in y must be mapped.
         random_state: seeds initialisation and shuffling.
         device: torch device for training; prediction runs in numpy float64.
+        warm_start_from: folder of a saved multi-task head to fine-tune (as for `MLPHead`):
+            same classes, same width; `epochs` may then be 0.
 
     With `fit(..., X_val=, y_val=)` the epoch with the lowest validation loss (sum of both
     terms) is kept in `best_epoch_`; without validation the last epoch is kept.
@@ -72,6 +75,7 @@ class MultiTaskHead(BaseHead):
         family_map: Mapping[Any, Any] | None = None,
         random_state: Any = 0,
         device: str = "cpu",
+        warm_start_from: str | None = None,
     ) -> None:
         self.hidden = hidden
         self.epochs = epochs
@@ -82,6 +86,7 @@ class MultiTaskHead(BaseHead):
         self.family_map = family_map
         self.random_state = random_state
         self.device = device
+        self.warm_start_from = warm_start_from
 
     def _map_families(self, y: Any) -> Any:
         if self.family_map is None or y is None:
@@ -117,7 +122,11 @@ class MultiTaskHead(BaseHead):
         # Column of each class in the attribution head; -1 for the real class.
         gen_position = np.full(len(classes), -1, dtype=np.int64)
         gen_position[self.generator_indices_] = np.arange(len(self.generator_indices_))
-        self.mean_, self.scale_ = fit_standardiser(X)
+        saved = warm_start_head(self, X.shape[1], classes)
+        standardiser: tuple[np.ndarray, np.ndarray] = (
+            fit_standardiser(X) if saved is None else (saved.mean_, saved.scale_)
+        )
+        self.mean_, self.scale_ = standardiser
 
         def tensors(Xa: np.ndarray, ya: np.ndarray) -> tuple[Any, Any, Any]:
             return (
@@ -132,6 +141,8 @@ class MultiTaskHead(BaseHead):
 
         with torch_seeded(seed_from(self.random_state)) as generator:
             net = _build_net(X.shape[1], self.hidden, len(self.generator_indices_)).to(device)
+            if saved is not None:
+                load_torch_weights(net, saved.weights_)
 
             def loss_sums(z: Any, gen: Any, pos: Any) -> tuple[Any, Any, Any]:
                 """Summed detection and attribution losses, and the generated-row count."""

@@ -18,6 +18,7 @@ from pipeline.heads.blocks import fit_standardiser, float64_blocks, map_row_bloc
 from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import register
 from pipeline.heads.torch_loop import seed_from
+from pipeline.heads.warm import warm_start_head
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ class SVMHead(BaseHead):
             max(min(#positive, #negative), 1) / #rows times its norm at w = 0.
         max_iter: Newton iteration cap; `n_iter_` is the count used by the kept SVM.
         random_state: seeds the fold split (the solver itself is deterministic).
+        warm_start_from: folder of a saved SVM head to fine-tune: Newton starts from its
+            coefficients (each C of the grid, and the final fit) and the saved input
+            standardisation is kept, so the coefficients stay in the space they were learned
+            in. The problem is convex: the start changes the iterations, not the optimum for
+            these rows. Its classes and width must match the rows.
 
     With validation data, the SVM is fitted on the training rows for each C in `C_grid` and the
     sigmoids are fitted on the validation scores of the chosen C.
@@ -70,6 +76,7 @@ class SVMHead(BaseHead):
         tol: float = 1e-4,
         max_iter: int = 100,
         random_state: Any = 0,
+        warm_start_from: str | None = None,
     ) -> None:
         self.C = C
         self.C_grid = C_grid
@@ -77,6 +84,7 @@ class SVMHead(BaseHead):
         self.tol = tol
         self.max_iter = max_iter
         self.random_state = random_state
+        self.warm_start_from = warm_start_from
 
     def fit(self, X: Any, y: Any, *, X_val: Any = None, y_val: Any = None) -> SVMHead:
         """Fit on (X, y); optional (X_val, y_val) pick C and calibrate the sigmoids.
@@ -93,7 +101,13 @@ class SVMHead(BaseHead):
         X, classes, y_idx = self._validate_train(X, y)
         val = self._validate_val(X_val, y_val, classes)
         self.classes_ = classes
-        self.mean_, self.scale_ = fit_standardiser(X)
+        saved = warm_start_head(self, X.shape[1], classes)
+        start = None
+        if saved is None:
+            self.mean_, self.scale_ = fit_standardiser(X)
+        else:
+            self.mean_, self.scale_ = saved.mean_, saved.scale_
+            start = np.column_stack([saved.coef_, saved.intercept_])
         seed = seed_from(self.random_state)
 
         if val is not None:
@@ -103,7 +117,9 @@ class SVMHead(BaseHead):
             for c in grid:
                 check_positive("C_grid entry", c)
             best: tuple[float, float] | None = None
-            theta = None  # each C starts from the previous one's solution (same optimum)
+            # Each C starts from the previous one's solution (same optimum); the first from
+            # the warm-start head's, if any.
+            theta = start
             gram = augmented_gram(X, self.mean_, self.scale_)
             for c in sorted(grid):
                 theta, n_iter_c = self._solve(X, y_idx, c, None, theta, gram)
@@ -118,7 +134,7 @@ class SVMHead(BaseHead):
             self.C_ = float(self.C)
             scores, score_targets = self._out_of_fold_scores(X, y_idx, seed)
             gram = augmented_gram(X, self.mean_, self.scale_)
-            kept, n_iter = self._solve(X, y_idx, self.C_, None, None, gram)
+            kept, n_iter = self._solve(X, y_idx, self.C_, None, start, gram)
 
         self.n_iter_ = int(n_iter)
         self.coef_, self.intercept_ = kept[:, :-1].copy(), kept[:, -1].copy()

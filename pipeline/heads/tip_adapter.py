@@ -19,6 +19,7 @@ from pipeline.heads.blocks import (
 from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import register
 from pipeline.heads.torch_loop import check_device, minibatches, seed_from, torch_seeded
+from pipeline.heads.warm import warm_start_head
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class TipAdapterHead(BaseHead):
             cross-entropy, is kept in `alpha_`, `beta_`.
         random_state: seeds cache sampling, fine-tuning shuffling and key updates.
         device: torch device for fine-tuning; prediction runs in numpy float64.
+        warm_start_from: folder of a saved Tip-Adapter head to continue: its cache (keys,
+            labels, standardisation) and its alpha, beta are the start, and -F fine-tunes its
+            keys on these rows (`epochs` may then be 0: the saved keys unchanged). No row of
+            this fit is in that cache, so none is masked. Without `class_text_emb` the saved
+            text weights are kept. Its classes and width must match the rows.
 
     With validation data, -F also keeps the keys of the epoch with the best validation accuracy
     (ties: lower cross-entropy) at the initial alpha, beta; without it the last epoch is kept
@@ -109,6 +115,7 @@ class TipAdapterHead(BaseHead):
         beta_grid: tuple[float, ...] | None = (0.5, 1.0, 2.0, 3.5, 5.5, 7.0, 10.0, 15.0, 20.0),
         random_state: Any = 0,
         device: str = "cpu",
+        warm_start_from: str | None = None,
     ) -> None:
         self.alpha = alpha
         self.beta = beta
@@ -124,6 +131,7 @@ class TipAdapterHead(BaseHead):
         self.beta_grid = beta_grid
         self.random_state = random_state
         self.device = device
+        self.warm_start_from = warm_start_from
 
     def fit(self, X: Any, y: Any, *, X_val: Any = None, y_val: Any = None) -> TipAdapterHead:
         """Build the cache from (X, y); optionally fine-tune and search alpha, beta on val.
@@ -137,23 +145,28 @@ class TipAdapterHead(BaseHead):
         if self.n_shots is not None:
             check_positive("n_shots", self.n_shots, integer=True)
         if self.finetune:
-            check_positive("epochs", self.epochs, integer=True)
+            warm = self.warm_start_from not in (None, "")
+            check_positive("epochs", self.epochs, integer=True, allow_zero=warm)
             check_positive("lr", self.lr)
             check_positive("batch_size", self.batch_size, integer=True)
         X, classes, y_idx = self._validate_train(X, y)
         val = self._validate_val(X_val, y_val, classes)
         self.classes_ = classes
         self.text_weights_ = self._text_weights(len(classes), X.shape[1])
-        if self.standardize:
-            self.mean_, self.scale_ = fit_standardiser(X)
-        else:
-            self.mean_, self.scale_ = np.zeros(X.shape[1]), np.ones(X.shape[1])
         rng = np.random.RandomState(seed_from(self.random_state))
-        cache_rows = self._cache_rows(y_idx, rng)
-        self.cache_rows_ = cache_rows
-        self.cache_keys_ = map_row_blocks(self._cache_features, X[cache_rows])
-        self.cache_labels_ = y_idx[cache_rows]
-        self.alpha_, self.beta_ = float(self.alpha), float(self.beta)
+        saved = warm_start_head(self, X.shape[1], classes)
+        if saved is not None:
+            cache_rows = self._continue_from(saved)
+        else:
+            if self.standardize:
+                self.mean_, self.scale_ = fit_standardiser(X)
+            else:
+                self.mean_, self.scale_ = np.zeros(X.shape[1]), np.ones(X.shape[1])
+            cache_rows = self._cache_rows(y_idx, rng)
+            self.cache_rows_ = cache_rows
+            self.cache_keys_ = map_row_blocks(self._cache_features, X[cache_rows])
+            self.cache_labels_ = y_idx[cache_rows]
+            self.alpha_, self.beta_ = float(self.alpha), float(self.beta)
         if self.finetune:
             self.best_epoch_ = self._finetune(X, y_idx, cache_rows, val, rng)
         if val is not None and self.alpha_grid is not None and self.beta_grid is not None:
@@ -161,6 +174,18 @@ class TipAdapterHead(BaseHead):
         return self
 
     # --- fitting helpers --------------------------------------------------------------------------
+
+    def _continue_from(self, saved: TipAdapterHead) -> np.ndarray:
+        """Take the saved head's cache, standardisation and alpha, beta; the rows of this fit
+        that are in the cache: none."""
+        self.mean_, self.scale_ = saved.mean_, saved.scale_
+        self.cache_rows_ = saved.cache_rows_  # rows of the saved head's training set
+        self.cache_keys_ = np.array(saved.cache_keys_, dtype=np.float64)
+        self.cache_labels_ = saved.cache_labels_
+        self.alpha_, self.beta_ = float(saved.alpha_), float(saved.beta_)
+        if self.text_weights_ is None:
+            self.text_weights_ = saved.text_weights_
+        return np.zeros(0, dtype=np.int64)
 
     def _text_weights(self, n_classes: int, n_features: int) -> np.ndarray | None:
         if self.class_text_emb is None:

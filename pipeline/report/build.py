@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pipeline.report.audit import shortcut_section
 from pipeline.report.figures import curves_section, qf_section, robustness_section, tsne_section
 from pipeline.report.gallery import gallery_section
 from pipeline.report.inputs import extra_eval_sets, read_eval, read_scores, stage_attrs
 from pipeline.report.markup import page, summary_section
+from pipeline.report.studies import study_sections
 from pipeline.rows.atomic import write_text
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,9 @@ def build_report(
     Args:
         out_dir: folder of the report (created if needed).
         metrics_dir: holds `eval.json`, optional `eval_<name>.json` (perturbations such as
-            `jpeg_75`, or other datasets) and optional `qf_matrix.json`.
+            `jpeg_75`, or other datasets), optional `qf_matrix.json` and optional study
+            tables `study_<name>.json` (one section each) and `shortcut.json` (the
+            shortcut audit).
         scores_dir: per-image scores, one `<head>.csv` per head.
         features_dir: features shards, for the t-SNE plot.
         ingest_dir, captions_dir, objects_dir: row-aligned shards, for the gallery.
@@ -73,6 +77,7 @@ def build_report(
     preset = ", ".join(sorted(presets))
     sections = [
         ("summary", "Summary", summary_section(clean, others, metrics_dir)),
+        ("shortcut", "Shortcut audit", shortcut_section(metrics_dir / "shortcut.json")),
         ("curves", "ROC and PR curves", curves_section(scores, Path(scores_dir), preset)),
         ("robustness", "Robustness", robustness_section(clean, perturbed, metrics_dir, preset)),
         ("qf-matrix", "QF matrix", qf_section(metrics_dir / "qf_matrix.json", preset)),
@@ -90,6 +95,8 @@ def build_report(
             ),
         ),
     ]
+    # One page section per study table (`misalign study <name>` writes study_<name>.json).
+    sections += study_sections(metrics_dir, preset)
     document = page(title, attrs, sections)
     path = out_dir / "index.html"
     write_text(path, document)
