@@ -46,7 +46,7 @@ def check_ranges(params: Params) -> None:
     _check_plain_name("data.name", params.data.name)
     if not params.data.path.strip():
         raise refuse("data.path", params.data.path, "a dataset folder or manifest CSV")
-    for role in ("clip", "blip2", "grounding", "bert", "dinov2"):
+    for role in ("clip", "blip2", "blip", "llava", "grounding", "bert", "dinov2"):
         spec = getattr(params.models, role)
         if not spec.id.strip() and not spec.path.strip():
             raise refuse(f"models.{role}.id", spec.id, "a model name (or set models.{role}.path)")
