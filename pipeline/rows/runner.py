@@ -265,7 +265,8 @@ def run_step(
     for path in store.list_shards(out_dir)[n:]:
         path.unlink()
     shutil.rmtree(out_dir / PARTIAL, ignore_errors=True)
-    if retain:
+    if retain:  # this run's params now live in out_dir: keep no second copy of them
+        shutil.rmtree(retained_dir(out_dir) / phash, ignore_errors=True)
         _prune_retained(out_dir, retain)
 
     seconds = {p: round(sum(r.seconds.get(p, 0.0) for r in reports), 4) for p in PHASES}
