@@ -40,7 +40,7 @@ def build_report(
         metrics_dir: holds `eval.json`, optional `eval_<name>.json` (perturbations such as
             `jpeg_75`, or other datasets) and optional `qf_matrix.json`.
         scores_dir: per-image scores, one `<head>.csv` per head.
-        features_dir: features shards, for the t-SNE plot.
+        features_dir: features shards, for the t-SNE plot and the objects' misalignment.
         ingest_dir, captions_dir, objects_dir: row-aligned shards, for the gallery.
         clip_dir: encode shards, for the Run table (default: `clip/` beside `ingest_dir`).
         kind: feature kind of the t-SNE plot (`pipeline.feature_kinds.KINDS`).
@@ -87,6 +87,7 @@ def build_report(
                 scores=scores,
                 n_gallery=n_gallery,
                 seed=seed,
+                features_dir=Path(features_dir),
             ),
         ),
     ]
