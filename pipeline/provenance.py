@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.schema import CAPTIONERS
 from pipeline.logs import warn_tiny
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ TINY_IDS = {
 }
 # The captioner roles: each is a caption.model choice, named after its ModelsConfig field. In
 # a provenance record whichever one ran is the "captioner".
-CAPTIONER_ROLES = ("blip2", "blip", "llava")
+CAPTIONER_ROLES = CAPTIONERS
 CAPTIONER = "captioner"
 # role -> ModelsConfig field
 _FIELDS = {

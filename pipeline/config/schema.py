@@ -18,7 +18,6 @@ from pipeline.config.rules import (
     ranged,
 )
 
-
 # caption.model's choices; each is also a models.<name> section.
 CAPTIONERS = ("blip2", "blip", "llava")
 

@@ -19,8 +19,8 @@ from transformers import (
 
 from pipeline.errors import ModelFileError
 from pipeline.models.captioning import (  # noqa: F401  (re-exported for callers)
-    CaptionItemEncoder,
     Captioner,
+    CaptionItemEncoder,
     concat_encoded,
     suppressed_tokens,
 )

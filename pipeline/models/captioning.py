@@ -84,7 +84,9 @@ class Captioner(HFWrapper):
 
     def item_encoder(self, prompt: str | None = None) -> CaptionItemEncoder:
         """The per-image CPU work of `caption` with `prompt`, to run where images are decoded."""
-        return CaptionItemEncoder(self.processor, self.processor_text(prompt or self.default_prompt))
+        return CaptionItemEncoder(
+            self.processor, self.processor_text(prompt or self.default_prompt)
+        )
 
     def processor_text(self, prompt: str) -> str:
         """The text handed to the processor beside each image for `prompt`."""

@@ -134,7 +134,7 @@ class LlavaCaptioner(Captioner):
                 "eos_token_id": tokenizer.eos_token_id,
                 "pad_token_id": tokenizer.pad_token_id,
             },
-            image_token_index=tokenizer.convert_tokens_to_ids(_IMAGE_TOKEN),
+            image_token_index=tokenizer.get_vocab()[_IMAGE_TOKEN],
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )

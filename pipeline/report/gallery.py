@@ -254,7 +254,7 @@ def _card(
     if objects is not None:
         if len(phrases):
             items = []
-            for k, (phrase, score, label) in enumerate(zip(phrases, obj_scores, labels)):
+            for j, (phrase, score, label) in enumerate(zip(phrases, obj_scores, labels)):
                 drawn_as = (
                     f' <span class="meta">(drawn as “{esc(label.text)}”: no installed font '
                     "has its characters)</span>"
@@ -265,9 +265,9 @@ def _card(
                     items.append(f"<li>{esc(phrase)} ({float(score):.2f}){drawn_as}</li>")
                     continue
                 items.append(
-                    f'<li data-misalign="{float(misalign[k]):.6f}"><span class="swatch" '
-                    f'style="background:{colours[k]}"></span>{esc(phrase)} — misalignment '
-                    f"{float(misalign[k]):.3f} (grounding {float(score):.2f}){drawn_as}</li>"
+                    f'<li data-misalign="{float(misalign[j]):.6f}"><span class="swatch" '
+                    f'style="background:{colours[j]}"></span>{esc(phrase)} — misalignment '
+                    f"{float(misalign[j]):.3f} (grounding {float(score):.2f}){drawn_as}</li>"
                 )
             # Numbered as in the thumbnail, where a phrase no font can draw is labelled "#k".
             lines.append(f'<ol class="objects">{"".join(items)}</ol>')
