@@ -45,6 +45,13 @@ class BlipCaptioner(Captioner):
         # decoder start token: the output repeats all input tokens but the last.
         return int(inputs["input_ids"].shape[1]) - 1
 
+    def generate(self, inputs: Mapping[str, Any], generation_config: Any) -> torch.Tensor:
+        # BLIP's generate() hands its text decoder the EOS and pad ids as keyword arguments;
+        # transformers deprecates mixing those with a config, so every setting goes that way.
+        internal = ("eos_token_id", "pad_token_id", "_from_model_config", "transformers_version")
+        settings = {k: v for k, v in generation_config.to_diff_dict().items() if k not in internal}
+        return self.model.generate(**inputs, **settings)
+
     @staticmethod
     def _build_tiny(directory: Path) -> None:
         """Save a tiny BLIP (ViT + text decoder) and its processor into `directory`."""

@@ -96,6 +96,10 @@ class Captioner(HFWrapper):
         """How many leading tokens of `generate`'s output repeat the input (not the caption)."""
         return int(inputs["input_ids"].shape[1])
 
+    def generate(self, inputs: Mapping[str, Any], generation_config: Any) -> torch.Tensor:
+        """The model's `generate` on processor inputs with these generation settings."""
+        return self.model.generate(**inputs, generation_config=generation_config)
+
     def caption_encoded(
         self, batch: Mapping[str, torch.Tensor], num_beams: int = 3, max_new_tokens: int = 30
     ) -> list[str]:
@@ -109,7 +113,7 @@ class Captioner(HFWrapper):
         generation_config.num_beams = num_beams
         generation_config.max_new_tokens = max_new_tokens
         with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=generation_config)
+            output = self.generate(inputs, generation_config)
         new_tokens = output[:, self.prompt_length(inputs) :]
         captions = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [caption.strip() for caption in captions]
