@@ -150,3 +150,13 @@ def test_the_captioner_is_in_the_caption_rows_key():
     }
     assert len(dataset) == 1
     assert json.dumps(hashes)  # plain strings
+
+
+def test_a_head_trained_on_one_captioners_features_refuses_anothers():
+    from pipeline.evalsets import planned_settings
+    from pipeline.features import settings_differences
+
+    blip2, llava = planned_settings(_params("blip2")), planned_settings(_params("llava"))
+    assert "tiny-llava@seed0" in llava["provenance"]["captions"]["model"]
+    diffs = settings_differences(blip2, llava)
+    assert any(d.startswith("captions.model: trained with 'tiny-blip2@") for d in diffs)
