@@ -10,6 +10,8 @@ All formulas are pure numpy on the raw encoder outputs stored by the encode stag
   (kind ``tidy``; its global-only ablation is kind ``tidy_global``).
 - Ablations: image only (I/‖I‖), text only (T/‖T‖), both concatenated.
 - UniversalFakeDetect's probe input: the raw CLIP image embedding (kind ``image_raw``).
+- Per-object explanations: ``obj_misalign = 1 − cos(I_i, T_i)`` of each grounded object (crop
+  vs phrase, the distance D_local averages), ragged by ``obj_offsets``; no head reads them.
 """
 
 from __future__ import annotations
@@ -65,6 +67,30 @@ def item_local(
     """Per-image mean of object differences; rows without objects take `fallback`'s row."""
     diff = l2_normalise(obj_image_emb) - l2_normalise(obj_text_emb)
     return _mean_per_image(diff, offsets, fallback)
+
+
+def object_misalignment(obj_image_emb: np.ndarray, obj_text_emb: np.ndarray) -> np.ndarray:
+    """Each grounded object's misalignment, ``1 − cos(I_i, T_i)`` between the embeddings of
+    its crop and of its phrase (0: aligned, 2: opposite); shape (M,)."""
+    cos = np.sum(l2_normalise(obj_image_emb) * l2_normalise(obj_text_emb), axis=-1)
+    return (1.0 - cos).astype(np.float32)
+
+
+def most_misaligned(
+    offsets: np.ndarray, misalign: np.ndarray, phrases: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    """Per image, the phrase and misalignment of its most misaligned object ("" and NaN for
+    an image without objects)."""
+    top_phrase, top_score = [], np.full(len(offsets) - 1, np.nan, dtype=np.float32)
+    for i in range(len(offsets) - 1):
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        if hi == lo:
+            top_phrase.append("")
+            continue
+        k = lo + int(np.argmax(misalign[lo:hi]))
+        top_phrase.append(str(phrases[k]))
+        top_score[i] = misalign[k]
+    return top_phrase, top_score
 
 
 def _mean_per_image(diff: np.ndarray, offsets: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -125,6 +151,8 @@ def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
         "image": l2_normalise(clip["image_emb"]).astype(np.float32),
         "text": l2_normalise(clip["text_emb"]).astype(np.float32),
         "n_objects": np.diff(offsets).astype(np.int32),
+        store.OFFSETS: offsets,
+        "obj_misalign": object_misalignment(clip["obj_image_emb"], clip["obj_text_emb"]),
     }
     for source, name in _PASSTHROUGH.items():
         if source in clip:
@@ -372,6 +400,30 @@ def check_same_models(features_dirs: Sequence[str | Path]) -> None:
                 f"{features_dirs[0]} and {other} were made differently ({'; '.join(diff)}); "
                 "train on several datasets only with features of the same models and settings"
             )
+
+
+def object_explanations(
+    features_dir: str | Path, objects_dir: str | Path
+) -> dict[str, tuple[str, float]]:
+    """id -> (phrase, misalignment) of each image's most misaligned grounded object, from the
+    features shards' `obj_misalign` and the row-aligned objects shards' phrases (("", NaN) for
+    an image without objects)."""
+    out: dict[str, tuple[str, float]] = {}
+    for path in store.list_shards(features_dir):
+        feats = store.read_shard(path, ["ids", store.OFFSETS, "obj_misalign"])
+        objs = store.read_shard(Path(objects_dir) / path.name, ["ids", store.OFFSETS, "obj_phrase"])
+        if not (
+            np.array_equal(feats["ids"], objs["ids"])
+            and np.array_equal(feats[store.OFFSETS], objs[store.OFFSETS])
+        ):
+            raise store.ShardError(
+                f"{objects_dir} is not row-aligned with {features_dir}; rerun the stages in order"
+            )
+        phrases, scores = most_misaligned(
+            feats[store.OFFSETS], feats["obj_misalign"], objs["obj_phrase"]
+        )
+        out.update(zip((str(i) for i in feats["ids"]), zip(phrases, scores.tolist())))
+    return out
 
 
 def caption_provenance_of(features_dir: str | Path, split: str | None) -> dict[str, Any] | None:

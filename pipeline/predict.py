@@ -7,13 +7,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Params
 from pipeline.data.ingest import ingest_records
 from pipeline.data.manifest import IMAGE_EXTENSIONS, Record, write_csv
 from pipeline.errors import ConfigError, DatasetError, ModelFileError
 from pipeline.evalsets import extract_ingested, planned_settings
 from pipeline.evaluation.metrics import apply_calibration, p_generated
-from pipeline.features import feature_settings, load_features, settings_differences
+from pipeline.features import (
+    feature_settings,
+    load_features,
+    object_explanations,
+    settings_differences,
+)
 from pipeline.heads import load_head
 from pipeline.provenance import models_text, recorded, run_provenance, warn_if_tiny
 from pipeline.rows import store
@@ -21,7 +28,9 @@ from pipeline.train import ATTRIBUTION_HEADS, REAL, read_train_info
 
 logger = logging.getLogger(__name__)
 
-# preset / models: what made the head's training features; head: the head folder used.
+# top_object / top_object_misalign: the phrase of the image's most misaligned grounded object
+# and its 1 - cos(crop, phrase) (empty when nothing was grounded); preset / models: what made
+# the head's training features; head: the head folder used.
 COLUMNS = (
     "path",
     "id",
@@ -29,6 +38,8 @@ COLUMNS = (
     "decision",
     "generator",
     "caption",
+    "top_object",
+    "top_object_misalign",
     "preset",
     "models",
     "head",
@@ -73,6 +84,10 @@ def check_settings(head_dir: Path, info: dict[str, Any], now: dict[str, Any]) ->
             "the head was trained with (same models, base.dtype, feature settings and code "
             "version), or retrain the head with these"
         )
+
+
+def _score_text(score: float) -> str:
+    return "" if np.isnan(score) else f"{score:.4f}"
 
 
 def predict(
@@ -123,6 +138,7 @@ def predict(
         [store.read_shard(s, ["ids", "caption"]) for s in store.list_shards(cache / "captions")]
     )
     caption_of = dict(zip(captions["ids"], captions["caption"]))
+    explained = object_explanations(features_dir, cache / "objects")
     row_of = {cid: i for i, cid in enumerate(fs.ids)}
     rows = []
     for item in result.items:
@@ -136,6 +152,8 @@ def predict(
                 "decision": "generated" if prob[i] > cut else "real",
                 "generator": attributed,
                 "caption": str(caption_of[item.id]),
+                "top_object": explained[item.id][0],
+                "top_object_misalign": _score_text(explained[item.id][1]),
                 "preset": made_by.get("preset", ""),
                 "models": models_text(made_by),
                 "head": str(head_dir),

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.schema import CAPTIONERS
 from pipeline.logs import warn_tiny
 
 logger = logging.getLogger(__name__)
@@ -20,15 +21,23 @@ TINY = "tiny"
 # Names the tiny preset's models go by in shards and outputs (the wrappers' `tiny_name`).
 TINY_IDS = {
     "clip": "tiny-clip",
-    "captioner": "tiny-blip2",
+    "blip2": "tiny-blip2",
+    "blip": "tiny-blip",
+    "llava": "tiny-llava",
     "grounder": "tiny-grounding-dino",
     "bert": "tiny-bert",
     "dinov2": "tiny-dinov2",
 }
+# The captioner roles: each is a caption.model choice, named after its ModelsConfig field. In
+# a provenance record whichever one ran is the "captioner".
+CAPTIONER_ROLES = CAPTIONERS
+CAPTIONER = "captioner"
 # role -> ModelsConfig field
 _FIELDS = {
     "clip": "clip",
-    "captioner": "blip2",
+    "blip2": "blip2",
+    "blip": "blip",
+    "llava": "llava",
     "grounder": "grounding",
     "bert": "bert",
     "dinov2": "dinov2",
@@ -39,7 +48,7 @@ def needed_roles(params: Any) -> list[str]:
     """Every model a full run with these params loads."""
     roles = ["clip"]
     if params.caption.source != "dataset":
-        roles.append("captioner")
+        roles.append(params.caption.model)
     if params.ground.enabled:
         roles.append("grounder")
     roles += [r for r, on in (("bert", params.encode.bert), ("dinov2", params.encode.dinov2)) if on]
@@ -80,7 +89,16 @@ def run_provenance(params: Any, features_dir: str | Path | None = None) -> dict[
         import dataclasses
 
         models = dataclasses.replace(models, preset=preset)
-    return {"preset": preset, "models": {r: model_id(models, r) for r in needed_roles(params)}}
+    return {
+        "preset": preset,
+        "models": {record_key(r): model_id(models, r) for r in needed_roles(params)},
+    }
+
+
+def record_key(role: str) -> str:
+    """The key a role's model has in a provenance record: "captioner" for whichever captioner
+    ran (its id names it), the role itself otherwise."""
+    return CAPTIONER if role in CAPTIONER_ROLES else role
 
 
 def recorded(info: dict[str, Any]) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def test_step_outputs_are_pinned_to_their_version(small):
 
 def test_shards_say_what_made_them(small):
     cache = small[0] / "cache"
-    for stage, role in (("captions", "captioner"), ("objects", "grounder"), ("clip", "clip")):
+    for stage, role in (("captions", "blip2"), ("objects", "grounder"), ("clip", "clip")):
         attrs = store.dataset_attrs(cache / stage)
         assert attrs["dtype"] == "float32" and attrs["device_class"] == "cpu"
         assert attrs["step_version"] == STEP_VERSIONS[stage]

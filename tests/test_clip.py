@@ -66,7 +66,7 @@ def test_run_preflight_lists_every_missing_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(WeightsMissing) as err:
-        check_weights(ModelsConfig(), ["clip", "captioner", "grounder"])
+        check_weights(ModelsConfig(), ["clip", "blip2", "grounder"])
     msg = str(err.value)
     for name in (
         "ViT-L-14/openai",
@@ -74,7 +74,7 @@ def test_run_preflight_lists_every_missing_model(tmp_path, monkeypatch):
         "IDEA-Research/grounding-dino-base",
     ):
         assert name in msg
-    check_weights(ModelsConfig(preset="tiny"), ["clip", "captioner"])  # nothing to check
+    check_weights(ModelsConfig(preset="tiny"), ["clip", "blip2"])  # nothing to check
 
 
 class CountingEncoder:

@@ -166,6 +166,16 @@ def test_features_equal_recomputation_from_stored_embeddings(run):
     np.testing.assert_allclose(feats["D_local"], local, atol=1e-6)
     np.testing.assert_allclose(feats["D"], feats["D_global"] + feats["D_local"], atol=1e-6)
     assert list(feats["n_objects"]) == list(np.diff(off))
+    # per-object explanations: 1 - cos(crop, phrase) of every grounded object, ragged alike
+    np.testing.assert_array_equal(feats["obj_offsets"], off)
+    cosine = np.array(
+        [
+            float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+            for a, b in zip(clip["obj_image_emb"], clip["obj_text_emb"])
+        ]
+    )
+    assert len(feats["obj_misalign"]) == off[-1] > 0
+    np.testing.assert_allclose(feats["obj_misalign"], 1.0 - cosine, atol=1e-5)
 
 
 def test_metrics_cover_every_head_and_test_generator(run):
@@ -301,10 +311,32 @@ def test_predict_writes_the_documented_columns_and_reuses_the_cache(run, tmp_pat
         "decision",
         "generator",
         "caption",
+        "top_object",
+        "top_object_misalign",
         "preset",
         "models",
         "head",
     ]
+    # the most misaligned object, recomputed from the predict cache's embeddings and phrases
+    clip, objs = _all(cache / "clip"), _all(cache / "objects")
+    top = {}
+    for i, cid in enumerate(clip["ids"]):
+        a, b = clip["obj_offsets"][i], clip["obj_offsets"][i + 1]
+        if b == a:
+            top[str(cid)] = ("", "")
+            continue
+        x, t = clip["obj_image_emb"][a:b], clip["obj_text_emb"][a:b]
+        cos = (x * t).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(t, axis=1))
+        k = int(np.argmax(1.0 - cos))
+        top[str(cid)] = (str(objs["obj_phrase"][a + k]), 1.0 - cos[k])
+    assert any(phrase for phrase, _ in top.values())
+    for r in rows:
+        phrase, score = top[r["id"]]
+        assert r["top_object"] == phrase
+        if phrase:
+            assert abs(float(r["top_object_misalign"]) - score) < 1e-4
+        else:
+            assert r["top_object_misalign"] == ""
     assert {r["preset"] for r in rows} == {"tiny"}
     assert "clip=tiny-clip" in rows[0]["models"] and rows[0]["head"].endswith("multitask")
     assert "RANDOM models" in caplog.text  # a tiny head says so when it predicts

@@ -19,7 +19,7 @@ from pipeline.evaluation.shortcut import shortcut_audit
 from pipeline.report import build_report
 from pipeline.rows import store
 from pipeline.rows.atomic import write_json_atomic
-from tests.browser import render, require_chromium
+from tests.browser import Chromium, render, require_chromium
 from tests.helpers import make_image
 
 SECTIONS = ("run", "summary", "shortcut", "curves", "robustness", "qf-matrix", "tsne", "gallery")
@@ -33,7 +33,11 @@ SPLITS = ["test"] * 8 + ["train"] * 4
 
 
 def make_run(
-    root: Path, preset: str = "tiny", n_images: int = 12, first_phrase: str = EVIL_PHRASE
+    root: Path,
+    preset: str = "tiny",
+    n_images: int = 12,
+    first_phrase: str = EVIL_PHRASE,
+    explained: bool = True,
 ) -> dict[str, Path]:
     """Every input of the report for `n_images` small images, as the pipeline writes them."""
     data = root / "data"
@@ -62,6 +66,8 @@ def make_run(
         [EVIL_CAPTION if i == 0 else f"caption of image {i}" for i in range(n_images)], object
     )
     features = rng.normal(size=(n_images, 8)).astype(np.float32) + label[:, None] * 2.0
+    # per-object misalignment, not in grounding order (the gallery sorts it)
+    misalign = np.linspace(0.55, 0.95, n_obj)[::-1][np.argsort(np.arange(n_obj) % 3)]
     half = (n_images + 1) // 2
     for s, rows in enumerate((slice(0, half), slice(half, n_images))):
         base = {"ids": ids[rows]}
@@ -102,6 +108,14 @@ def make_run(
                 "family": generator[rows],
                 "subset": np.full(len(ids[rows]), "", dtype=object),
                 "D": features[rows],
+                **(
+                    {
+                        "obj_offsets": offsets[rows.start : rows.stop + 1] - lo,
+                        "obj_misalign": misalign[lo:hi].astype(np.float32),
+                    }
+                    if explained
+                    else {}
+                ),
             },
             {**common, "stage": "features"},
         )
@@ -299,7 +313,8 @@ def test_cjk_phrase_without_a_cjk_font_is_html_text_and_no_glyph_warning(
 ) -> None:
     import warnings
 
-    dirs = make_run(tmp_path, n_images=4, first_phrase=CJK_PHRASE)
+    # grounding scores as labels (features without per-object misalignment)
+    dirs = make_run(tmp_path, n_images=4, first_phrase=CJK_PHRASE, explained=False)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
         warnings.simplefilter("always")
         path = build(dirs, tmp_path / "report")
@@ -406,6 +421,94 @@ def test_browser_check_catches_broken_pages(tmp_path: Path) -> None:
     assert seen["n_images"] == 2 and sorted(seen["broken"]) == ["corrupt", "remote"]
     assert "boom" in seen["errors"]
     assert seen["requests"] == ["http://example.invalid/x.png"]
+
+
+def _gallery_objects(page: Path, profile: Path) -> list[dict[str, Any]]:
+    """Per gallery card, as a browser shows it: its text and each listed object's
+    misalignment, swatch colour and text."""
+    script = """[...document.querySelectorAll('.card')].map(card => ({
+        text: card.innerText,
+        objects: [...card.querySelectorAll('ol.objects li')].map(li => ({
+            misalign: li.dataset.misalign === undefined ? null : Number(li.dataset.misalign),
+            colour: li.querySelector('.swatch') ?
+                getComputedStyle(li.querySelector('.swatch')).backgroundColor : null,
+            text: li.innerText}))}))"""
+    browser = Chromium(profile)
+    try:
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
+        browser.call("Page.enable", session=session)
+        browser.call("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
+        browser.wait(lambda m: m.get("method") == "Page.loadEventFired")
+        value = browser.call(
+            "Runtime.evaluate", {"expression": script, "returnByValue": True}, session=session
+        )["result"]["value"]
+    finally:
+        browser.close()
+    return list(value)
+
+
+def _rgb(hex_colour: str) -> str:
+    r, g, b = (int(hex_colour[k : k + 2], 16) for k in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
+
+
+def test_gallery_lists_objects_by_misalignment_in_a_browser(
+    report: tuple[Path, dict[str, Path]], tmp_path: Path
+) -> None:
+    """Each card lists its objects from the most misaligned, with the features shards' scores
+    and the colour of each score on the dataset's scale (seen in headless Chromium)."""
+    from pipeline.report.gallery import misalign_colour
+
+    require_chromium()
+    page, dirs = report
+    feats = store.concat_rows([store.read_shard(p) for p in store.list_shards(dirs["features"])])
+    objs = store.concat_rows([store.read_shard(p) for p in store.list_shards(dirs["objects"])])
+    lo, hi = float(feats["obj_misalign"].min()), float(feats["obj_misalign"].max())
+    cards = _gallery_objects(page, tmp_path / "profile")
+    assert len(cards) == 12
+    n_checked = 0
+    for card in cards:
+        match = re.search(r"img_(\d+)\.png", card["text"])
+        assert match, card["text"][:80]
+        i = int(match[1])  # the fixture's image k is row k
+        a, b = feats["obj_offsets"][i], feats["obj_offsets"][i + 1]
+        expected = sorted(
+            zip(feats["obj_misalign"][a:b].tolist(), objs["obj_phrase"][a:b]), reverse=True
+        )
+        assert [o["misalign"] for o in card["objects"]] == pytest.approx(
+            [m for m, _ in expected], abs=1e-6
+        )
+        for shown, (score, phrase) in zip(card["objects"], expected):
+            assert shown["text"].startswith(f"{phrase} — misalignment {score:.3f}")
+            assert shown["colour"] == _rgb(misalign_colour(score, lo, hi))
+            n_checked += 1
+    assert n_checked == 12  # six cards with two objects each
+    orders = [[o["misalign"] for o in c["objects"]] for c in cards if c["objects"]]
+    assert any(objs_in_card != sorted(objs_in_card) for objs_in_card in orders)
+    text = parse(page).sections["gallery"]
+    assert f"({lo:.3f}, blue)" in text and f"({hi:.3f}, red)" in text
+
+
+def test_gallery_without_per_object_scores_keeps_grounding_order(tmp_path: Path) -> None:
+    dirs = make_run(tmp_path, explained=False)
+    text = parse(build(dirs, tmp_path / "report")).sections["gallery"]
+    assert "misalignment" not in text and "thing 1 (0.35)" in text
+
+
+def test_boxes_are_drawn_in_their_misalignment_colour() -> None:
+    from pipeline.report.gallery import THUMB_SIZE, _box_label, _thumbnail, misalign_colour
+
+    image = Image.new("RGB", (100, 100), "white")
+    colour = misalign_colour(0.9, 0.5, 0.9)
+    assert colour == "#d7191c" and misalign_colour(0.5, 0.5, 0.9) == "#2c7bb6"
+    boxes = np.array([[10.0, 60.0, 90.0, 90.0]])
+    thumb = _thumbnail(image, boxes, [_box_label(0, "x", 0.9)], [colour])
+    scale = THUMB_SIZE / 100
+    edge = thumb.getpixel((round(50 * scale), round(90 * scale)))
+    assert edge == tuple(int(colour[k : k + 2], 16) for k in (1, 3, 5))
 
 
 def test_empty_qf_matrix_is_a_note(tmp_path):

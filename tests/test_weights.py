@@ -32,11 +32,25 @@ def test_check_lists_each_needed_model_as_missing_with_where_it_looked(empty_cac
     lines = out.out.splitlines()
     assert [line.split()[:3] for line in lines] == [
         ["MISSING", "clip", "ViT-L-14/openai"],
-        ["MISSING", "captioner", "Salesforce/blip2-opt-2.7b"],
+        ["MISSING", "blip2", "Salesforce/blip2-opt-2.7b"],
         ["MISSING", "grounder", "IDEA-Research/grounding-dino-base"],
     ]
     assert str(empty_caches / "hub") in lines[1] and "timm/vit_large_patch14_clip_224" in lines[0]
     assert "dvc exp run -S models.preset=tiny" in out.err
+
+
+@pytest.mark.parametrize(
+    ("captioner", "model_id"),
+    [("blip", "Salesforce/blip-image-captioning-large"), ("llava", "llava-hf/llava-1.5-7b-hf")],
+)
+def test_check_names_the_chosen_captioner(empty_caches, captioner, model_id):
+    from pipeline import weights
+
+    values = to_dict(Params())
+    values["caption"]["model"] = captioner
+    statuses = weights.check(params_from_dict(values))
+    assert [(s.role, s.model, s.present) for s in statuses][1] == (captioner, model_id, False)
+    assert "blip2" not in {s.role for s in statuses}
 
 
 def test_check_finds_a_cached_model(empty_caches):
@@ -48,7 +62,7 @@ def test_check_finds_a_cached_model(empty_caches):
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("abc123")
     found = {s.role: s for s in weights.check(_params())}
-    assert found["captioner"].present and "abc123" in found["captioner"].where
+    assert found["blip2"].present and "abc123" in found["blip2"].where
     assert not found["clip"].present and not found["grounder"].present
 
 

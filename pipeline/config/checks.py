@@ -19,7 +19,7 @@ from pipeline.config.head_rules import (
     STACKED_HEADS,
 )
 from pipeline.config.messages import lookup, refuse
-from pipeline.config.schema import RANGES, Params, TrainConfig
+from pipeline.config.schema import CAPTIONERS, RANGES, Params, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.feature_kinds import KINDS
 
@@ -46,7 +46,7 @@ def check_ranges(params: Params) -> None:
     _check_plain_name("data.name", params.data.name)
     if not params.data.path.strip():
         raise refuse("data.path", params.data.path, "a dataset folder or manifest CSV")
-    for role in ("clip", "blip2", "grounding", "bert", "dinov2"):
+    for role in ("clip", *CAPTIONERS, "grounding", "bert", "dinov2"):
         spec = getattr(params.models, role)
         if not spec.id.strip() and not spec.path.strip():
             raise refuse(f"models.{role}.id", spec.id, "a model name (or set models.{role}.path)")

@@ -18,6 +18,9 @@ from pipeline.config.rules import (
     ranged,
 )
 
+# caption.model's choices; each is also a models.<name> section.
+CAPTIONERS = ("blip2", "blip", "llava")
+
 
 @dataclass
 class BaseConfig:
@@ -60,7 +63,12 @@ class ModelsConfig:
     # runs and tests (their outputs are meaningless and marked so in every shard).
     preset: str = one_of("paper", ("paper", "tiny"))
     clip: ModelSpec = field(default_factory=lambda: ModelSpec("ViT-L-14", "openai"))
+    # The captioners (caption.model picks one).
     blip2: ModelSpec = field(default_factory=lambda: ModelSpec("Salesforce/blip2-opt-2.7b"))
+    blip: ModelSpec = field(
+        default_factory=lambda: ModelSpec("Salesforce/blip-image-captioning-large")
+    )
+    llava: ModelSpec = field(default_factory=lambda: ModelSpec("llava-hf/llava-1.5-7b-hf"))
     grounding: ModelSpec = field(
         default_factory=lambda: ModelSpec("IDEA-Research/grounding-dino-base")
     )
@@ -114,14 +122,19 @@ class IngestConfig:
 
 @dataclass
 class CaptionConfig:
-    # "blip2": every image captioned by the same model, as ITEM does (default: a dataset's own
-    # captions are often human COCO captions for real photos and prompts for generated images,
-    # so their style tells the label); "dataset": the manifest's captions (CT2-style data,
-    # where real and generated images share one caption); "dataset_else_blip2": the
-    # manifest's caption where present, BLIP-2 for the rest.
+    # "blip2": every image captioned by the same model (caption.model), as ITEM does (default:
+    # a dataset's own captions are often human COCO captions for real photos and prompts for
+    # generated images, so their style tells the label); "dataset": the manifest's captions
+    # (CT2-style data, where real and generated images share one caption);
+    # "dataset_else_blip2": the manifest's caption where present, caption.model for the rest.
     source: str = one_of("blip2", ("dataset", "blip2", "dataset_else_blip2"))
+    # The captioner (its weights: models.<model>): BLIP-2 as in ITEM; BLIP and LLaVA are the
+    # other captioners of ITEM's Fig. 7.
+    model: str = one_of("blip2", CAPTIONERS)
     batch_size: int = ranged(8, positive_int("images per batch"))
-    # Optional text prompt for BLIP-2 (empty: unconditional captioning, as in ITEM).
+    # Optional text prompt: a prefix the caption continues for BLIP-2 and BLIP (empty:
+    # unconditional captioning, as in ITEM); LLaVA's instruction (empty: ITEM's, "Please
+    # generate a one-sentence caption for the input image.").
     prompt: str = ""
     num_beams: int = ranged(3, positive_int("beam search width"))
     max_new_tokens: int = ranged(30, positive_int("tokens"))

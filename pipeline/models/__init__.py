@@ -20,7 +20,9 @@ __all__ = [
 
 # role -> (ModelsConfig field, module, class) of the transformers wrappers.
 _HF_ROLES = {
-    "captioner": ("blip2", "pipeline.models.blip2", "Blip2Captioner"),
+    "blip2": ("blip2", "pipeline.models.blip2", "Blip2Captioner"),
+    "blip": ("blip", "pipeline.models.blip", "BlipCaptioner"),
+    "llava": ("llava", "pipeline.models.llava", "LlavaCaptioner"),
     "grounder": ("grounding", "pipeline.models.grounding", "GroundingDinoGrounder"),
     "bert": ("bert", "pipeline.models.bert", "BertTextEncoder"),
     "dinov2": ("dinov2", "pipeline.models.dinov2", "Dinov2ImageEncoder"),
@@ -44,7 +46,8 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(role: str, models: ModelsConfig, base: BaseConfig) -> Any:
-    """Load the model playing `role` ("clip", "captioner", "grounder", "bert", "dinov2")."""
+    """Load the model playing `role` ("clip", a captioner ("blip2", "blip", "llava"),
+    "grounder", "bert", "dinov2")."""
     device = resolve_device(base.device)
     if role == "clip":
         from pipeline.models.clip import ClipEncoder

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoImageProcessor,
@@ -23,7 +18,13 @@ from transformers import (
 )
 
 from pipeline.errors import ModelFileError
-from pipeline.models.hf import HFWrapper, to_model_inputs, write_json
+from pipeline.models.captioning import (  # noqa: F401  (re-exported for callers)
+    Captioner,
+    CaptionItemEncoder,
+    concat_encoded,
+    suppressed_tokens,
+)
+from pipeline.models.hf import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,31 +39,9 @@ _TINY_CORPUS = (
 )
 _TINY_IMAGE = 32  # pixels; patch 8 gives 16 patches
 _TINY_QUERIES = 4  # Q-Former query tokens (32 in the real model)
-_WORDLIKE = re.compile(r"[a-z ]*[a-z][a-z ]*")
 
 
-@dataclass(frozen=True)
-class CaptionItemEncoder:
-    """The CPU half of captioning one image with a fixed prompt, picklable so that a decode
-    worker can run it: the processor's inputs for that image alone (pixel_values (1, 3, H, W),
-    the prompt's tokens (1, L))."""
-
-    processor: Any
-    prompt: str  # "" tokenizes to [BOS]: the same start the model uses with no text at all
-
-    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return dict(self.processor(images=[rgb], text=[self.prompt], return_tensors="pt"))
-
-
-def concat_encoded(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One batch of `CaptionItemEncoder` outputs: each tensor concatenated along the batch
-    axis. Every item has the same prompt, hence the same token count, so no padding is needed
-    and the batch equals the processor's output for all the images at once."""
-    return {key: torch.cat([s[key] for s in samples]) for key in samples[0]}
-
-
-class Blip2Captioner(HFWrapper):
+class Blip2Captioner(Captioner):
     """Caption images with BLIP-2 (OPT language model)."""
 
     default_model_id = "Salesforce/blip2-opt-2.7b"
@@ -93,54 +72,6 @@ class Blip2Captioner(HFWrapper):
                 config.num_query_tokens,
             )
             self.processor.num_query_tokens = config.num_query_tokens
-
-    def caption(
-        self,
-        images: list[Image.Image],
-        prompt: str | None = None,
-        num_beams: int = 3,
-        max_new_tokens: int = 30,
-    ) -> list[str]:
-        """Caption a batch of images.
-
-        Args:
-            images: PIL images of any size and mode (converted to RGB).
-            prompt: Optional text the caption continues (e.g. "a photo of"); it is not returned.
-            num_beams: Beam width.
-            max_new_tokens: Upper bound on the caption length in tokens.
-
-        Returns:
-            One caption per image, without the prompt and surrounding whitespace.
-        """
-        if not images:
-            return []
-        encode = self.item_encoder(prompt)
-        return self.caption_encoded(
-            concat_encoded([encode(image) for image in images]), num_beams, max_new_tokens
-        )
-
-    def item_encoder(self, prompt: str | None = None) -> CaptionItemEncoder:
-        """The per-image CPU work of `caption` with `prompt`, to run where images are decoded."""
-        return CaptionItemEncoder(self.processor, prompt or "")
-
-    def caption_encoded(
-        self, batch: Mapping[str, torch.Tensor], num_beams: int = 3, max_new_tokens: int = 30
-    ) -> list[str]:
-        """`caption` on a batch made by `concat_encoded` of `item_encoder(prompt)` outputs (e.g.
-        in decode workers); the arguments and the result are those of `caption`."""
-        inputs = to_model_inputs(batch, self.device, self.dtype)
-        # Pass the saved generation config explicitly: transformers 5 does not hand the top-level
-        # generation_config.json to the inner language model's generate(). It also deprecates
-        # mixing a config with keyword arguments, hence the copy.
-        generation_config = copy.deepcopy(self.model.generation_config)
-        generation_config.num_beams = num_beams
-        generation_config.max_new_tokens = max_new_tokens
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=generation_config)
-        # For decoder-only LMs the output repeats the input ids (image tokens, BOS, prompt).
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        captions = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
-        return [caption.strip() for caption in captions]
 
     @staticmethod
     def _build_tiny(directory: Path) -> None:
@@ -229,12 +160,7 @@ class Blip2Captioner(HFWrapper):
         # and word-like (lowercase letters and spaces) so they can flow through grounding and
         # CLIP: at least one new token, and every token that is not word-like (other than EOS)
         # is suppressed. This lives in the tiny model's generation_config.json only.
-        suppress = [
-            token_id
-            for token_id in range(vocab_size)
-            if token_id != tokenizer.eos_token_id
-            and not _WORDLIKE.fullmatch(str(tokenizer.decode([token_id])))
-        ]
+        suppress = suppressed_tokens(tokenizer, vocab_size, keep=[tokenizer.eos_token_id])
         model.generation_config.min_new_tokens = 1
         model.generation_config.suppress_tokens = suppress
         model.save_pretrained(directory)

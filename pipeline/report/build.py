@@ -44,7 +44,7 @@ def build_report(
             tables `study_<name>.json` (one section each) and `shortcut.json` (the
             shortcut audit).
         scores_dir: per-image scores, one `<head>.csv` per head.
-        features_dir: features shards, for the t-SNE plot.
+        features_dir: features shards, for the t-SNE plot and the objects' misalignment.
         ingest_dir, captions_dir, objects_dir: row-aligned shards, for the gallery.
         clip_dir: encode shards, for the Run table (default: `clip/` beside `ingest_dir`).
         kind: feature kind of the t-SNE plot (`pipeline.feature_kinds.KINDS`).
@@ -92,6 +92,7 @@ def build_report(
                 scores=scores,
                 n_gallery=n_gallery,
                 seed=seed,
+                features_dir=Path(features_dir),
             ),
         ),
     ]

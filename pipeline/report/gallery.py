@@ -1,5 +1,5 @@
 """The report's gallery: a seeded choice of images, each a card with its thumbnail, grounded
-boxes, caption and scores."""
+boxes coloured by their misalignment, caption, objects (most misaligned first) and scores."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ THUMB_SIZE = 320
 
 
 _BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6")
+# Misalignment colour scale, from the dataset's least (blue) to its most misaligned object (red).
+_SCALE = ((0x2C, 0x7B, 0xB6), (0xAB, 0xD9, 0xE9), (0xFD, 0xAE, 0x61), (0xD7, 0x19, 0x1C))
 
 
 # Fonts tried, in order, for labels drawn into thumbnails (object phrases may be CJK); the first
@@ -56,6 +58,41 @@ def _read_stage(directory: Path, reference: Path, keys: Sequence[str]) -> store.
     return store.concat_rows([store.read_shard(p, ["ids", *keys]) for p in shards])
 
 
+class _Explained(NamedTuple):
+    """Per-object misalignment (`features` shards' `obj_misalign`) and its range in the data."""
+
+    offsets: np.ndarray
+    misalign: np.ndarray
+    lo: float
+    hi: float
+
+
+def misalign_colour(score: float, lo: float, hi: float) -> str:
+    """`score`'s colour on the scale from `lo` (blue) to `hi` (red), as #rrggbb."""
+    t = 0.5 if hi <= lo else min(max((score - lo) / (hi - lo), 0.0), 1.0)
+    x = t * (len(_SCALE) - 1)
+    k = min(int(x), len(_SCALE) - 2)
+    a, b = _SCALE[k], _SCALE[k + 1]
+    rgb = (round(u + (v - u) * (x - k)) for u, v in zip(a, b))
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def _read_explained(features_dir: Path | None, ingest_dir: Path) -> _Explained | None:
+    """The features shards' per-object misalignment; None when absent (older features)."""
+    if features_dir is None:
+        return None
+    try:
+        rows = _read_stage(features_dir, ingest_dir, [store.OFFSETS, "obj_misalign"])
+    except store.ShardError as err:
+        logger.info("report: no per-object misalignment in %s (%s)", features_dir, err)
+        return None
+    if rows is None:
+        return None
+    values = np.asarray(rows["obj_misalign"], dtype=np.float64)
+    lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 0.0)
+    return _Explained(np.asarray(rows[store.OFFSETS]), values, lo, hi)
+
+
 def gallery_section(
     ingest_dir: Path,
     captions_dir: Path,
@@ -64,6 +101,7 @@ def gallery_section(
     scores: dict[str, Scores],
     n_gallery: int,
     seed: int,
+    features_dir: Path | None = None,
 ) -> str:
     shards = store.list_shards(ingest_dir)
     if not shards:
@@ -81,13 +119,24 @@ def gallery_section(
     objects = _read_stage(
         objects_dir, ingest_dir, [store.OFFSETS, "obj_boxes", "obj_phrase", "obj_score"]
     )
+    explained = _read_explained(features_dir, ingest_dir) if objects is not None else None
+    if explained is not None and objects is not None:
+        if not np.array_equal(explained.offsets, objects[store.OFFSETS]):
+            logger.warning("report: %s and %s disagree on objects", features_dir, objects_dir)
+            explained = None
     chosen = _pick_gallery(ingest["label"], ingest["split"], ingest["generator"], n_gallery, seed)
     lookup = {head: {str(i): k for k, i in enumerate(s.ids)} for head, s in scores.items()}
     cards = []
     for i in chosen:
         cards.append(
             _card(
-                i, ingest=ingest, captions=captions, objects=objects, scores=scores, lookup=lookup
+                i,
+                ingest=ingest,
+                captions=captions,
+                objects=objects,
+                explained=explained,
+                scores=scores,
+                lookup=lookup,
             )
         )
     parts = []
@@ -98,11 +147,25 @@ def gallery_section(
         notes.append(f"no object shards in {objects_dir}")
     if notes:
         parts.append(note("; ".join(notes)))
-    parts.append(
+    intro = (
         f"<p>{len(chosen)} of {len(ingest['ids'])} images, chosen with seed {seed} "
         "(test split first, real and generated mixed, spread over generators). Boxes are the "
-        "grounded objects of the caption, with their phrase and score.</p>"
+        "grounded objects of the caption"
     )
+    if explained is None:
+        intro += ", with their phrase and grounding score.</p>"
+    else:
+        swatches = "".join(
+            f'<span class="swatch" style="background:{misalign_colour(v, 0.0, 1.0)}"></span>'
+            for v in np.linspace(0.0, 1.0, 5)
+        )
+        intro += (
+            ", each with its phrase and misalignment, 1 − cos(crop, phrase) of their CLIP "
+            "embeddings, and coloured by it from the least misaligned object of the dataset "
+            f"({explained.lo:.3f}, blue) to the most ({explained.hi:.3f}, red) {swatches}; each "
+            "card lists its objects from the most misaligned.</p>"
+        )
+    parts.append(intro)
     parts.append('<div class="gallery">\n' + "\n".join(cards) + "\n</div>")
     return "\n".join(parts)
 
@@ -148,18 +211,29 @@ def _card(
     ingest: store.Arrays,
     captions: store.Arrays | None,
     objects: store.Arrays | None,
+    explained: _Explained | None,
     scores: dict[str, Scores],
     lookup: dict[str, dict[str, int]],
 ) -> str:
     path = str(ingest["path"][i])
     boxes, phrases, obj_scores = np.zeros((0, 4)), np.array([], dtype=object), np.zeros(0)
+    misalign: np.ndarray | None = None
+    colours: list[str] = []
     if objects is not None:
         lo, hi = int(objects[store.OFFSETS][i]), int(objects[store.OFFSETS][i + 1])
         boxes = objects["obj_boxes"][lo:hi]
         phrases, obj_scores = objects["obj_phrase"][lo:hi], objects["obj_score"][lo:hi]
-    labels = [_box_label(k, str(p), float(s)) for k, (p, s) in enumerate(zip(phrases, obj_scores))]
+        if explained is not None:
+            # Most misaligned first, in the list and in the labels' numbers.
+            misalign = explained.misalign[lo:hi]
+            order = np.argsort(-misalign, kind="stable")
+            boxes, phrases, obj_scores = boxes[order], phrases[order], obj_scores[order]
+            misalign = misalign[order]
+            colours = [misalign_colour(float(m), explained.lo, explained.hi) for m in misalign]
+    shown = obj_scores if misalign is None else misalign
+    labels = [_box_label(k, str(p), float(s)) for k, (p, s) in enumerate(zip(phrases, shown))]
     try:
-        thumb = _thumbnail(load_rgb(path), boxes, labels)
+        thumb = _thumbnail(load_rgb(path), boxes, labels, colours)
         picture = img(_jpeg_uri(thumb), f"image {Path(path).name}", cls="thumb")
     except OSError as err:
         logger.warning("report: cannot show %s in the gallery: %s", path, err)
@@ -180,14 +254,21 @@ def _card(
     if objects is not None:
         if len(phrases):
             items = []
-            for phrase, score, label in zip(phrases, obj_scores, labels):
+            for j, (phrase, score, label) in enumerate(zip(phrases, obj_scores, labels)):
                 drawn_as = (
                     f' <span class="meta">(drawn as “{esc(label.text)}”: no installed font '
                     "has its characters)</span>"
                     if label.numbered
                     else ""
                 )
-                items.append(f"<li>{esc(phrase)} ({float(score):.2f}){drawn_as}</li>")
+                if misalign is None:
+                    items.append(f"<li>{esc(phrase)} ({float(score):.2f}){drawn_as}</li>")
+                    continue
+                items.append(
+                    f'<li data-misalign="{float(misalign[j]):.6f}"><span class="swatch" '
+                    f'style="background:{colours[j]}"></span>{esc(phrase)} — misalignment '
+                    f"{float(misalign[j]):.3f} (grounding {float(score):.2f}){drawn_as}</li>"
+                )
             # Numbered as in the thumbnail, where a phrase no font can draw is labelled "#k".
             lines.append(f'<ol class="objects">{"".join(items)}</ol>')
         else:
@@ -212,15 +293,21 @@ class _BoxLabel(NamedTuple):
     numbered: bool  # drawn as "#k" because no installed font covers the phrase
 
 
-def _thumbnail(image: Image.Image, boxes: np.ndarray, labels: list[_BoxLabel]) -> Image.Image:
-    """`image` resized to THUMB_SIZE on its longer side, with the boxes (original pixels) drawn."""
+def _thumbnail(
+    image: Image.Image,
+    boxes: np.ndarray,
+    labels: list[_BoxLabel],
+    colours: Sequence[str] = (),
+) -> Image.Image:
+    """`image` resized to THUMB_SIZE on its longer side, with the boxes (original pixels) drawn
+    in `colours` (one per box; a fixed palette when empty)."""
     w, h = image.size
     scale = THUMB_SIZE / max(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     thumb = image.resize(size, Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(thumb)
     for k, (box, label) in enumerate(zip(boxes, labels)):
-        colour = _BOX_COLOURS[k % len(_BOX_COLOURS)]
+        colour = colours[k] if colours else _BOX_COLOURS[k % len(_BOX_COLOURS)]
         x0, x1 = sorted(min(max(float(v) * scale, 0.0), size[0] - 1.0) for v in box[0::2])
         y0, y1 = sorted(min(max(float(v) * scale, 0.0), size[1] - 1.0) for v in box[1::2])
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)

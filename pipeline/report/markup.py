@@ -58,6 +58,8 @@ min-width:0;overflow-wrap:anywhere}
 .missing{padding:40px 8px;text-align:center;background:#eee;color:#555}
 .caption{font-style:italic}.meta{color:#666;font-size:12px;word-break:break-all}
 ol.objects{margin:4px 0;padding-left:18px;font-size:12px}
+.swatch{display:inline-block;width:10px;height:10px;margin-right:4px;border:1px solid #888;
+vertical-align:middle}
 """
 
 

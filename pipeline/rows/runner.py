@@ -6,7 +6,10 @@ shard i (row-aligned with the ingest shard), `compute(rows, timer)` maps rows th
 `params_hash` and same `input_hash`: the row key, see `key`) and writes
 the new shards to `<out>/.partial/` first; they replace the old shards only once every shard is
 complete. An interrupted run therefore leaves the old outputs intact and its finished shards in
-`.partial/`, which the next run picks up.
+`.partial/`, which the next run picks up. A step with `retain_params = k` keeps the shards its
+new ones replace, when other params made them, in `<dataset cache>/retained/<stage dir>/<their
+params hash>/` (the newest k sets), so that switching a param back (e.g. `caption.model`)
+reuses those rows instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -221,7 +224,9 @@ def run_step(
     writable_dir(out_dir / PARTIAL)
     start = time.perf_counter()
     phash = step.params_hash()
-    reuse = reuse_index([out_dir, out_dir / PARTIAL], phash)
+    retain = int(getattr(step, "retain_params", 0))
+    kept = [retained_dir(out_dir) / phash] if retain else []
+    reuse = reuse_index([out_dir, out_dir / PARTIAL, *kept], phash)
     n = step.n_shards()
     reports: list[ShardReport] = []
     # Counted in images over the whole stage (a shard is 64 of them), so that the rate and the
@@ -255,10 +260,15 @@ def run_step(
     for i in range(n):
         built = out_dir / PARTIAL / store.shard_name(i)
         if built.exists():  # absent when the existing shard was already right
+            if retain:
+                _retain(out_dir / store.shard_name(i), phash)
             os.replace(built, out_dir / store.shard_name(i))
     for path in store.list_shards(out_dir)[n:]:
         path.unlink()
     shutil.rmtree(out_dir / PARTIAL, ignore_errors=True)
+    if retain:  # this run's params now live in out_dir: keep no second copy of them
+        shutil.rmtree(retained_dir(out_dir) / phash, ignore_errors=True)
+        _prune_retained(out_dir, retain)
 
     seconds = {p: round(sum(r.seconds.get(p, 0.0) for r in reports), 4) for p in PHASES}
     n_processed = sum(r.n_processed for r in reports)
@@ -294,6 +304,39 @@ def timings_path(out_dir: str | Path) -> Path:
     a rerun that changes no row changes no DVC-tracked output (timings differ at every run)."""
     out_dir = Path(out_dir)
     return out_dir.parent / "timings" / f"{out_dir.name}.json"
+
+
+def retained_dir(out_dir: str | Path) -> Path:
+    """`<dataset cache>/retained/<stage dir>/`: the shards of other params a step keeps (see the
+    module docstring); beside the stage's folder, so DVC does not track them as its output."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / "retained" / out_dir.name
+
+
+def _retain(shard: Path, phash: str) -> None:
+    """Move `shard` aside under its own params hash when other params than `phash` made it."""
+    if not shard.exists():
+        return
+    try:
+        made_by = str(store.read_attrs(shard).get("params_hash", ""))
+    except store.ShardError:
+        return  # unreadable: nothing worth keeping; the new shard replaces it
+    if not made_by or made_by == phash:
+        return
+    target = retained_dir(shard.parent) / made_by
+    target.mkdir(parents=True, exist_ok=True)
+    os.replace(shard, target / shard.name)
+    os.utime(target)  # the newest sets are the ones kept
+
+
+def _prune_retained(out_dir: Path, keep: int) -> None:
+    """Keep the `keep` most recently retained params sets of `out_dir`'s step."""
+    root = retained_dir(out_dir)
+    if not root.is_dir():
+        return
+    sets = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for old in sets[: max(0, len(sets) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _n_images(step: Step) -> int | None:
