@@ -42,6 +42,8 @@ def _info(args: argparse.Namespace) -> int:
             if shard is shards[0] or not target.is_dir():
                 sys.stdout.write(f"{shard}  ({n} images)\n")
                 for key, value in sorted(fh.attrs.items()):
+                    if key == store.CHECKSUMS:  # one sha256 per dataset: too long to show
+                        value = f"sha256 of each of {len(fh.keys())} datasets"
                     sys.stdout.write(f"  @{key} = {value}\n")
                 for key in sorted(fh.keys()):
                     ds = fh[key]

@@ -157,17 +157,25 @@ def matches(
     path: Path, phash: str, ids: list[str], hashes: list[str], attrs: dict[str, Any]
 ) -> bool:
     """Whether the shard at `path` holds exactly these rows made with these params, and says
-    so in its attributes (an upstream provenance that changed is rewritten)."""
+    so in its attributes (an upstream provenance that changed is rewritten), and every dataset
+    still matches its checksum (a damaged shard, or one written before checksums, is rebuilt)."""
     if not path.exists():
         return False
     try:
         done = store.read_shard(path, ["ids", "input_hash"])
         old = store.read_attrs(path)
-        return bool(
+        if not (
             old.get("params_hash") == phash
             and all(old.get(k) == v for k, v in attrs.items())
             and list(done["ids"]) == ids
             and list(done["input_hash"]) == hashes
-        )
-    except store.ShardError:
+        ):
+            return False
+        if store.CHECKSUMS not in old:
+            logger.info("rewriting %s to add checksums (its rows are reused)", path)
+            return False
+        store.verify_shard(path)
+        return True
+    except store.ShardError as err:
+        logger.warning("%s; recomputing its rows", err)
         return False

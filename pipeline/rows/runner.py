@@ -141,7 +141,15 @@ def _build_shard(
             todo.append(i)
     with timer("read"):
         for path, pairs in by_file.items():
-            parts.append(store.take_rows(store.read_shard(path), [r for _, r in pairs]))
+            try:
+                data = store.read_shard(path)
+            except store.ShardError as err:
+                # A damaged cached shard: its rows are recomputed, never reused.
+                logger.warning("%s; recomputing its rows", err)
+                todo.extend(i for i, _ in pairs)
+                continue
+            parts.append(store.take_rows(data, [r for _, r in pairs]))
+    todo.sort()
     if todo:
         parts.append(step.compute(store.take_rows(inputs, todo), timer))
     merged = store.concat_rows(parts)
