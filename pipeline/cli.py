@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.errors import user_errors
+from pipeline.errors import one_line, user_errors
 from pipeline.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except user_errors() as err:
-        sys.stderr.write(f"misalign {args.command}: error: {err}\n")
+        sys.stderr.write(f"misalign {args.command}: error: {one_line(err)}\n")
         return 1
 
 

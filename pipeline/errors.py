@@ -44,3 +44,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     keeps its traceback. (Here, not in the CLI, so that a stage script imports only what it
     runs: dvc.yaml's deps follow the imports.)"""
     return (MisalignError,)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a user error on one line. An error raised in a decode worker reaches the
+    main process re-wrapped by torch's DataLoader, its message then a whole traceback whose
+    last line holds the original message: that line is what the user needs."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())

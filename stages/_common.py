@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 from pipeline.config import Params, load_params
-from pipeline.errors import user_errors
+from pipeline.errors import one_line, user_errors
 from pipeline.logs import setup_logging, tiny_announced
 
 
@@ -51,6 +51,6 @@ def run(
                 check_weights(params.models, needed_roles(params))
             body(args, params)
     except user_errors() as err:
-        print(f"error in stage {name}: {err}", file=sys.stderr)
+        print(f"error in stage {name}: {one_line(err)}", file=sys.stderr)
         return 1
     return 0

@@ -115,3 +115,47 @@ def test_hand_edited_caption_is_detected_and_recomputed(clean, tmp_path, capsys)
     assert _extract(cache, data, params, only=("caption", "ground", "encode")) == 0
     for stage in ("captions", "objects", "clip"):
         assert _max_delta(_values(work / "cache" / stage), _values(cache / stage)) == 0.0
+
+
+# ------------------------------------------------------- images changed after ingest
+
+
+def _error_lines(stderr):
+    """stderr without the progress bars."""
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+def _moved_copy(work, tmp_path):
+    """The clean cache and its data, copied (mtimes kept) with ingest pointed at the copy."""
+    cache, data = tmp_path / "cache", tmp_path / "data"
+    shutil.copytree(work / "cache", cache)
+    shutil.copytree(work / "data", data)
+    for shard in store.list_shards(cache / "ingest"):
+        with h5py.File(shard, "r+") as fh:
+            fh.attrs["data_root"] = str(data.resolve())
+    first = store.read_shard(cache / "ingest" / store.shard_name(0), ["path"])["path"][0]
+    return cache, data, data / first
+
+
+def test_an_image_replaced_after_ingest_is_refused_naming_it(clean, tmp_path, capsys):
+    from PIL import Image
+
+    work, _, params = clean
+    cache, data, image = _moved_copy(work, tmp_path)
+    assert _extract(cache, data, params, only=("encode",)) == 0  # unchanged copies pass
+    capsys.readouterr()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image, format="JPEG")
+    assert _extract(cache, data, params, only=("encode",)) == 1
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"image {image} changed since ingest" in err[0], err
+    assert "rerun ingest" in err[0]
+
+
+def test_an_image_truncated_after_ingest_names_the_file_in_one_line(clean, tmp_path, capsys):
+    work, _, params = clean
+    cache, data, image = _moved_copy(work, tmp_path)
+    blob = image.read_bytes()
+    image.write_bytes(blob[: len(blob) // 3])
+    assert _extract(cache, data, params, only=("caption",)) == 1
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(image) in err[0], err

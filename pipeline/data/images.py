@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import DatasetError
+
 
 @dataclass
 class ImageInfo:
@@ -129,5 +131,23 @@ def check_image(path: Path, min_side: int = 1) -> tuple[int, int] | str:
 
 
 def load_rgb(path: str | Path, exif_transpose: bool = True) -> Image.Image:
-    """Open an image as 8-bit RGB exactly as ingest checked it (`decode_image`)."""
-    return decode_image(path, exif_transpose)[0]
+    """Open an image as 8-bit RGB exactly as ingest checked it (`decode_image`).
+
+    Raises:
+        DatasetError: the file cannot be decoded (any more), naming it and the fix.
+    """
+    try:
+        return decode_image(path, exif_transpose)[0]
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DatasetError(
+            f"cannot decode image {path}: {reason}; replace the file or rerun ingest, which "
+            "quarantines it (`dvc repro` reruns it)"
+        ) from err

@@ -1,10 +1,17 @@
-"""Ingest: decode-check and hash every record, drop exact duplicates, split, write the ingest shards."""
+"""Ingest: decode-check and hash every record, drop exact duplicates, split, write the ingest shards.
+
+Ingest also records each file's size and mtime (`file_size`, `file_mtime_ns`) beside its
+content id, so that extraction can check, cheaply, that a file is still the one ingest saw
+(`check_unchanged`): a file whose size or mtime changed is hashed again, and one whose content
+changed is refused, never used under its old id.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +43,23 @@ class _CheckFile:
     max_aspect_ratio: float | None
     exif_transpose: bool
 
-    def __call__(self, path: str) -> tuple[ImageInfo | str, str]:
+    def __call__(self, path: str) -> tuple[ImageInfo | str, str, tuple[int, int]]:
+        # Stamped before reading: a file rewritten while it is checked gets a newer mtime than
+        # recorded, so extraction hashes it again.
+        stamp = file_stamp(path)
         checked = inspect_image(
             Path(path), self.min_side, self.max_aspect_ratio, self.exif_transpose
         )
-        return checked, "" if isinstance(checked, str) else content_id(path)
+        return checked, "" if isinstance(checked, str) else content_id(path), stamp
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, (-1, -1) when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (int(st.st_size), int(st.st_mtime_ns))
 
 
 @dataclass
@@ -48,6 +67,39 @@ class IngestResult:
     items: list[Item]
     quarantined: list[tuple[str, str]]  # (path, reason)
     duplicates: list[tuple[str, str]]  # (dropped path, kept path)
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (size, mtime_ns)
+
+
+def check_unchanged(
+    paths: Sequence[str], ids: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int]
+) -> None:
+    """Refuse files that are no longer what ingest recorded: same size and mtime pass at once,
+    any other file is hashed again and must still have its content id.
+
+    Raises:
+        DatasetError: naming the first changed or missing file and the fix (rerun ingest, which
+            gives a changed file its new id; `dvc repro` reruns it).
+    """
+    for path, cid, size, mtime in zip(paths, ids, sizes, mtimes):
+        if file_stamp(path) == (int(size), int(mtime)):
+            continue
+        if not os.path.isfile(path):
+            raise DatasetError(
+                f"image {path} was ingested but is gone or no longer a file; restore it or rerun "
+                "ingest (`dvc repro` reruns it)"
+            )
+        try:
+            now = content_id(path)
+        except OSError as err:
+            raise DatasetError(
+                f"image {path} cannot be read: {err.strerror or err}; make it readable or rerun "
+                "ingest (`dvc repro` reruns it)"
+            ) from err
+        if now != cid:
+            raise DatasetError(
+                f"image {path} changed since ingest (its content is no longer id {cid[:12]}…); "
+                "rerun ingest so that it gets its new id (`dvc repro` reruns it)"
+            )
 
 
 def ingest(
@@ -71,6 +123,7 @@ def ingest(
     quarantined: list[tuple[str, str]] = []
     duplicates: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
+    stamps: dict[str, tuple[int, int]] = {}
     # Files are checked and hashed in `workers` processes, one file per process at a time, and
     # only (size or reason, hash) comes back: memory does not grow with the images' bytes.
     checks = read_batches(
@@ -80,7 +133,7 @@ def ingest(
         workers,
     )
     results = (result for batch in checks for result in batch)
-    for record, (checked, cid) in progress(
+    for record, (checked, cid, stamp) in progress(
         zip(records, results), total=len(records), desc="ingest", unit="img"
     ):
         if isinstance(checked, str):
@@ -96,6 +149,7 @@ def ingest(
             duplicates.append((record.path, seen[cid]))
             continue
         seen[cid] = record.path
+        stamps[cid] = stamp
         items.append(
             Item(
                 **asdict(record),
@@ -114,7 +168,7 @@ def ingest(
     if missing:
         for item, split in zip(items, assign_splits(items, fractions, seed, caption_similarity)):
             item.split = split
-    return IngestResult(items, quarantined, duplicates)
+    return IngestResult(items, quarantined, duplicates, stamps)
 
 
 def run_ingest(
@@ -185,6 +239,8 @@ def ingest_records(
             "label": np.array([it.label for it in chunk], dtype=np.int8),
             "width": np.array([it.width for it in chunk], dtype=np.int32),
             "height": np.array([it.height for it in chunk], dtype=np.int32),
+            "file_size": np.array([result.stamps[it.id][0] for it in chunk], dtype=np.int64),
+            "file_mtime_ns": np.array([result.stamps[it.id][1] for it in chunk], dtype=np.int64),
         }
         for key in ("path", "generator", "split", "caption", "group", "family", "subset"):
             shard[key] = np.array([getattr(it, key) for it in chunk], dtype=object)
