@@ -4,6 +4,9 @@ bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 
 class MisalignError(Exception):
     """Base of every error that means bad input, not a bug; its message names the fix."""
@@ -55,3 +58,24 @@ def one_line(err: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return " ".join(text.split())
+
+
+# Bounded in the work done, not only in the text kept: a YAML "billion laughs" value is a
+# small graph of shared lists whose full repr would be gigabytes.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlong = 40
+SHOWN_MAX = 120
+
+
+def shown(value: Any, limit: int = SHOWN_MAX) -> str:
+    """`repr(value)` cut to at most `limit` characters (with "…"), computed without walking
+    more of the value than it shows: use it wherever a user's value goes into a message."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. an int beyond Python's digit limit for str()
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import FeaturesConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 from pipeline.feature_kinds import KINDS
 from pipeline.rows import store
 from pipeline.rows.key import params_hash
@@ -145,7 +145,9 @@ def run_features(
     that evaluation can count caption provenance per class on the rows it scores.
     """
     if cfg.kind not in KINDS:
-        raise ConfigError(f"features.kind={cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
+        raise ConfigError(
+            f"features.kind={shown(cfg.kind)} is unknown; choose one of {sorted(KINDS)}"
+        )
     out_dir = Path(out_dir)
     store.check_aligned(clip_dir, ingest_dir)
     clip_shards = store.list_shards(clip_dir)
@@ -172,7 +174,7 @@ def run_features(
         missing = [k for k in KINDS[cfg.kind] if k not in feats]
         if missing:
             raise ConfigError(
-                f"features.kind={cfg.kind!r} needs {missing}, which the encode stage did not "
+                f"features.kind={shown(cfg.kind)} needs {missing}, which the encode stage did not "
                 "store; turn on encode.bert / encode.dinov2 / encode.color_bins / "
                 "encode.clip_pooled"
             )
@@ -230,14 +232,14 @@ def settings_differences(trained: dict[str, Any], now: dict[str, Any]) -> list[s
     out = []
     if trained.get("preset") != now.get("preset"):
         out.append(
-            f"models.preset: trained with {trained.get('preset')!r}, now {now.get('preset')!r}"
+            f"models.preset: trained with {shown(trained.get('preset'))}, now {shown(now.get('preset'))}"
         )
     a, b = trained.get("provenance", {}), now.get("provenance", {})
     for stage in sorted(set(a) | set(b)):
         for key in _COMPARED:
             x, y = a.get(stage, {}).get(key), b.get(stage, {}).get(key)
             if x != y:
-                out.append(f"{stage}.{key}: trained with {x!r}, these features {y!r}")
+                out.append(f"{stage}.{key}: trained with {shown(x)}, these features {shown(y)}")
     return out
 
 
@@ -278,7 +280,7 @@ def load_features(
         train = fs.where("train")   # train.X, train.y, train.generator, ...
     """
     if kind not in KINDS:
-        raise ConfigError(f"unknown feature kind {kind!r}; choose one of {sorted(KINDS)}")
+        raise ConfigError(f"unknown feature kind {shown(kind)}; choose one of {sorted(KINDS)}")
     shards = store.list_shards(features_dir)
     if not shards:
         raise store.ShardError(f"no feature shards in {features_dir}; run `dvc repro` first")

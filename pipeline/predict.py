@@ -10,7 +10,7 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.data.ingest import ingest_records
 from pipeline.data.manifest import IMAGE_EXTENSIONS, Record, write_csv
-from pipeline.errors import ConfigError, DatasetError, ModelFileError
+from pipeline.errors import ConfigError, DatasetError, ModelFileError, shown
 from pipeline.evalsets import extract_ingested, planned_settings
 from pipeline.evaluation.metrics import apply_calibration, p_generated
 from pipeline.features import feature_settings, load_features, settings_differences
@@ -69,7 +69,9 @@ def check_settings(head_dir: Path, info: dict[str, Any], now: dict[str, Any]) ->
     if diffs:
         raise ConfigError(
             f"the features of these images are not made the way {head_dir} was trained "
-            f"(kind {info.get('kind')!r}): " + "; ".join(diffs) + ". Run predict with the params "
+            f"(kind {shown(info.get('kind'))}): "
+            + "; ".join(diffs)
+            + ". Run predict with the params "
             "the head was trained with (same models, base.dtype, feature settings and code "
             "version), or retrain the head with these"
         )

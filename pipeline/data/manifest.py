@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, shown
 from pipeline.rows.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def parse_label(value: str, where: str) -> int:
     if v in _FAKE_LABELS:
         return 1
     raise DatasetError(
-        f"{where}: label {value!r} is neither real ({sorted(_REAL_LABELS)}) "
+        f"{where}: label {shown(value)} is neither real ({sorted(_REAL_LABELS)}) "
         f"nor generated ({sorted(_FAKE_LABELS)})"
     )
 
@@ -75,7 +75,7 @@ def inside_root(root: Path, rel: str, where: str) -> str:
         clean = os.path.normpath(rel.replace("\\", "/"))
     if clean is None or clean == ".." or clean.startswith("../") or clean == ".":
         raise DatasetError(
-            f"{where}: path {rel!r} escapes the dataset root {root}; manifest paths must be "
+            f"{where}: path {shown(rel)} escapes the dataset root {root}; manifest paths must be "
             "relative to the manifest's folder and stay inside it"
         )
     return Path(clean).as_posix()
@@ -107,7 +107,7 @@ def read_manifest(path: str | Path) -> list[Record]:
             generator = REAL
         split = (row.get("split") or "").strip().lower()
         if split and split not in SPLITS + POOL_SPLITS:
-            raise DatasetError(f"{where}: split {split!r} is not one of {SPLITS + POOL_SPLITS}")
+            raise DatasetError(f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}")
         record = Record(
             path=inside_root(root, (row[path_col] or "").strip(), where),
             label=label,
@@ -125,8 +125,8 @@ def read_manifest(path: str | Path) -> list[Record]:
                 if getattr(other, name) != getattr(record, name):
                     raise DatasetError(
                         f"{path}: {record.path} is listed twice with different {name}s: "
-                        f"{getattr(other, name)!r} on line {line} and "
-                        f"{getattr(record, name)!r} on line {i}; keep one row per file"
+                        f"{shown(getattr(other, name))} on line {line} and "
+                        f"{shown(getattr(record, name))} on line {i}; keep one row per file"
                     )
             continue
         first_row[record.path] = (i, record)
@@ -172,7 +172,7 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         if None in row:
             raise DatasetError(
                 f"{path}: a row has more cells than the header's {len(header)} columns "
-                f"({row[None]!r} left over); quote cells that contain commas"
+                f"({shown(row[None])} left over); quote cells that contain commas"
             )
     rows = [{k.strip(): v for k, v in row.items()} for row in rows]
     return header, rows

@@ -67,8 +67,8 @@ def ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:
         check_unchanged(
             [str(p) for p in rows["path"]],
             [str(i) for i in rows["ids"]],
-            stamps["file_size"],
-            stamps["file_mtime_ns"],
+            [int(v) for v in stamps["file_size"]],
+            [int(v) for v in stamps["file_mtime_ns"]],
         )
         rows["exif_transpose"] = np.full(
             len(rows["ids"]), bool(attrs.get("exif_transpose", True)), dtype=bool

@@ -10,7 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline.errors import ModelFileError
+from pipeline.errors import ModelFileError, shown
 from pipeline.heads.contract import BaseHead
 from pipeline.heads.registry import HEADS, name_of
 from pipeline.rows.atomic import atomic_path, write_text
@@ -110,15 +110,15 @@ def load_head(directory: Path) -> BaseHead:
         raise ModelFileError(f"{meta_path} does not hold a JSON object; {fix}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(
-            f"{meta_path} has format_version {meta.get('format_version')!r}, this code reads "
+            f"{meta_path} has format_version {shown(meta.get('format_version'))}, this code reads "
             f"{FORMAT_VERSION}; re-save the head with this version of misalign"
         )
     name = meta.get("head")
     if not isinstance(name, str) or name not in HEADS:
-        raise ModelFileError(f"{meta_path} names head {name!r}; known heads: {sorted(HEADS)}")
+        raise ModelFileError(f"{meta_path} names head {shown(name)}; known heads: {sorted(HEADS)}")
     if meta.get("class") != HEADS[name].__name__:
         raise ModelFileError(
-            f"{meta_path} says head {name!r} but class {meta.get('class')!r} (expected "
+            f"{meta_path} says head {shown(name)} but class {shown(meta.get('class'))} (expected "
             f"{HEADS[name].__name__}); {fix}"
         )
     missing = [k for k in ("params", "fitted", "state", "children") if k not in meta]
@@ -159,7 +159,9 @@ def load_head(directory: Path) -> BaseHead:
     if not isinstance(children, list) or not all(
         isinstance(c, str) and c and "/" not in c and ".." not in c for c in children
     ):
-        raise ModelFileError(f"{meta_path}: children must be sub-folder names, got {children!r}")
+        raise ModelFileError(
+            f"{meta_path}: children must be sub-folder names, got {shown(children)}"
+        )
     head._set_children([load_head(directory / sub) for sub in children])
     _check_predicts(head, meta_path, fix)
     return head
@@ -215,7 +217,7 @@ def _encode(value: Any, key: str, arrays: dict[str, np.ndarray]) -> Any:
             return dict(items)
         return {"__dict__": [[_encode(k, key, arrays), v] for k, v in items]}
     raise TypeError(
-        f"cannot save {key}={value!r} of type {type(value).__name__} in head.json; "
+        f"cannot save {key}={shown(value)} of type {type(value).__name__} in head.json; "
         "use an int random_state and plain numbers, strings, tuples, dicts or arrays"
     )
 
