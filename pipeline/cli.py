@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.errors import one_line, user_errors
+from pipeline.errors import one_line, output_error, user_errors
 from pipeline.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -292,6 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as err:
         sys.stderr.write(f"misalign {args.command}: error: {one_line(err)}\n")
         return 1
+    except OSError as err:
+        clear = output_error(err)  # disk full or not permitted, where no library call knew it
+        if clear is None:
+            raise
+        sys.stderr.write(f"misalign {args.command}: error: {clear}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"misalign {args.command}: interrupted; rerun to resume\n")
+        return 130
 
 
 if __name__ == "__main__":

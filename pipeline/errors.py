@@ -4,7 +4,10 @@ bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import errno
+import os
 import reprlib
+from pathlib import Path
 from typing import Any
 
 
@@ -79,3 +82,21 @@ def shown(value: Any, limit: int = SHOWN_MAX) -> str:
         text = f"<{type(value).__name__}>"
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# OS errors a user fixes by freeing space or granting permission, not bugs.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def output_error(err: OSError, path: str | os.PathLike[str] | None = None) -> OutputError | None:
+    """The one-line `OutputError` for an OS error a user can fix while writing `path` (disk
+    full, quota, read-only or not permitted), or None for any other error (a bug)."""
+    if isinstance(err, OutputError) or err.errno not in _NO_SPACE | _NO_PERMISSION:
+        return None
+    where = Path(path if path is not None else err.filename or "the output")
+    if err.errno in _NO_SPACE:
+        fix = "free space there (or point the output elsewhere) and rerun; finished shards are kept"
+    else:
+        fix = f"make {where.parent} writable (or point the output elsewhere) and rerun"
+    return OutputError(f"cannot write {where}: {os.strerror(err.errno or 0)}; {fix}")

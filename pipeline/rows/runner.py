@@ -7,6 +7,11 @@ shard i (row-aligned with the ingest shard), `compute(rows, timer)` maps rows th
 the new shards to `<out>/.partial/` first; they replace the old shards only once every shard is
 complete. An interrupted run therefore leaves the old outputs intact and its finished shards in
 `.partial/`, which the next run picks up.
+
+The rows finished inside the shard being built when the run is interrupted (Ctrl-C, kill) are
+not kept: a step's `compute` returns a shard's rows at once (encode synchronises the device
+once per shard), so keeping them would mean cutting every shard into several model calls at
+every run to save at most one shard (`ingest.shard_size` images) of work on an interruption.
 """
 
 from __future__ import annotations
