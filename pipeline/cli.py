@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.errors import one_line, output_error, user_errors
+from pipeline.errors import DatasetError, one_line, output_error, user_errors
 from pipeline.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    # Checked before the library (torch, the models) is imported: a typo costs no wait.
+    for item in args.inputs:
+        if not Path(item).expanduser().exists():
+            raise DatasetError(f"{item} does not exist; give image files or folders")
     from pipeline.predict import predict
 
     params = load_params(args.params)

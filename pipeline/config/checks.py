@@ -49,7 +49,7 @@ def check_ranges(params: Params) -> None:
     for role in ("clip", "blip2", "grounding", "bert", "dinov2"):
         spec = getattr(params.models, role)
         if not spec.id.strip() and not spec.path.strip():
-            raise refuse(f"models.{role}.id", spec.id, "a model name (or set models.{role}.path)")
+            raise refuse(f"models.{role}.id", spec.id, f"a model name (or set models.{role}.path)")
     _check_encode_texts(params)
     for key, names in (
         ("train.heads", params.train.heads),

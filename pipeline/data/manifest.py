@@ -108,8 +108,13 @@ def read_manifest(path: str | Path) -> list[Record]:
         split = (row.get("split") or "").strip().lower()
         if split and split not in SPLITS + POOL_SPLITS:
             raise DatasetError(f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}")
+        rel = (row[path_col] or "").strip()
+        if not rel:
+            raise DatasetError(
+                f"{where}: the {path_col} cell is empty; give each image's path relative to {root}"
+            )
         record = Record(
-            path=inside_root(root, (row[path_col] or "").strip(), where),
+            path=inside_root(root, rel, where),
             label=label,
             generator=generator,
             caption=(row.get("caption") or "").strip(),
@@ -159,8 +164,17 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             "remove it or re-save the file as UTF-8 text"
         )
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
     try:
-        rows = list(reader)
+        for row in reader:
+            if None in row:
+                # reader.line_num is the line the row ends on (a quoted cell may span lines).
+                raise DatasetError(
+                    f"{path}:{reader.line_num}: the row has more cells than the header's "
+                    f"{len(reader.fieldnames or [])} columns ({shown(row[None])} left over); "
+                    "quote cells that contain commas"
+                )
+            rows.append(row)
     except csv.Error as err:
         raise DatasetError(f"{path}:{reader.line_num}: not a readable CSV ({err})") from None
     header = [h.strip() for h in (reader.fieldnames or [])]
@@ -168,12 +182,6 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DatasetError(f"{path} is empty: it has no header line and no rows")
     if not rows:
         raise DatasetError(f"{path} has a header ({', '.join(header)}) but no rows")
-    for row in rows:
-        if None in row:
-            raise DatasetError(
-                f"{path}: a row has more cells than the header's {len(header)} columns "
-                f"({shown(row[None])} left over); quote cells that contain commas"
-            )
     rows = [{k.strip(): v for k, v in row.items()} for row in rows]
     return header, rows
 
