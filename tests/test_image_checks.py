@@ -5,9 +5,8 @@ import os
 import pytest
 
 from pipeline.data.images import load_rgb
-from pipeline.data.ingest import check_unchanged, file_stamp
 from pipeline.errors import DatasetError, one_line
-from pipeline.rows.key import content_id
+from pipeline.rows.key import check_unchanged, content_id, file_stamp
 from pipeline.rows.reader import read_batches
 from tests.helpers import make_image
 

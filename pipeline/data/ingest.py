@@ -2,14 +2,12 @@
 
 Ingest also records each file's size and mtime (`file_size`, `file_mtime_ns`) beside its
 content id, so that extraction can check, cheaply, that a file is still the one ingest saw
-(`check_unchanged`): a file whose size or mtime changed is hashed again, and one whose content
-changed is refused, never used under its old id.
+(`pipeline.rows.key.check_unchanged`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from pipeline.errors import DatasetError
 from pipeline.logs import progress
 from pipeline.rows import store
 from pipeline.rows.atomic import writable_dir
-from pipeline.rows.key import content_id, params_hash
+from pipeline.rows.key import content_id, file_stamp, params_hash
 from pipeline.rows.reader import read_batches, resolve_workers
 from pipeline.rows.store import Arrays
 
@@ -53,53 +51,12 @@ class _CheckFile:
         return checked, "" if isinstance(checked, str) else content_id(path), stamp
 
 
-def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(size, mtime_ns) of a file, (-1, -1) when it cannot be stat'ed."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (-1, -1)
-    return (int(st.st_size), int(st.st_mtime_ns))
-
-
 @dataclass
 class IngestResult:
     items: list[Item]
     quarantined: list[tuple[str, str]]  # (path, reason)
     duplicates: list[tuple[str, str]]  # (dropped path, kept path)
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (size, mtime_ns)
-
-
-def check_unchanged(
-    paths: Sequence[str], ids: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int]
-) -> None:
-    """Refuse files that are no longer what ingest recorded: same size and mtime pass at once,
-    any other file is hashed again and must still have its content id.
-
-    Raises:
-        DatasetError: naming the first changed or missing file and the fix (rerun ingest, which
-            gives a changed file its new id; `dvc repro` reruns it).
-    """
-    for path, cid, size, mtime in zip(paths, ids, sizes, mtimes):
-        if file_stamp(path) == (int(size), int(mtime)):
-            continue
-        if not os.path.isfile(path):
-            raise DatasetError(
-                f"image {path} was ingested but is gone or no longer a file; restore it or rerun "
-                "ingest (`dvc repro` reruns it)"
-            )
-        try:
-            now = content_id(path)
-        except OSError as err:
-            raise DatasetError(
-                f"image {path} cannot be read: {err.strerror or err}; make it readable or rerun "
-                "ingest (`dvc repro` reruns it)"
-            ) from err
-        if now != cid:
-            raise DatasetError(
-                f"image {path} changed since ingest (its content is no longer id {cid[:12]}…); "
-                "rerun ingest so that it gets its new id (`dvc repro` reruns it)"
-            )
 
 
 def ingest(

@@ -17,10 +17,9 @@ import numpy as np
 
 from pipeline.config import BaseConfig, ModelsConfig
 from pipeline.data.images import load_rgb
-from pipeline.data.ingest import check_unchanged
 from pipeline.models import check_weights, resolve_device
 from pipeline.rows import reader, store
-from pipeline.rows.key import runtime_key
+from pipeline.rows.key import check_unchanged, runtime_key
 from pipeline.rows.store import Arrays
 
 
