@@ -85,3 +85,42 @@ def test_ctrl_c_is_one_line_with_status_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data_ingest, "assign_splits", interrupted)
     assert ingest.main(argv) == 130
     assert _error_lines(capsys.readouterr().err) == ["stage ingest interrupted; rerun to resume"]
+
+
+def test_ctrl_c_on_a_running_stage_and_its_workers_is_one_line(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, mid-ingest."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    data = tmp_path / "data"
+    rows = []
+    for i in range(400):
+        make_image(data / f"{i}.png", seed=i, size=(192, 192))
+        rows.append({"file": f"{i}.png", "label": "real", "generator": "real"})
+    write_manifest(data / "manifest.csv", rows)
+    cmd = [sys.executable, "-m", "stages.ingest", "--params", _tiny_params(tmp_path)]
+    cmd += ["--data", str(data), "--out", str(tmp_path / "out"), "--name", "t"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # wait until the stage is at work (its layout is logged)
+        seen.append(line)
+        if "records" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    lines = _error_lines("".join(seen) + rest)
+    assert proc.returncode == 130, lines
+    assert lines[-1] == "stage ingest interrupted; rerun to resume"
+    assert not any("Traceback" in line for line in lines), lines
