@@ -107,6 +107,10 @@ def tidy_features(clip: Arrays, cfg: FeaturesConfig) -> tuple[np.ndarray, np.nda
     return d_global, (cfg.w1 * d_global + cfg.w2 * d_local).astype(np.float32)
 
 
+# The datasets of an encode shard that every feature kind reads.
+CLIP_KEYS = ("image_emb", "text_emb", "obj_image_emb", "obj_text_emb", "obj_offsets")
+
+
 def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
     """Every feature set of one shard, from its encode-stage arrays."""
     d_global = item_global(clip["image_emb"], clip["text_emb"])
@@ -160,6 +164,10 @@ def run_features(
     total = 0
     for i, path in enumerate(clip_shards):
         clip = store.read_shard(path)
+        # Checked here too for shards written before checksums, whose loss read_shard cannot see.
+        lost = [k for k in CLIP_KEYS if k not in clip]
+        if lost:
+            raise store.ShardError(f"shard {path} has no dataset {lost[0]!r}; {store.REBUILD}")
         meta = store.read_shard(Path(ingest_dir) / store.shard_name(i), list(META))
         if captions_dir is not None:
             caps = store.read_shard(
