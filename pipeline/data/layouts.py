@@ -354,7 +354,9 @@ def read_ct2(path: str | Path) -> list[Record]:
         group = (row.get(columns.id) or "").strip() if columns.id else ""
         split = (row.get(columns.split) or "").strip().lower() if columns.split else ""
         if split and split not in SPLITS + POOL_SPLITS:
-            raise DatasetError(f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}")
+            raise DatasetError(
+                f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}"
+            )
         for column, generator, label in sources:
             cell = (row.get(column) or "").strip()
             if not cell:

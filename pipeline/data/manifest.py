@@ -107,7 +107,9 @@ def read_manifest(path: str | Path) -> list[Record]:
             generator = REAL
         split = (row.get("split") or "").strip().lower()
         if split and split not in SPLITS + POOL_SPLITS:
-            raise DatasetError(f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}")
+            raise DatasetError(
+                f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}"
+            )
         rel = (row[path_col] or "").strip()
         if not rel:
             raise DatasetError(
