@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import load_params
-from pipeline.errors import user_errors
+from pipeline.errors import DatasetError, one_line, output_error, user_errors
 from pipeline.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ def _info(args: argparse.Namespace) -> int:
             if shard is shards[0] or not target.is_dir():
                 sys.stdout.write(f"{shard}  ({n} images)\n")
                 for key, value in sorted(fh.attrs.items()):
+                    if key == store.CHECKSUMS:  # one sha256 per dataset: too long to show
+                        value = f"sha256 of each of {len(fh.keys())} datasets"
                     sys.stdout.write(f"  @{key} = {value}\n")
                 for key in sorted(fh.keys()):
                     ds = fh[key]
@@ -54,6 +56,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    # Checked before the library (torch, the models) is imported: a typo costs no wait.
+    for item in args.inputs:
+        if not Path(item).expanduser().exists():
+            raise DatasetError(f"{item} does not exist; give image files or folders")
     from pipeline.predict import predict
 
     params = load_params(args.params)
@@ -376,8 +382,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except user_errors() as err:
-        sys.stderr.write(f"misalign {args.command}: error: {err}\n")
+        sys.stderr.write(f"misalign {args.command}: error: {one_line(err)}\n")
         return 1
+    except OSError as err:
+        clear = output_error(err)  # disk full or not permitted, where no library call knew it
+        if clear is None:
+            raise
+        sys.stderr.write(f"misalign {args.command}: error: {clear}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"misalign {args.command}: interrupted; rerun to resume\n")
+        return 130
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import FeaturesConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 from pipeline.feature_kinds import KINDS
 from pipeline.rows import store
 from pipeline.rows.key import params_hash
@@ -134,6 +134,10 @@ def tidy_features(clip: Arrays, cfg: FeaturesConfig) -> tuple[np.ndarray, np.nda
     return d_global, (cfg.w1 * d_global + cfg.w2 * d_local).astype(np.float32)
 
 
+# The datasets of an encode shard that every feature kind reads.
+CLIP_KEYS = ("image_emb", "text_emb", "obj_image_emb", "obj_text_emb", "obj_offsets")
+
+
 def compute_features(clip: Arrays, cfg: FeaturesConfig) -> Arrays:
     """Every feature set of one shard, from its encode-stage arrays."""
     d_global = item_global(clip["image_emb"], clip["text_emb"])
@@ -174,7 +178,9 @@ def run_features(
     that evaluation can count caption provenance per class on the rows it scores.
     """
     if cfg.kind not in KINDS:
-        raise ConfigError(f"features.kind={cfg.kind!r} is unknown; choose one of {sorted(KINDS)}")
+        raise ConfigError(
+            f"features.kind={shown(cfg.kind)} is unknown; choose one of {sorted(KINDS)}"
+        )
     out_dir = Path(out_dir)
     store.check_aligned(clip_dir, ingest_dir)
     clip_shards = store.list_shards(clip_dir)
@@ -187,6 +193,10 @@ def run_features(
     total = 0
     for i, path in enumerate(clip_shards):
         clip = store.read_shard(path)
+        # Checked here too for shards written before checksums, whose loss read_shard cannot see.
+        lost = [k for k in CLIP_KEYS if k not in clip]
+        if lost:
+            raise store.ShardError(f"shard {path} has no dataset {lost[0]!r}; {store.REBUILD}")
         meta = store.read_shard(Path(ingest_dir) / store.shard_name(i), list(META))
         if captions_dir is not None:
             caps = store.read_shard(
@@ -201,7 +211,7 @@ def run_features(
         missing = [k for k in KINDS[cfg.kind] if k not in feats]
         if missing:
             raise ConfigError(
-                f"features.kind={cfg.kind!r} needs {missing}, which the encode stage did not "
+                f"features.kind={shown(cfg.kind)} needs {missing}, which the encode stage did not "
                 "store; turn on encode.bert / encode.dinov2 / encode.color_bins / "
                 "encode.clip_pooled"
             )
@@ -259,14 +269,14 @@ def settings_differences(trained: dict[str, Any], now: dict[str, Any]) -> list[s
     out = []
     if trained.get("preset") != now.get("preset"):
         out.append(
-            f"models.preset: trained with {trained.get('preset')!r}, now {now.get('preset')!r}"
+            f"models.preset: trained with {shown(trained.get('preset'))}, now {shown(now.get('preset'))}"
         )
     a, b = trained.get("provenance", {}), now.get("provenance", {})
     for stage in sorted(set(a) | set(b)):
         for key in _COMPARED:
             x, y = a.get(stage, {}).get(key), b.get(stage, {}).get(key)
             if x != y:
-                out.append(f"{stage}.{key}: trained with {x!r}, these features {y!r}")
+                out.append(f"{stage}.{key}: trained with {shown(x)}, these features {shown(y)}")
     return out
 
 
@@ -307,7 +317,7 @@ def load_features(
         train = fs.where("train")   # train.X, train.y, train.generator, ...
     """
     if kind not in KINDS:
-        raise ConfigError(f"unknown feature kind {kind!r}; choose one of {sorted(KINDS)}")
+        raise ConfigError(f"unknown feature kind {shown(kind)}; choose one of {sorted(KINDS)}")
     shards = store.list_shards(features_dir)
     if not shards:
         raise store.ShardError(f"no feature shards in {features_dir}; run `dvc repro` first")

@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +59,14 @@ def parse_perturbation(name: str) -> tuple[str, float]:
     kind, sep, value = name.partition("_")
     if not sep or kind not in KINDS:
         raise ConfigError(
-            f"unknown perturbation {name!r}; expected '<kind>_<severity>' with kind one of "
+            f"unknown perturbation {shown(name)}; expected '<kind>_<severity>' with kind one of "
             f"{', '.join(KINDS)}, e.g. {', '.join(PERTURBATIONS)}"
         )
     try:
         severity = float(value)
     except ValueError:
         raise ConfigError(
-            f"perturbation {name!r} has severity {value!r}, which is not a number; "
+            f"perturbation {shown(name)} has severity {shown(value)}, which is not a number; "
             f"e.g. {kind}_{_example(kind)}"
         ) from None
     return kind, _check_severity(kind, severity)
@@ -100,10 +100,12 @@ def perturb(
             used. Blur and JPEG are deterministic and ignore ``seed`` and ``key``.
     """
     if kind not in KINDS:
-        raise ConfigError(f"unknown perturbation kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise ConfigError(
+            f"unknown perturbation kind {shown(kind)}; valid kinds: {', '.join(KINDS)}"
+        )
     severity = _check_severity(kind, severity)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ValueError(f"seed must be a non-negative integer, got {shown(seed)}")
     rgb = image.convert("RGB")
     if kind == "jpeg":
         return _jpeg(rgb, int(severity))
@@ -140,21 +142,23 @@ def _key_entropy(rgb: Image.Image, key: str | None) -> int:
 
 def _check_severity(kind: str, severity: float) -> float:
     if kind not in KINDS:
-        raise ConfigError(f"unknown perturbation kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise ConfigError(
+            f"unknown perturbation kind {shown(kind)}; valid kinds: {', '.join(KINDS)}"
+        )
     try:
         value = float(severity)
     except (TypeError, ValueError):
-        raise ConfigError(f"{kind} severity must be a number, got {severity!r}") from None
+        raise ConfigError(f"{kind} severity must be a number, got {shown(severity)}") from None
     if kind == "jpeg":
         if not value.is_integer() or not 1 <= value <= 100:
             raise ConfigError(
-                f"jpeg severity is the quality, an integer in 1..100; got {severity!r} "
+                f"jpeg severity is the quality, an integer in 1..100; got {shown(severity)} "
                 "(e.g. jpeg_75)"
             )
         return int(value)
     if not math.isfinite(value) or value < 0:
         raise ConfigError(
-            f"{kind} severity is a standard deviation, a finite number >= 0; got {severity!r} "
+            f"{kind} severity is a standard deviation, a finite number >= 0; got {shown(severity)} "
             f"(e.g. {kind}_{_example(kind)})"
         )
     return value

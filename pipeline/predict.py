@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 from pipeline.config import Params
 from pipeline.data.ingest import ingest_records
 from pipeline.data.manifest import IMAGE_EXTENSIONS, Record, write_csv
-from pipeline.errors import ConfigError, DatasetError, ModelFileError
+from pipeline.errors import ConfigError, DatasetError, ModelFileError, shown
 from pipeline.evalsets import extract_ingested, planned_settings
 from pipeline.evaluation.metrics import apply_calibration, p_generated
 from pipeline.features import (
@@ -80,7 +81,9 @@ def check_settings(head_dir: Path, info: dict[str, Any], now: dict[str, Any]) ->
     if diffs:
         raise ConfigError(
             f"the features of these images are not made the way {head_dir} was trained "
-            f"(kind {info.get('kind')!r}): " + "; ".join(diffs) + ". Run predict with the params "
+            f"(kind {shown(info.get('kind'))}): "
+            + "; ".join(diffs)
+            + ". Run predict with the params "
             "the head was trained with (same models, base.dtype, feature settings and code "
             "version), or retrain the head with these"
         )
@@ -107,6 +110,7 @@ def predict(
         One dict per scored image with the columns of `COLUMNS`, in input order.
     """
     head_dir, cache = Path(head_dir), Path(cache)
+    files = expand_inputs(inputs)  # a typo is reported before the head and models load
     info = read_train_info(head_dir)
     made_by = recorded(info) or run_provenance(params)
     warn_if_tiny(made_by, f"head {head_dir}")
@@ -114,10 +118,12 @@ def predict(
     # Params that would make other features than the head's are refused before any work; the
     # features made are checked again below.
     check_settings(head_dir, info, planned_settings(params))
-    files = expand_inputs(inputs)
     records = [Record(path=str(f), label=0, generator="unknown", split="test") for f in files]
+    # The paths stay absolute (a root joined with an absolute path is that path); the root is
+    # the inputs' common folder, which messages about them name.
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
     result = ingest_records(
-        Path("/"), records, cache / "ingest", cfg=params.ingest, base=params.base, dataset="predict"
+        root, records, cache / "ingest", cfg=params.ingest, base=params.base, dataset="predict"
     )
     for path, reason in result.quarantined:
         logger.error("cannot score %s: %s", path, reason)
@@ -128,7 +134,7 @@ def predict(
     if fs.X.shape[1] != head.n_features_in_:
         raise ModelFileError(
             f"the head in {head_dir} takes {head.n_features_in_} features but these images give "
-            f"{fs.X.shape[1]} (feature kind {info['kind']!r}); predict with the models and "
+            f"{fs.X.shape[1]} (feature kind {shown(info['kind'])}); predict with the models and "
             "params the head was trained with (--params)"
         )
     prob = apply_calibration(info.get("calibration", {}), p_generated(head, fs.X))

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError
+from pipeline.errors import shown
 
 
 def protocol_dir() -> Traversable:
@@ -26,7 +27,7 @@ def _load(name: str) -> dict[str, Any]:
     path = protocol_dir() / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(list_protocols())) or "none"
-        raise ConfigError(f"unknown protocol {name!r}; known protocols: {known}")
+        raise ConfigError(f"unknown protocol {shown(name)}; known protocols: {known}")
     data: dict[str, Any] = yaml.safe_load(path.read_text())
     return data
 
@@ -73,7 +74,7 @@ def protocol_args(
         if "{data_root}" in text:
             if not data_root:
                 raise ConfigError(
-                    f"protocol {name!r} reads datasets under --data-root (for {key}); give the "
+                    f"protocol {shown(name)} reads datasets under --data-root (for {key}); give the "
                     "folder that holds them"
                 )
             text = text.replace("{data_root}", data_root.rstrip("/"))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.errors import DataUnusable, ModelFileError
+from pipeline.errors import DataUnusable, ModelFileError, shown
 from pipeline.evaluation.metrics import (
     REAL_CLASS,
     apply_calibration,
@@ -49,7 +49,7 @@ REAL = REAL_CLASS
 def head_params(cfg: TrainConfig, name: str, seed: int) -> dict[str, Any]:
     if name not in HEADS:
         raise ConfigError(
-            f"train.heads names unknown head {name!r}; known heads: {', '.join(sorted(HEADS))}"
+            f"train.heads names unknown head {shown(name)}; known heads: {', '.join(sorted(HEADS))}"
         )
     params = dict(getattr(cfg, name, {}) or {})
     if "random_state" in valid_params(name):
@@ -66,8 +66,8 @@ def head_kind(cfg: TrainConfig, name: str, default_kind: str) -> str:
         return cfg.head_kinds.get(name, default_kind)
     if cfg.head_kinds.get(name, fixed) != fixed:
         raise ConfigError(
-            f"train.head_kinds.{name} = {cfg.head_kinds[name]!r}, but {name} reads only the "
-            f"features kind {fixed!r}; remove the entry or set it to {fixed!r}"
+            f"train.head_kinds.{name} = {shown(cfg.head_kinds[name])}, but {name} reads only the "
+            f"features kind {shown(fixed)}; remove the entry or set it to {shown(fixed)}"
         )
     return str(fixed)
 
@@ -285,7 +285,7 @@ def train_heads(
     contaminated = pool_split == eval_split
     if contaminated and not cfg.pseudo_allow_eval_split:
         raise ConfigError(
-            f"train.pseudo_pool={pool_split!r} is the evaluation split: pseudo-labels from it "
+            f"train.pseudo_pool={shown(pool_split)} is the evaluation split: pseudo-labels from it "
             "leak test information into training. Use another split, or set "
             "train.pseudo_allow_eval_split=true to accept contaminated metrics"
         )

@@ -12,7 +12,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from pipeline.errors import ModelFileError
+from pipeline.errors import ModelFileError, shown
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -43,29 +43,77 @@ def file_kind(path: str | Path) -> str:
     return "unknown"
 
 
+# Bytes per element of each safetensors dtype.
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+# A header beyond this is not a weights file's (real ones are kilobytes to a few megabytes).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def check_safetensors(path: Path) -> None:
-    """The header parses and every tensor's byte range lies inside the file."""
+    """The header parses, every number in it is a whole number, and every tensor's byte range
+    lies inside the file and holds exactly its shape: checked from the header alone, before a
+    loader allocates anything."""
     size = path.stat().st_size
+    damaged = f"{path} is a damaged safetensors file"
+    again = "download or save it again"
     with path.open("rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
             raise ModelFileError(f"{path} is not a safetensors file: shorter than its header")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
+        if n > size - 8 or n > MAX_HEADER_BYTES:
             raise ModelFileError(f"{path} is a truncated safetensors file (header past the end)")
         try:
             header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ModelFileError(f"{path} is not a valid safetensors file: {err}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            reason = " ".join(str(err).split())[:160]
+            raise ModelFileError(f"{path} is not a valid safetensors file: {reason}") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{damaged} (its header is not a JSON object); {again}")
     end = 8 + n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not offsets or len(offsets) != 2 or end + offsets[1] > size or offsets[0] > offsets[1]:
+        where = f"{damaged} (tensor {shown(name)}"
+        if not isinstance(info, dict):
+            raise ModelFileError(f"{where} has no description); {again}")
+        offsets, shape = info.get("data_offsets"), info.get("shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_whole(v) for v in offsets)
+            or offsets[0] > offsets[1]
+        ):
             raise ModelFileError(
-                f"{path} is a truncated or damaged safetensors file (tensor {name!r} lies "
-                "outside the file); download or save it again"
+                f"{where}: data_offsets {shown(offsets)} are not two whole numbers); {again}"
+            )
+        if end + offsets[1] > size:
+            raise ModelFileError(f"{where} lies outside the file); {again}")
+        if not isinstance(shape, list) or not all(_whole(v) for v in shape):
+            raise ModelFileError(
+                f"{where}: shape {shown(shape)} is not a list of whole numbers); {again}"
+            )
+        width = _DTYPE_BYTES.get(info.get("dtype"))  # type: ignore[arg-type]
+        if width is None:
+            raise ModelFileError(f"{where}: unknown dtype {shown(info.get('dtype'))}); {again}")
+        n_bytes = width
+        for dim in shape:
+            n_bytes *= dim
+            if n_bytes > size:
+                break
+        if n_bytes != offsets[1] - offsets[0]:
+            raise ModelFileError(
+                f"{where}: shape {shown(shape)} does not fit its {offsets[1] - offsets[0]} bytes); "
+                f"{again}"
             )
 
 

@@ -9,8 +9,11 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 from pipeline.config import Params, load_params
-from pipeline.errors import user_errors
+from pipeline.errors import one_line, output_error, user_errors
 from pipeline.logs import setup_logging, tiny_announced
+
+# The exit status of a process stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -48,6 +51,18 @@ def run(
                 before(params)
             body(args, params)
     except user_errors() as err:
-        print(f"error in stage {name}: {err}", file=sys.stderr)
+        print(f"error in stage {name}: {one_line(err)}", file=sys.stderr)
         return 1
+    except OSError as err:
+        # Disk full or no permission where the library did not know the path (a library's
+        # temporary file, a log): still the user's to fix, and said on one line.
+        clear = output_error(err)
+        if clear is None:
+            raise
+        print(f"error in stage {name}: {clear}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Finished shards are kept in <out>/.partial/ and picked up by the next run.
+        print(f"stage {name} interrupted; rerun to resume", file=sys.stderr)
+        return INTERRUPTED
     return 0

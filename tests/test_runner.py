@@ -184,3 +184,41 @@ def test_a_stage_run_twice_writes_byte_identical_shards(tmp_path):
     assert first == second and {"shard_00000.h5", "shard_00001.h5"} <= set(first)
     for name in first:  # the shards and every other file of the output
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_damaged_shard_is_recomputed_to_the_undamaged_values(tmp_path, damage):
+    import h5py
+
+    from tests.test_store import _flip_byte
+
+    clean = tmp_path / "clean"
+    run_step(Doubler(SHARDS), clean)
+    out = tmp_path / "out"
+    run_step(Doubler(SHARDS), out)
+    shard = out / store.shard_name(1)
+    if damage == "flip":
+        _flip_byte(shard, "out", at=2)
+    else:
+        with h5py.File(shard, "r+") as fh:
+            del fh["out"]
+    step = Doubler(SHARDS)
+    run_step(step, out)
+    assert step.computed == ["c", "d"]  # only the damaged shard's rows
+    for a, b in zip(_read_all(clean), _read_all(out), strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    store.verify_shard(shard)
+
+
+def test_a_shard_without_checksums_is_rewritten_once_reusing_its_rows(tmp_path):
+    import h5py
+
+    run_step(Doubler(SHARDS), tmp_path)
+    shard = tmp_path / store.shard_name(0)
+    with h5py.File(shard, "r+") as fh:
+        del fh.attrs["checksums"]
+    step = Doubler(SHARDS)
+    run_step(step, tmp_path)
+    assert step.computed == [] and store.has_checksums(shard)

@@ -112,3 +112,76 @@ def test_info_keeps_the_traceback_of_an_error_that_is_a_bug(tmp_path, monkeypatc
     monkeypatch.setattr(store, "open_shard", broken)
     with pytest.raises(OSError, match="a bug deep in the reader"):
         cli(["info", str(path)])
+
+
+# ------------------------------------------------------------------ shards that check themselves
+
+
+def _flip_byte(path, key, at=0):
+    """Flip one byte inside dataset `key`'s stored data (contiguous layout), in place."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        offset = fh[key].id.get_offset()
+    assert offset is not None
+    with open(path, "r+b") as fh:
+        fh.seek(offset + at)
+        byte = fh.read(1)
+        fh.seek(offset + at)
+        fh.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_same_rows_give_the_same_checksums(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    store.write_shard(a, _shard(), {"stage": "clip"})
+    store.write_shard(b, _shard(), {"stage": "clip"})
+    assert store.read_attrs(a)["checksums"] == store.read_attrs(b)["checksums"]
+    assert store.has_checksums(a)
+    store.verify_shard(a)
+
+
+def test_a_flipped_byte_is_found_naming_shard_dataset_and_fix(tmp_path):
+    path = tmp_path / store.shard_name(0)
+    store.write_shard(path, _shard(), {"stage": "clip"})
+    _flip_byte(path, "image_emb", at=3)
+    store.read_shard(path, ["ids", "caption"])  # the untouched datasets still read
+    with pytest.raises(store.ShardError, match=r"shard_00000.h5 is damaged: dataset 'image_emb'"):
+        store.read_shard(path, ["image_emb"])
+    with pytest.raises(store.ShardError, match="rerun the stage that writes it"):
+        store.verify_shard(path)
+
+
+def test_a_removed_dataset_is_a_shard_error_not_a_key_error(tmp_path):
+    import h5py
+
+    path = tmp_path / store.shard_name(0)
+    store.write_shard(path, _shard(), {"stage": "clip"})
+    with h5py.File(path, "r+") as fh:
+        del fh["image_emb"]
+    with pytest.raises(store.ShardError, match="dataset 'image_emb' was removed"):
+        store.read_shard(path)
+    with pytest.raises(store.ShardError, match="dataset 'image_emb' was removed"):
+        store.read_shard(path, ["image_emb"])
+
+
+def test_a_caption_rewritten_by_hand_is_detected(tmp_path):
+    import h5py
+
+    path = tmp_path / store.shard_name(0)
+    store.write_shard(path, _shard(), {"stage": "captions"})
+    with h5py.File(path, "r+") as fh:
+        del fh["caption"]
+        fh.create_dataset(
+            "caption", data=["a dog", "ünïcode", ""], dtype=h5py.string_dtype("utf-8")
+        )
+    with pytest.raises(store.ShardError, match="dataset 'caption' differs from what was written"):
+        store.read_shard(path, ["caption"])
+
+
+def test_a_truncated_shard_is_a_shard_error(tmp_path):
+    path = tmp_path / store.shard_name(0)
+    store.write_shard(path, _shard(), {"stage": "clip"})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(store.ShardError, match="shard_00000.h5"):
+        store.read_shard(path)

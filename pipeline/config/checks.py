@@ -20,7 +20,7 @@ from pipeline.config.head_rules import (
 )
 from pipeline.config.messages import lookup, refuse
 from pipeline.config.schema import CAPTIONERS, RANGES, Params, TrainConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 from pipeline.feature_kinds import KINDS
 
 # A plain folder name: it becomes cache/<name>/ and is interpolated into dvc.yaml paths.
@@ -49,7 +49,7 @@ def check_ranges(params: Params) -> None:
     for role in ("clip", *CAPTIONERS, "grounding", "bert", "dinov2"):
         spec = getattr(params.models, role)
         if not spec.id.strip() and not spec.path.strip():
-            raise refuse(f"models.{role}.id", spec.id, "a model name (or set models.{role}.path)")
+            raise refuse(f"models.{role}.id", spec.id, f"a model name (or set models.{role}.path)")
     _check_encode_texts(params)
     for key, names in (
         ("train.heads", params.train.heads),
@@ -194,7 +194,7 @@ def _check_kinds(params: Params) -> None:
     for key, kind in kinds.items():
         if kind not in KINDS:
             raise ConfigError(
-                f"{key} = {kind!r} is not a feature kind; choose one of {sorted(KINDS)}"
+                f"{key} = {shown(kind)} is not a feature kind; choose one of {sorted(KINDS)}"
             )
     needs = {
         "bert_text": ("encode.bert", params.encode.bert),
@@ -206,7 +206,9 @@ def _check_kinds(params: Params) -> None:
         for dataset in KINDS[kind]:
             flag, on = needs.get(dataset, ("", True))
             if not on:
-                raise ConfigError(f"{key} = {kind!r} needs {flag} to be on in the encode stage")
+                raise ConfigError(
+                    f"{key} = {shown(kind)} needs {flag} to be on in the encode stage"
+                )
 
 
 def _check_perturbations(names: list[str]) -> None:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from pipeline.config.schema import Params
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 
 
 def lookup(node: Any, key: str) -> Any:
@@ -35,5 +35,5 @@ def fix(key: str, example: Any = None) -> str:
 def refuse(key: str, value: Any, allowed: str, example: Any = None) -> ConfigError:
     """The error for `key` = `value` when it must be `allowed`."""
     return ConfigError(
-        f"{key} = {value!r} is not allowed: it must be {allowed}. Fix: {fix(key, example)}"
+        f"{key} = {shown(value)} is not allowed: it must be {allowed}. Fix: {fix(key, example)}"
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.config.messages import fix
 from pipeline.config.schema import CHOICES_OF
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 
 
 def build(cls: Any, values: dict[str, Any], where: str) -> Any:
@@ -31,7 +31,7 @@ def build(cls: Any, values: dict[str, Any], where: str) -> Any:
             choices = CHOICES_OF.get(key)
             if choices and kwargs[name] not in choices:
                 raise ConfigError(
-                    f"{key} = {kwargs[name]!r} is not one of: {', '.join(choices)}. Fix: {fix(key)}"
+                    f"{key} = {shown(kwargs[name])} is not one of: {', '.join(choices)}. Fix: {fix(key)}"
                 )
     return cls(**kwargs)
 
@@ -42,34 +42,36 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}. Fix: {fix(where)}")
+            raise ConfigError(f"{where} must be a mapping, got {shown(value)}. Fix: {fix(where)}")
         return build(hint, value, where)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}. Fix: {fix(where)}")
+            raise ConfigError(f"{where} must be a list, got {shown(value)}. Fix: {fix(where)}")
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}. Fix: {fix(where)}")
+            raise ConfigError(f"{where} must be a mapping, got {shown(value)}. Fix: {fix(where)}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}. Fix: {fix(where)}")
+            raise ConfigError(
+                f"{where} must be true or false, got {shown(value)}. Fix: {fix(where)}"
+            )
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(
-                f"{where} must be an integer, got {value!r} (numbers are written without "
+                f"{where} must be an integer, got {shown(value)} (numbers are written without "
                 f"quotes; true/false are not numbers). Fix: {fix(where)}"
             )
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(
-                f"{where} must be a number, got {value!r} (numbers are written without "
+                f"{where} must be a number, got {shown(value)} (numbers are written without "
                 f"quotes). Fix: {fix(where)}"
             )
         return float(value)
@@ -77,6 +79,6 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         if value is None:
             return ""
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}. Fix: {fix(where)}")
+            raise ConfigError(f"{where} must be a string, got {shown(value)}. Fix: {fix(where)}")
         return value
     return value

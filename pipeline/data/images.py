@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import DatasetError
 
 
 @dataclass
@@ -96,18 +99,30 @@ def inspect_image(
 ) -> ImageInfo | str:
     """Decode the whole image; return what was found, or the reason it cannot be used."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as err:
         return f"cannot read file: {err.strerror or err}"
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        # Never opened: reading a FIFO blocks, a device such as /dev/zero never ends.
+        return f"not a regular file but {_file_type(st.st_mode)}"
+    if st.st_size == 0:
         return "empty file (0 bytes)"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        return f"cannot read file: {err.strerror or err}"
     try:
         _, info = decode_image(path, exif_transpose)
     except UnidentifiedImageError:
         return "not an image (no decoder recognises the file's content)"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return f"image too large to decode safely: {err}"
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except OSError as err:
+        if err.errno is not None:  # the system refused the read, the data is not at fault
+            return f"cannot read file: {err.strerror or err}"
+        return f"truncated or corrupt image data: {err}"
+    except (SyntaxError, ValueError, EOFError) as err:
         return f"truncated or corrupt image data: {err}"
     width, height = info.width, info.height
     if min(width, height) < min_side:
@@ -122,6 +137,18 @@ def inspect_image(
     return info
 
 
+def _file_type(mode: int) -> str:
+    """What a non-regular file is, in a user's words."""
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
 def check_image(path: Path, min_side: int = 1) -> tuple[int, int] | str:
     """Decode the whole image; return (width, height), or the reason it cannot be used."""
     info = inspect_image(path, min_side)
@@ -129,5 +156,23 @@ def check_image(path: Path, min_side: int = 1) -> tuple[int, int] | str:
 
 
 def load_rgb(path: str | Path, exif_transpose: bool = True) -> Image.Image:
-    """Open an image as 8-bit RGB exactly as ingest checked it (`decode_image`)."""
-    return decode_image(path, exif_transpose)[0]
+    """Open an image as 8-bit RGB exactly as ingest checked it (`decode_image`).
+
+    Raises:
+        DatasetError: the file cannot be decoded (any more), naming it and the fix.
+    """
+    try:
+        return decode_image(path, exif_transpose)[0]
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DatasetError(
+            f"cannot decode image {path}: {reason}; replace the file or rerun ingest, which "
+            "quarantines it (`dvc repro` reruns it)"
+        ) from err

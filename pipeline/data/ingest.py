@@ -1,10 +1,15 @@
-"""Ingest: decode-check and hash every record, drop exact duplicates, split, write the ingest shards."""
+"""Ingest: decode-check and hash every record, drop exact duplicates, split, write the ingest shards.
+
+Ingest also records each file's size and mtime (`file_size`, `file_mtime_ns`) beside its
+content id, so that extraction can check, cheaply, that a file is still the one ingest saw
+(`pipeline.rows.key.check_unchanged`).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ from pipeline.errors import DatasetError
 from pipeline.logs import progress
 from pipeline.rows import store
 from pipeline.rows.atomic import writable_dir
-from pipeline.rows.key import content_id, params_hash
+from pipeline.rows.key import content_id, file_stamp, params_hash
 from pipeline.rows.reader import read_batches, resolve_workers
 from pipeline.rows.store import Arrays
 
@@ -36,11 +41,14 @@ class _CheckFile:
     max_aspect_ratio: float | None
     exif_transpose: bool
 
-    def __call__(self, path: str) -> tuple[ImageInfo | str, str]:
+    def __call__(self, path: str) -> tuple[ImageInfo | str, str, tuple[int, int]]:
+        # Stamped before reading: a file rewritten while it is checked gets a newer mtime than
+        # recorded, so extraction hashes it again.
+        stamp = file_stamp(path)
         checked = inspect_image(
             Path(path), self.min_side, self.max_aspect_ratio, self.exif_transpose
         )
-        return checked, "" if isinstance(checked, str) else content_id(path)
+        return checked, "" if isinstance(checked, str) else content_id(path), stamp
 
 
 @dataclass
@@ -48,6 +56,7 @@ class IngestResult:
     items: list[Item]
     quarantined: list[tuple[str, str]]  # (path, reason)
     duplicates: list[tuple[str, str]]  # (dropped path, kept path)
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> (size, mtime_ns)
 
 
 def ingest(
@@ -71,6 +80,7 @@ def ingest(
     quarantined: list[tuple[str, str]] = []
     duplicates: list[tuple[str, str]] = []
     seen: dict[str, str] = {}
+    stamps: dict[str, tuple[int, int]] = {}
     # Files are checked and hashed in `workers` processes, one file per process at a time, and
     # only (size or reason, hash) comes back: memory does not grow with the images' bytes.
     checks = read_batches(
@@ -80,7 +90,7 @@ def ingest(
         workers,
     )
     results = (result for batch in checks for result in batch)
-    for record, (checked, cid) in progress(
+    for record, (checked, cid, stamp) in progress(
         zip(records, results), total=len(records), desc="ingest", unit="img"
     ):
         if isinstance(checked, str):
@@ -96,6 +106,7 @@ def ingest(
             duplicates.append((record.path, seen[cid]))
             continue
         seen[cid] = record.path
+        stamps[cid] = stamp
         items.append(
             Item(
                 **asdict(record),
@@ -114,7 +125,7 @@ def ingest(
     if missing:
         for item, split in zip(items, assign_splits(items, fractions, seed, caption_similarity)):
             item.split = split
-    return IngestResult(items, quarantined, duplicates)
+    return IngestResult(items, quarantined, duplicates, stamps)
 
 
 def run_ingest(
@@ -185,6 +196,8 @@ def ingest_records(
             "label": np.array([it.label for it in chunk], dtype=np.int8),
             "width": np.array([it.width for it in chunk], dtype=np.int32),
             "height": np.array([it.height for it in chunk], dtype=np.int32),
+            "file_size": np.array([result.stamps[it.id][0] for it in chunk], dtype=np.int64),
+            "file_mtime_ns": np.array([result.stamps[it.id][1] for it in chunk], dtype=np.int64),
         }
         for key in ("path", "generator", "split", "caption", "group", "family", "subset"):
             shard[key] = np.array([getattr(it, key) for it in chunk], dtype=object)

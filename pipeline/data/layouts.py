@@ -24,7 +24,7 @@ from pipeline.data.manifest import (
     read_csv,
     read_manifest,
 )
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,9 @@ def read_ct2(path: str | Path) -> list[Record]:
         group = (row.get(columns.id) or "").strip() if columns.id else ""
         split = (row.get(columns.split) or "").strip().lower() if columns.split else ""
         if split and split not in SPLITS + POOL_SPLITS:
-            raise DatasetError(f"{where}: split {split!r} is not one of {SPLITS + POOL_SPLITS}")
+            raise DatasetError(
+                f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}"
+            )
         for column, generator, label in sources:
             cell = (row.get(column) or "").strip()
             if not cell:
@@ -482,7 +484,7 @@ def resolve_dataset(path: str | Path, layout: str = "auto") -> tuple[Path, list[
         The dataset root (paths are relative to it) and its records.
     """
     if layout not in LAYOUTS:
-        raise DatasetError(f"dataset layout {layout!r} is not one of {list(LAYOUTS)}")
+        raise DatasetError(f"dataset layout {shown(layout)} is not one of {list(LAYOUTS)}")
     path = Path(path)
     if not path.exists():
         raise DatasetError(
@@ -496,7 +498,7 @@ def resolve_dataset(path: str | Path, layout: str = "auto") -> tuple[Path, list[
             )
         if layout in _FOLDER_READERS:
             raise DatasetError(
-                f"layout {layout!r} reads a folder but data.path {path} is a file; set "
+                f"layout {shown(layout)} reads a folder but data.path {path} is a file; set "
                 f"data.path to the dataset folder, or the layout to 'auto', 'manifest' or 'ct2'"
             )
         csv_path, root = path, path.parent
@@ -504,7 +506,7 @@ def resolve_dataset(path: str | Path, layout: str = "auto") -> tuple[Path, list[
         csv_path, root = path / "manifest.csv", path
         if layout in _CSV_READERS and not csv_path.is_file():
             raise DatasetError(
-                f"layout {layout!r} reads a CSV but {path} has no manifest.csv; set data.path "
+                f"layout {shown(layout)} reads a CSV but {path} has no manifest.csv; set data.path "
                 "to the CSV file"
             )
         if layout == "auto" and not csv_path.is_file():

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.errors import DatasetError
+from pipeline.errors import DatasetError, shown
 from pipeline.rows.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def parse_label(value: str, where: str) -> int:
     if v in _FAKE_LABELS:
         return 1
     raise DatasetError(
-        f"{where}: label {value!r} is neither real ({sorted(_REAL_LABELS)}) "
+        f"{where}: label {shown(value)} is neither real ({sorted(_REAL_LABELS)}) "
         f"nor generated ({sorted(_FAKE_LABELS)})"
     )
 
@@ -75,7 +75,7 @@ def inside_root(root: Path, rel: str, where: str) -> str:
         clean = os.path.normpath(rel.replace("\\", "/"))
     if clean is None or clean == ".." or clean.startswith("../") or clean == ".":
         raise DatasetError(
-            f"{where}: path {rel!r} escapes the dataset root {root}; manifest paths must be "
+            f"{where}: path {shown(rel)} escapes the dataset root {root}; manifest paths must be "
             "relative to the manifest's folder and stay inside it"
         )
     return Path(clean).as_posix()
@@ -107,9 +107,16 @@ def read_manifest(path: str | Path) -> list[Record]:
             generator = REAL
         split = (row.get("split") or "").strip().lower()
         if split and split not in SPLITS + POOL_SPLITS:
-            raise DatasetError(f"{where}: split {split!r} is not one of {SPLITS + POOL_SPLITS}")
+            raise DatasetError(
+                f"{where}: split {shown(split)} is not one of {SPLITS + POOL_SPLITS}"
+            )
+        rel = (row[path_col] or "").strip()
+        if not rel:
+            raise DatasetError(
+                f"{where}: the {path_col} cell is empty; give each image's path relative to {root}"
+            )
         record = Record(
-            path=inside_root(root, (row[path_col] or "").strip(), where),
+            path=inside_root(root, rel, where),
             label=label,
             generator=generator,
             caption=(row.get("caption") or "").strip(),
@@ -125,8 +132,8 @@ def read_manifest(path: str | Path) -> list[Record]:
                 if getattr(other, name) != getattr(record, name):
                     raise DatasetError(
                         f"{path}: {record.path} is listed twice with different {name}s: "
-                        f"{getattr(other, name)!r} on line {line} and "
-                        f"{getattr(record, name)!r} on line {i}; keep one row per file"
+                        f"{shown(getattr(other, name))} on line {line} and "
+                        f"{shown(getattr(record, name))} on line {i}; keep one row per file"
                     )
             continue
         first_row[record.path] = (i, record)
@@ -159,8 +166,17 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             "remove it or re-save the file as UTF-8 text"
         )
     reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
     try:
-        rows = list(reader)
+        for row in reader:
+            if None in row:
+                # reader.line_num is the line the row ends on (a quoted cell may span lines).
+                raise DatasetError(
+                    f"{path}:{reader.line_num}: the row has more cells than the header's "
+                    f"{len(reader.fieldnames or [])} columns ({shown(row[None])} left over); "
+                    "quote cells that contain commas"
+                )
+            rows.append(row)
     except csv.Error as err:
         raise DatasetError(f"{path}:{reader.line_num}: not a readable CSV ({err})") from None
     header = [h.strip() for h in (reader.fieldnames or [])]
@@ -168,12 +184,6 @@ def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DatasetError(f"{path} is empty: it has no header line and no rows")
     if not rows:
         raise DatasetError(f"{path} has a header ({', '.join(header)}) but no rows")
-    for row in rows:
-        if None in row:
-            raise DatasetError(
-                f"{path}: a row has more cells than the header's {len(header)} columns "
-                f"({row[None]!r} left over); quote cells that contain commas"
-            )
     rows = [{k.strip(): v for k, v in row.items()} for row in rows]
     return header, rows
 

@@ -25,7 +25,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipeline.errors import DataUnusable
+from pipeline.errors import DataUnusable, shown
 from pipeline.rows.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -638,7 +638,7 @@ def fit_calibration(method: str, p: ArrayLike, y: ArrayLike) -> dict[str, float]
     which made every score exactly 0.5).
     """
     if method not in CALIBRATIONS:
-        raise ValueError(f"calibration {method!r} is not one of {CALIBRATIONS}")
+        raise ValueError(f"calibration {shown(method)} is not one of {CALIBRATIONS}")
     y = _as_binary_label(y)
     if method == "none" or len(np.unique(y)) < 2:
         return {"a": 1.0, "b": 0.0}

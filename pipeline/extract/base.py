@@ -19,7 +19,7 @@ from pipeline.config import BaseConfig, ModelsConfig
 from pipeline.data.images import load_rgb
 from pipeline.models import check_weights, resolve_device
 from pipeline.rows import reader, store
-from pipeline.rows.key import runtime_key
+from pipeline.rows.key import check_unchanged, runtime_key
 from pipeline.rows.store import Arrays
 
 
@@ -54,6 +54,21 @@ def ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:
         attrs = store.read_attrs(path)
         root = Path(str(attrs["data_root"]))
         rows["path"] = np.array([str(root / p) for p in rows["path"]], dtype=object)
+        # Every image must still be the file ingest hashed: never used under an old id.
+        with store.open_shard(path) as fh:
+            stamped = "file_size" in fh and "file_mtime_ns" in fh
+        if not stamped:
+            raise store.ShardError(
+                f"{path} was written by an older ingest that did not record file sizes and "
+                "times; rerun ingest (`dvc repro` reruns it)"
+            )
+        stamps = store.read_shard(path, ["file_size", "file_mtime_ns"])
+        check_unchanged(
+            [str(p) for p in rows["path"]],
+            [str(i) for i in rows["ids"]],
+            [int(v) for v in stamps["file_size"]],
+            [int(v) for v in stamps["file_mtime_ns"]],
+        )
         rows["exif_transpose"] = np.full(
             len(rows["ids"]), bool(attrs.get("exif_transpose", True)), dtype=bool
         )

@@ -11,7 +11,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from pipeline.errors import ConfigError, DataUnusable
+from pipeline.errors import ConfigError, DataUnusable, shown
 
 State = tuple[dict[str, Any], dict[str, np.ndarray]]
 
@@ -140,4 +140,4 @@ def check_positive(
     if not ok_type or not (value >= 0 if allow_zero else value > 0):
         kind = "integer" if integer else "number"
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} must be a {kind} {bound}, got {value!r}")
+        raise ConfigError(f"{name} must be a {kind} {bound}, got {shown(value)}")

@@ -10,7 +10,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from sklearn.utils.validation import check_is_fitted
 
-from pipeline.errors import ModelFileError
+from pipeline.errors import ModelFileError, shown
 from pipeline.heads.contract import BaseHead
 from pipeline.heads.registry import HEADS, name_of
 from pipeline.rows.atomic import atomic_path, write_text
@@ -104,21 +104,23 @@ def load_head(directory: Path) -> BaseHead:
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{meta_path} is not valid JSON ({err}); {fix}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        # ValueError also covers an integer of more digits than Python converts (4300).
+        reason = " ".join(str(err).split())[:160]
+        raise ModelFileError(f"{meta_path} is not valid JSON ({reason}); {fix}") from None
     if not isinstance(meta, dict):
         raise ModelFileError(f"{meta_path} does not hold a JSON object; {fix}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(
-            f"{meta_path} has format_version {meta.get('format_version')!r}, this code reads "
+            f"{meta_path} has format_version {shown(meta.get('format_version'))}, this code reads "
             f"{FORMAT_VERSION}; re-save the head with this version of misalign"
         )
     name = meta.get("head")
     if not isinstance(name, str) or name not in HEADS:
-        raise ModelFileError(f"{meta_path} names head {name!r}; known heads: {sorted(HEADS)}")
+        raise ModelFileError(f"{meta_path} names head {shown(name)}; known heads: {sorted(HEADS)}")
     if meta.get("class") != HEADS[name].__name__:
         raise ModelFileError(
-            f"{meta_path} says head {name!r} but class {meta.get('class')!r} (expected "
+            f"{meta_path} says head {shown(name)} but class {shown(meta.get('class'))} (expected "
             f"{HEADS[name].__name__}); {fix}"
         )
     missing = [k for k in ("params", "fitted", "state", "children") if k not in meta]
@@ -143,26 +145,47 @@ def load_head(directory: Path) -> BaseHead:
         head = HEADS[name](**params)
         fitted = meta["fitted"]
         head.classes_ = _decode(fitted["classes_"], arrays)
-        head.n_features_in_ = int(fitted["n_features_in_"])
+        head.n_features_in_ = _count(fitted["n_features_in_"], meta_path, fix)
         if "feature_names_in_" in fitted:
             head.feature_names_in_ = np.asarray(fitted["feature_names_in_"], dtype=object)
         state = {k: _decode(v, arrays) for k, v in meta["state"].items()}
         prefix = "state."
         state_arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         head._set_state(state, state_arrays)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as err:
         raise ModelFileError(
             f"{meta_path} and {weights_path} do not describe a {name} head "
-            f"({type(err).__name__}: {err}); {fix}"
+            f"({type(err).__name__}: {shown(str(err))}); {fix}"
         ) from err
     children = meta["children"]
     if not isinstance(children, list) or not all(
         isinstance(c, str) and c and "/" not in c and ".." not in c for c in children
     ):
-        raise ModelFileError(f"{meta_path}: children must be sub-folder names, got {children!r}")
+        raise ModelFileError(
+            f"{meta_path}: children must be sub-folder names, got {shown(children)}"
+        )
     head._set_children([load_head(directory / sub) for sub in children])
+    # The trial prediction allocates (2, n_features_in_): bounded by the arrays actually in
+    # the files (a head's features are a dimension of its weights, or of its sub-heads').
+    dims = [int(d) for a in arrays.values() for d in a.shape]
+    dims += [int(child.n_features_in_) for _, child in head._children()]
+    if head.n_features_in_ > max(dims, default=0):
+        raise ModelFileError(
+            f"{meta_path}: n_features_in_ = {head.n_features_in_} is larger than any array in "
+            f"{weights_path} ({max(dims, default=0)}); {fix}"
+        )
     _check_predicts(head, meta_path, fix)
     return head
+
+
+def _count(value: Any, meta_path: Path, fix: str) -> int:
+    """A positive whole number from head.json, refused (not converted) when it is anything
+    else: a float such as 1e12 or 1e400 (infinite once parsed), a string, a boolean."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelFileError(
+            f"{meta_path}: n_features_in_ = {shown(value)} is not a positive whole number; {fix}"
+        )
+    return value
 
 
 def _check_predicts(head: BaseHead, meta_path: Path, fix: str) -> None:
@@ -215,7 +238,7 @@ def _encode(value: Any, key: str, arrays: dict[str, np.ndarray]) -> Any:
             return dict(items)
         return {"__dict__": [[_encode(k, key, arrays), v] for k, v in items]}
     raise TypeError(
-        f"cannot save {key}={value!r} of type {type(value).__name__} in head.json; "
+        f"cannot save {key}={shown(value)} of type {type(value).__name__} in head.json; "
         "use an int random_state and plain numbers, strings, tuples, dicts or arrays"
     )
 

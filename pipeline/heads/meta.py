@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline.errors import ConfigError, DataUnusable
+from pipeline.errors import ConfigError, DataUnusable, shown
 from pipeline.heads.blocks import binary_proba, map_row_blocks, softmax_rows
 from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import make_head, name_of, register
@@ -69,7 +69,7 @@ class MetaHead(BaseHead):
                 specs.append((entry[0], dict(entry[1])))
             else:
                 raise ConfigError(
-                    f"base_heads entry {entry!r} is neither a head name nor a (name, params) "
+                    f"base_heads entry {shown(entry)} is neither a head name nor a (name, params) "
                     "pair; write e.g. ('mlp', ('svm', {'C': 0.1}))"
                 )
         if not specs:
@@ -90,7 +90,7 @@ class MetaHead(BaseHead):
             self.
         """
         if self.final not in FINALS:
-            raise ConfigError(f"final={self.final!r} is not supported; valid values: {FINALS}")
+            raise ConfigError(f"final={shown(self.final)} is not supported; valid values: {FINALS}")
         check_positive("n_folds", self.n_folds, integer=True)
         if self.n_folds < 2:
             raise ConfigError(f"n_folds must be >= 2 for out-of-fold stacking, got {self.n_folds}")

@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 from pipeline.heads.contract import BaseHead
 
 HEADS: dict[str, type[BaseHead]] = {}
@@ -24,7 +24,7 @@ def register(name: str) -> Callable[[_H], _H]:
 
     def add(cls: _H) -> _H:
         if name in HEADS and HEADS[name] is not cls:
-            raise ValueError(f"head name {name!r} is registered twice")
+            raise ValueError(f"head name {shown(name)} is registered twice")
         HEADS[name] = cls
         return cls
 
@@ -35,7 +35,7 @@ def head_class(name: str) -> type[BaseHead]:
     """The class registered as `name`; its class attributes say what it needs
     (`needs_class_prompts`, `stacks_base_heads`, `attributes_sources`)."""
     if not isinstance(name, str) or name not in HEADS:
-        raise ConfigError(f"unknown head {name!r}; valid heads: {sorted(HEADS)}")
+        raise ConfigError(f"unknown head {shown(name)}; valid heads: {sorted(HEADS)}")
     return HEADS[name]
 
 
@@ -61,7 +61,7 @@ def make_head(name: str, params: Mapping[str, Any] | None = None) -> BaseHead:
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown parameter(s) {unknown} for head {name!r}; valid parameters: {known}"
+            f"unknown parameter(s) {unknown} for head {shown(name)}; valid parameters: {known}"
         )
     return cls(**params)
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils import check_random_state
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +76,11 @@ def check_device(device: str) -> Any:
     try:
         dev = torch.device(device)
     except RuntimeError as err:
-        raise ConfigError(f"device={device!r} is not a torch device; use 'cpu' or 'cuda'") from err
+        raise ConfigError(
+            f"device={shown(device)} is not a torch device; use 'cpu' or 'cuda'"
+        ) from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} requested but CUDA is not available; use 'cpu'")
+        raise ConfigError(f"device={shown(device)} requested but CUDA is not available; use 'cpu'")
     return dev
 
 

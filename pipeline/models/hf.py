@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 
 from pipeline import logs
-from pipeline.errors import ConfigError, MisalignError
+from pipeline.errors import ConfigError, MisalignError, shown
 from pipeline.rows.atomic import write_text
 from pipeline.rows.digest import tree_digest
 from pipeline.weight_files import check_model_dir
@@ -75,7 +75,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if str(device).startswith("cuda") else torch.float32
     if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {['auto', *DTYPES]}")
+        raise ConfigError(f"dtype {shown(dtype)} is not one of {['auto', *DTYPES]}")
     return DTYPES[dtype]
 
 
@@ -348,7 +348,7 @@ class HFWrapper:
             ModelWeightsMissing: `paper` weights are not available locally.
         """
         if preset not in PRESETS:
-            raise ConfigError(f"preset {preset!r} is not one of {list(PRESETS)}")
+            raise ConfigError(f"preset {shown(preset)} is not one of {list(PRESETS)}")
         role = role or cls.default_role
         torch_dtype = resolve_dtype(dtype, device)
         if preset == "tiny":

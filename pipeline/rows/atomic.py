@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, output_error
 
 
 def writable_dir(path: str | os.PathLike[str]) -> Path:
@@ -50,7 +50,7 @@ def atomic_path(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Pat
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as err:
-        raise OutputError(
+        raise output_error(err, target) or OutputError(
             f"cannot write {target}: {err.strerror or err}; make {target.parent} writable and rerun"
         ) from err
     os.close(fd)
@@ -59,6 +59,11 @@ def atomic_path(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[Pat
         yield tmp
         os.chmod(tmp, mode)  # mkstemp makes the file private; outputs are meant to be shared
         os.replace(tmp, target)
+    except OSError as err:
+        clear = output_error(err, target)
+        if clear is None:
+            raise
+        raise clear from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

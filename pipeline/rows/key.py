@@ -4,8 +4,10 @@ identity, the dtype/device class and the step's code version are all the same.
 Everything that decides whether a cached row may be reused lives here:
 
 - **upstream content**: `content_id` (sha256 of an image file's bytes) is the id every stage
-  keys its rows by; `row_hash` hashes a row's upstream inputs (its caption, boxes, phrases)
-  into the row's `input_hash`, and `decoding_hash` folds in how the pixels are decoded;
+  keys its rows by, and `check_unchanged` refuses a file that no longer has the id ingest
+  recorded (ingest keeps its `file_stamp`: a file of the same size and mtime is not
+  re-hashed); `row_hash` hashes a row's upstream inputs (its caption, boxes, phrases) into
+  the row's `input_hash`, and `decoding_hash` folds in how the pixels are decoded;
 - **params**: `params_hash` of the settings that shape the rows (each step picks them: not
   batch sizes), which also carries the `runtime_key`;
 - **weights' identity**: `weights_identity`, the hub commit of a cached snapshot or a content
@@ -23,6 +25,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import BaseConfig, ModelsConfig
+from pipeline.errors import DatasetError
 from pipeline.rows import store
 from pipeline.rows.store import Arrays
 
@@ -51,6 +55,47 @@ def content_id(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, (-1, -1) when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (int(st.st_size), int(st.st_mtime_ns))
+
+
+def check_unchanged(
+    paths: Sequence[str], ids: Sequence[str], sizes: Sequence[int], mtimes: Sequence[int]
+) -> None:
+    """Refuse files that are no longer what ingest recorded: same size and mtime pass at once,
+    any other file is hashed again and must still have its content id.
+
+    Raises:
+        DatasetError: naming the first changed or missing file and the fix (rerun ingest, which
+            gives a changed file its new id; `dvc repro` reruns it).
+    """
+    for path, cid, size, mtime in zip(paths, ids, sizes, mtimes):
+        if file_stamp(path) == (int(size), int(mtime)):
+            continue
+        if not os.path.isfile(path):
+            raise DatasetError(
+                f"image {path} was ingested but is gone or no longer a file; restore it or rerun "
+                "ingest (`dvc repro` reruns it)"
+            )
+        try:
+            now = content_id(path)
+        except OSError as err:
+            raise DatasetError(
+                f"image {path} cannot be read: {err.strerror or err}; make it readable or rerun "
+                "ingest (`dvc repro` reruns it)"
+            ) from err
+        if now != cid:
+            raise DatasetError(
+                f"image {path} changed since ingest (its content is no longer id {cid[:12]}…); "
+                "rerun ingest so that it gets its new id (`dvc repro` reruns it)"
+            )
 
 
 def row_hash(*values: Any) -> str:
@@ -157,17 +202,25 @@ def matches(
     path: Path, phash: str, ids: list[str], hashes: list[str], attrs: dict[str, Any]
 ) -> bool:
     """Whether the shard at `path` holds exactly these rows made with these params, and says
-    so in its attributes (an upstream provenance that changed is rewritten)."""
+    so in its attributes (an upstream provenance that changed is rewritten), and every dataset
+    still matches its checksum (a damaged shard, or one written before checksums, is rebuilt)."""
     if not path.exists():
         return False
     try:
         done = store.read_shard(path, ["ids", "input_hash"])
         old = store.read_attrs(path)
-        return bool(
+        if not (
             old.get("params_hash") == phash
             and all(old.get(k) == v for k, v in attrs.items())
             and list(done["ids"]) == ids
             and list(done["input_hash"]) == hashes
-        )
-    except store.ShardError:
+        ):
+            return False
+        if store.CHECKSUMS not in old:
+            logger.info("rewriting %s to add checksums (its rows are reused)", path)
+            return False
+        store.verify_shard(path)
+        return True
+    except store.ShardError as err:
+        logger.warning("%s; recomputing its rows", err)
         return False

@@ -10,6 +10,11 @@ complete. An interrupted run therefore leaves the old outputs intact and its fin
 new ones replace, when other params made them, in `<dataset cache>/retained/<stage dir>/<their
 params hash>/` (the newest k sets), so that switching a param back (e.g. `caption.model`)
 reuses those rows instead of recomputing them.
+
+The rows finished inside the shard being built when the run is interrupted (Ctrl-C, kill) are
+not kept: a step's `compute` returns a shard's rows at once (encode synchronises the device
+once per shard), so keeping them would mean cutting every shard into several model calls at
+every run to save at most one shard (`ingest.shard_size` images) of work on an interruption.
 """
 
 from __future__ import annotations
@@ -145,7 +150,15 @@ def _build_shard(
             todo.append(i)
     with timer("read"):
         for path, pairs in by_file.items():
-            parts.append(store.take_rows(store.read_shard(path), [r for _, r in pairs]))
+            try:
+                data = store.read_shard(path)
+            except store.ShardError as err:
+                # A damaged cached shard: its rows are recomputed, never reused.
+                logger.warning("%s; recomputing its rows", err)
+                todo.extend(i for i, _ in pairs)
+                continue
+            parts.append(store.take_rows(data, [r for _, r in pairs]))
+    todo.sort()
     if todo:
         parts.append(step.compute(store.take_rows(inputs, todo), timer))
     merged = store.concat_rows(parts)

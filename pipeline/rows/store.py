@@ -1,7 +1,21 @@
-"""HDF5 shards: schema-v1 writer (atomic rename), readers, and ragged row helpers."""
+"""HDF5 shards: schema-v1 writer (atomic rename), readers, and ragged row helpers.
+
+Every shard checks itself: the writer stores a sha256 of each dataset's values in the root
+attribute `checksums` (JSON, name -> hex), and every reader verifies the datasets it reads, so
+a flipped byte, a dataset deleted or rewritten by hand, or a truncated file is a `ShardError`
+naming the shard and the fix, never data used as if it were good. A content hash (rather than
+HDF5's fletcher32 filter) because fletcher32 needs chunked layout, covers only the pointers of
+variable-length strings (not the captions themselves) and is recomputed by whoever rewrites a
+dataset through h5py, so a hand edit would pass it. The hash is of values, not of file bytes:
+writing the same rows gives the same checksums. Shards written before checksums existed carry
+no `checksums` attribute and are read unverified (`has_checksums` tells them apart; the runner
+rewrites them once).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -22,6 +36,9 @@ SCHEMA_VERSION = 1
 OFFSETS = "obj_offsets"
 _SHARD_RE = re.compile(r"^shard_(\d{5})\.h5$")
 _STR = h5py.string_dtype(encoding="utf-8")
+CHECKSUMS = "checksums"
+# What to do about a damaged shard a stage reads: its writer recomputes it.
+REBUILD = "delete it and rerun the stage that writes it (`dvc repro` does)"
 
 Arrays = dict[str, np.ndarray]
 
@@ -67,20 +84,57 @@ def write_shard(path: str | Path, data: Arrays, attrs: dict[str, Any]) -> None:
         "package_version": __version__,
         **attrs,
     }
+    arrays = {key: _as_dataset(value) for key, value in data.items()}
+    meta[CHECKSUMS] = json.dumps({k: checksum(a) for k, a in arrays.items()}, sort_keys=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
         for key, value in meta.items():
             fh.attrs[key] = value if not isinstance(value, (dict, list)) else repr(value)
-        for key, value in data.items():
-            arr = _as_dataset(value)
+        for key, arr in arrays.items():
             if arr.dtype == object:
                 fh.create_dataset(key, data=arr, dtype=_STR, track_times=False)
             else:
                 fh.create_dataset(key, data=arr, track_times=False)
 
 
+def checksum(arr: np.ndarray) -> str:
+    """sha256 of a dataset's values as stored: dtype, shape and bytes; strings as UTF-8, each
+    prefixed by its length (so that ["ab", "c"] and ["a", "bc"] differ)."""
+    h = hashlib.sha256()
+    if arr.dtype == object:
+        h.update(f"str|{arr.shape}|".encode())
+        for value in arr.reshape(-1):
+            blob = str(value).encode("utf-8")
+            h.update(len(blob).to_bytes(8, "little"))
+            h.update(blob)
+    else:
+        flat = np.ascontiguousarray(arr)
+        h.update(f"{flat.dtype.str}|{flat.shape}|".encode())
+        h.update(flat.view(np.uint8).reshape(-1).data if flat.size else b"")
+    return h.hexdigest()
+
+
 def read_attrs(path: str | Path) -> dict[str, Any]:
     with open_shard(path) as fh:
         return {k: _attr(v) for k, v in fh.attrs.items()}
+
+
+def has_checksums(path: str | Path) -> bool:
+    """Whether the shard carries checksums (shards written before they existed do not)."""
+    with open_shard(path) as fh:
+        return CHECKSUMS in fh.attrs
+
+
+def _checksums(fh: h5py.File, path: str | Path, fix: str) -> dict[str, str] | None:
+    raw = fh.attrs.get(CHECKSUMS)
+    if raw is None:
+        return None
+    try:
+        sums = json.loads(_attr(raw))
+    except (TypeError, ValueError) as err:
+        raise ShardError(f"shard {path} is damaged: its checksums cannot be read; {fix}") from err
+    if not isinstance(sums, dict):
+        raise ShardError(f"shard {path} is damaged: its checksums cannot be read; {fix}")
+    return {str(k): str(v) for k, v in sums.items()}
 
 
 def _attr(value: Any) -> Any:
@@ -118,26 +172,61 @@ def open_shard(
         raise ShardError(f"cannot read shard {path}: {reason}; {fix}") from err
 
 
-def read_shard(path: str | Path, keys: Iterable[str] | None = None) -> Arrays:
-    """Read datasets of one shard into numpy (strings as `str` object arrays).
+def read_shard(
+    path: str | Path, keys: Iterable[str] | None = None, *, fix: str = REBUILD
+) -> Arrays:
+    """Read datasets of one shard into numpy (strings as `str` object arrays), each verified
+    against the checksum written with it.
 
     Args:
-        keys: datasets to read; None reads all. Only what is asked for is loaded.
+        keys: datasets to read; None reads all (and checks that none was removed). Only what
+            is asked for is loaded.
+        fix: what the user should do when the shard is damaged (see `open_shard`).
+
+    Raises:
+        ShardError: the shard is unreadable, lacks a dataset, or a dataset's values differ from
+            those written (a flipped byte, a hand edit), naming the shard, the dataset and `fix`.
     """
     out: Arrays = {}
-    with open_shard(path) as fh:
-        names = list(fh.keys()) if keys is None else list(keys)
+    with open_shard(path, fix) as fh:
+        sums = _checksums(fh, path, fix)
+        if keys is None:
+            names = list(fh.keys())
+            lost = sorted(set(sums or ()) - set(names))
+            if lost:
+                raise ShardError(f"shard {path} is damaged: dataset {lost[0]!r} was removed; {fix}")
+        else:
+            names = list(keys)
         for key in names:
             if key not in fh:
+                if sums is not None and key in sums:
+                    raise ShardError(f"shard {path} is damaged: dataset {key!r} was removed; {fix}")
                 raise ShardError(
-                    f"shard {path} has no dataset {key!r}; it holds {sorted(fh.keys())}"
+                    f"shard {path} has no dataset {key!r} (it holds {sorted(fh.keys())}); {fix}"
                 )
-            ds = fh[key]
-            if h5py.check_string_dtype(ds.dtype) is not None:
-                out[key] = np.asarray(ds.asstr()[()], dtype=object)
-            else:
-                out[key] = ds[()]
+            try:
+                ds = fh[key]
+                if h5py.check_string_dtype(ds.dtype) is not None:
+                    value = np.asarray(ds.asstr()[()], dtype=object)
+                else:
+                    value = ds[()]
+            except (OSError, ValueError, UnicodeDecodeError) as err:
+                raise ShardError(
+                    f"shard {path} is damaged: dataset {key!r} cannot be read "
+                    f"({' '.join(str(err).split())[:120]}); {fix}"
+                ) from err
+            if sums is not None and sums.get(key) != checksum(_as_dataset(value)):
+                raise ShardError(
+                    f"shard {path} is damaged: dataset {key!r} differs from what was written "
+                    f"(checksum mismatch: changed on disk or edited by hand); {fix}"
+                )
+            out[key] = value
     return out
+
+
+def verify_shard(path: str | Path, *, fix: str = REBUILD) -> None:
+    """Read every dataset of a shard, raising `ShardError` unless all match their checksums."""
+    read_shard(path, None, fix=fix)
 
 
 def read_ids(path: str | Path) -> np.ndarray:

@@ -1,0 +1,161 @@
+"""Shards that check themselves, end to end on the tiny preset: a flipped byte, a removed
+dataset or a hand-edited caption is found and recomputed to the undamaged values."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.rows import store
+from stages import caption, encode, features, ground, ingest
+from tests.helpers import tiny_sample
+from tests.test_e2e import _params
+from tests.test_store import _flip_byte
+
+
+def _extract(cache, data, params, only=("ingest", "caption", "ground", "encode", "features")):
+    c = str(cache)
+    common = ["--params", params, "--name", "t"]
+    steps = {
+        "ingest": (ingest, ["--data", str(data), "--out", f"{c}/ingest"]),
+        "caption": (caption, ["--ingest", f"{c}/ingest", "--out", f"{c}/captions"]),
+        "ground": (
+            ground,
+            ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions", "--out", f"{c}/objects"],
+        ),
+        "encode": (
+            encode,
+            [
+                *("--ingest", f"{c}/ingest", "--captions", f"{c}/captions"),
+                *("--objects", f"{c}/objects", "--out", f"{c}/clip"),
+            ],
+        ),
+        "features": (
+            features,
+            [
+                *("--ingest", f"{c}/ingest", "--clip", f"{c}/clip"),
+                *("--captions", f"{c}/captions", "--out", f"{c}/features"),
+            ],
+        ),
+    }
+    for name in only:
+        module, args = steps[name]
+        status = module.main(args + common)
+        if status:
+            return status
+    return 0
+
+
+def _values(folder):
+    return [store.read_shard(p) for p in store.list_shards(folder)]
+
+
+def _max_delta(a, b):
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        assert set(x) == set(y)
+        for key in x:
+            if x[key].dtype == object:
+                assert list(x[key]) == list(y[key]), key
+            else:
+                worst = max(worst, float(np.max(np.abs(x[key] - y[key]), initial=0.0)))
+    return worst
+
+
+def small_sample(dest):
+    """Six shipped images (four real, two generated) with their manifest."""
+    data = tiny_sample(dest, per_generator=1, n_real=4)
+    lines = (data / "manifest.csv").read_text().splitlines(keepends=True)
+    real = [line for line in lines[1:] if ",real," in line][:4]
+    fake = [line for line in lines[1:] if ",real," not in line][:2]
+    (data / "manifest.csv").write_text("".join([lines[0], *real, *fake]))
+    return data
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    work = tmp_path_factory.mktemp("integrity")
+    data = small_sample(work / "data")
+    params = _params(work)
+    assert _extract(work / "cache", data, params) == 0
+    return work, data, params
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_clip_shard_is_recomputed_to_the_undamaged_values(clean, tmp_path, capsys, damage):
+    work, data, params = clean
+    cache = tmp_path / "cache"
+    shutil.copytree(work / "cache", cache)
+    shard = cache / "clip" / store.shard_name(0)
+    if damage == "flip":
+        _flip_byte(shard, "image_emb", at=5)
+    else:
+        with h5py.File(shard, "r+") as fh:
+            del fh["image_emb"]
+    assert _extract(cache, data, params, only=("features",)) == 1
+    assert f"{shard} is damaged: dataset 'image_emb'" in capsys.readouterr().err
+    assert _extract(cache, data, params, only=("encode", "features")) == 0
+    for stage in ("clip", "features"):
+        assert _max_delta(_values(work / "cache" / stage), _values(cache / stage)) == 0.0
+
+
+def test_hand_edited_caption_is_detected_and_recomputed(clean, tmp_path, capsys):
+    work, data, params = clean
+    cache = tmp_path / "cache"
+    shutil.copytree(work / "cache", cache)
+    shard = cache / "captions" / store.shard_name(0)
+    with h5py.File(shard, "r+") as fh:
+        edited = [s.decode() for s in fh["caption"][()]]
+        edited[0] = "a photo of a cat, edited by hand"
+        del fh["caption"]
+        fh.create_dataset("caption", data=edited, dtype=h5py.string_dtype("utf-8"))
+    assert _extract(cache, data, params, only=("encode",)) == 1
+    assert f"{shard} is damaged: dataset 'caption'" in capsys.readouterr().err
+    assert _extract(cache, data, params, only=("caption", "ground", "encode")) == 0
+    for stage in ("captions", "objects", "clip"):
+        assert _max_delta(_values(work / "cache" / stage), _values(cache / stage)) == 0.0
+
+
+# ------------------------------------------------------- images changed after ingest
+
+
+def _error_lines(stderr):
+    """stderr without the progress bars."""
+    return [line for line in stderr.splitlines() if "error" in line.lower()]
+
+
+def _moved_copy(work, tmp_path):
+    """The clean cache and its data, copied (mtimes kept) with ingest pointed at the copy."""
+    cache, data = tmp_path / "cache", tmp_path / "data"
+    shutil.copytree(work / "cache", cache)
+    shutil.copytree(work / "data", data)
+    for shard in store.list_shards(cache / "ingest"):
+        with h5py.File(shard, "r+") as fh:
+            fh.attrs["data_root"] = str(data.resolve())
+    first = store.read_shard(cache / "ingest" / store.shard_name(0), ["path"])["path"][0]
+    return cache, data, data / first
+
+
+def test_an_image_replaced_after_ingest_is_refused_naming_it(clean, tmp_path, capsys):
+    from PIL import Image
+
+    work, _, params = clean
+    cache, data, image = _moved_copy(work, tmp_path)
+    assert _extract(cache, data, params, only=("encode",)) == 0  # unchanged copies pass
+    capsys.readouterr()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image, format="JPEG")
+    assert _extract(cache, data, params, only=("encode",)) == 1
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"image {image} changed since ingest" in err[0], err
+    assert "rerun ingest" in err[0]
+
+
+def test_an_image_truncated_after_ingest_names_the_file_in_one_line(clean, tmp_path, capsys):
+    work, _, params = clean
+    cache, data, image = _moved_copy(work, tmp_path)
+    blob = image.read_bytes()
+    image.write_bytes(blob[: len(blob) // 3])
+    assert _extract(cache, data, params, only=("caption",)) == 1
+    err = _error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and str(image) in err[0], err
