@@ -239,7 +239,7 @@ def test_a_dtype_change_recomputes_every_encode_row(small, tmp_path):
 
 def test_the_key_has_the_resolved_dtype_and_the_device_class(tmp_path):
     from pipeline.config import BaseConfig
-    from pipeline.rows.key import runtime_class
+    from pipeline.models.identity import runtime_class
 
     def key(**base):
         p = _params(tmp_path, **{f"base.{k}": v for k, v in base.items()})
@@ -288,8 +288,8 @@ def test_new_weights_at_the_same_path_are_a_new_key(tmp_path, monkeypatch):
     from pipeline.config import ModelSpec
     from pipeline.models import load_model
     from pipeline.models.clip import TINY_CLIP, tiny_checkpoint
+    from pipeline.models.identity import weights_identity
     from pipeline.rows import digest
-    from pipeline.rows.key import weights_identity
 
     monkeypatch.setenv("MISALIGN_DIGEST_CACHE", str(tmp_path / "digests.json"))
     monkeypatch.setattr(digest, "_MEMO", {})
@@ -431,9 +431,7 @@ KEY_NAMES = (
     "params_hash",
     "reuse_index",
     "row_hash",
-    "runtime_class",
     "runtime_key",
-    "weights_identity",
 )
 
 
@@ -456,6 +454,16 @@ def test_the_row_key_is_defined_in_one_module():
                 if name in homes or name.lstrip("_") in homes:
                     homes[name.lstrip("_")].append(path.relative_to(ROOT).as_posix())
     assert homes == {name: ["pipeline/rows/key.py"] for name in KEY_NAMES}
+    # The weights' identity and the runtime class are found by the models package (which
+    # knows each model's files) and nowhere else; the key module composes them.
+    for name in ("weights_identity", "runtime_class"):
+        found = [
+            path.relative_to(ROOT).as_posix()
+            for path in sorted((ROOT / "pipeline").rglob("*.py"))
+            for node in ast.parse(path.read_text()).body
+            if isinstance(node, ast.FunctionDef) and node.name == name
+        ]
+        assert found == ["pipeline/models/identity.py"], (name, found)
 
 
 def _update_golden(tmp: Path) -> None:

@@ -6,9 +6,9 @@ import struct
 import time
 
 import pytest
-from pipeline.weight_files import check_safetensors
 
 from pipeline.errors import ModelFileError
+from pipeline.weight_files import check_safetensors
 from tests.helpers import make_image
 from tests.test_reliability import _saved_head, _tiny_params
 

@@ -142,7 +142,7 @@ def test_the_stage_bar_counts_images_as_each_batch_finishes(tmp_path, monkeypatc
         def __exit__(self, *exc):
             return None
 
-    monkeypatch.setattr(runner, "tqdm", Bar)
+    monkeypatch.setattr(runner, "progress", Bar)
     run_step(Batched(SHARDS), tmp_path)
     assert bars == [("double", "img")] and updates == [1, 1, 1, 1, 1]  # per batch, not shard
     bars.clear(), updates.clear()

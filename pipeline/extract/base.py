@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.config import BaseConfig, ModelsConfig
 from pipeline.data.images import load_rgb
 from pipeline.models import check_weights, resolve_device
+from pipeline.models.identity import runtime_class, weights_identity
 from pipeline.rows import reader, store
 from pipeline.rows.key import check_unchanged, runtime_key
 from pipeline.rows.store import Arrays
@@ -42,7 +43,10 @@ class ModelStep:
         return len(store.list_shards(self.ingest_dir))
 
     def key(self) -> dict[str, Any]:
-        return runtime_key(self.stage, self.roles(), self.models, self.base)
+        roles = self.roles()
+        weights = {r: weights_identity(r, self.models, self.base.seed) for r in roles}
+        runtime = runtime_class(self.base) if roles else {}
+        return runtime_key(self.stage, weights=weights, runtime=runtime)
 
 
 def ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:

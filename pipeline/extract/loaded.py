@@ -7,7 +7,7 @@ from typing import Any
 from pipeline.config import BaseConfig, ModelsConfig
 from pipeline.errors import ModelFileError
 from pipeline.models import load_model
-from pipeline.rows.key import weights_identity
+from pipeline.models.identity import weights_identity
 
 # (role, models and runtime settings) -> the loaded model. Under Dask each worker process keeps
 # its own between shards.

@@ -10,9 +10,12 @@ Everything that decides whether a cached row may be reused lives here:
   the row's `input_hash`, and `decoding_hash` folds in how the pixels are decoded;
 - **params**: `params_hash` of the settings that shape the rows (each step picks them: not
   batch sizes), which also carries the `runtime_key`;
-- **weights' identity**: `weights_identity`, the hub commit of a cached snapshot or a content
-  hash of a local checkpoint, found without loading the model;
-- **dtype and device class**: `runtime_class` (cpu, cuda, mps; not which card);
+- **weights' identity**: the hub commit of a cached snapshot or a content hash of a local
+  checkpoint, found without loading the model (`pipeline.models.identity.weights_identity`:
+  only the models package knows each model's files, and this module must not import it, so
+  that the features, train and evaluate stages do not depend on the model wrappers);
+- **dtype and device class**: cpu, cuda or mps, not which card
+  (`pipeline.models.identity.runtime_class`); `runtime_key` puts them together;
 - **code version**: `STEP_VERSIONS`, bumped when a step's output changes.
 
 `reuse_index` and `matches` apply the key to the shards already on disk (see `runner`).
@@ -22,17 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import BaseConfig, ModelsConfig
 from pipeline.errors import DatasetError
 from pipeline.rows import store
 from pipeline.rows.store import Arrays
@@ -132,51 +133,18 @@ def _plain(part: Any) -> Any:
     return part
 
 
-def weights_identity(role: str, models: ModelsConfig, seed: int) -> str:
-    """The identity of the weights `load_model(role, ...)` loads, found without loading them:
-    the hub commit of a cached snapshot, or a content hash of a local checkpoint (remembered by
-    path, size and mtime). A loaded model's `weights_id` equals it; rows are keyed by it."""
-    # pipeline.models imports torch: only steps that run a model pay for it, not ingest.
-    from pipeline.models import hf_role
-    from pipeline.models.clip import checkpoint_weights_id, find_checkpoint
-    from pipeline.models.clip import tiny_weights_id as clip_tiny_id
-    from pipeline.models.hf import resolve_weights, tiny_weights_id
-
-    if role == "clip":
-        if models.preset == "tiny":
-            return clip_tiny_id(seed)
-        spec = models.clip
-        checkpoint = find_checkpoint(spec.id, spec.pretrained, spec.path)
-        return checkpoint_weights_id(spec.id, spec.pretrained, checkpoint)
-    field, module, cls_name = hf_role(role)
-    if models.preset == "tiny":
-        cls = getattr(importlib.import_module(module), cls_name)
-        return tiny_weights_id(cls.tiny_name, seed)
-    hf_spec = getattr(models, field)
-    return resolve_weights(hf_spec.id, hf_spec.path or None, field).weights_id
-
-
-def runtime_class(base: BaseConfig) -> dict[str, str]:
-    """The dtype and device class (cpu, cuda, mps; not the card) models run with: both shape
-    the numbers, so both are part of a row's key."""
-    # pipeline.models imports torch (see weights_identity).
-    from pipeline.models import resolve_device
-    from pipeline.models.hf import resolve_dtype
-
-    device = resolve_device(base.device)
-    dtype = str(resolve_dtype(base.dtype, device)).removeprefix("torch.")
-    return {"dtype": dtype, "device_class": device.split(":")[0]}
-
-
 def runtime_key(
-    stage: str, roles: Sequence[str], models: ModelsConfig, base: BaseConfig
+    stage: str, *, weights: Mapping[str, str], runtime: Mapping[str, str]
 ) -> dict[str, Any]:
     """What, besides params and upstream content, shapes a step's rows: its code version, the
-    identity of the weights of each model it runs, and the dtype and device class they run in."""
+    identity of the weights of each model it runs (`weights`: role -> identity, from
+    `pipeline.models.identity.weights_identity`), and the dtype and device class they run in
+    (`runtime`, from `pipeline.models.identity.runtime_class`); a step without a model passes
+    neither."""
     key: dict[str, Any] = {"step_version": STEP_VERSIONS[stage]}
-    if roles:
-        key["weights"] = {r: weights_identity(r, models, base.seed) for r in roles}
-        key.update(runtime_class(base))
+    if weights:
+        key["weights"] = dict(weights)
+        key.update(runtime)
     return key
 
 
