@@ -89,13 +89,30 @@ class IngestConfig:
     # Images smaller than this on either side are quarantined (CLIP upsamples them to 224 px,
     # which says more about the resampler than about the image).
     min_side: int = ranged(16, positive_int("pixels"))
-    # Captions/prompts whose word sets have a Jaccard similarity of at least this are one split
-    # group (prompt variants of one scene must not straddle train and test); 1.0 groups
-    # identical word sets only. See pipeline.data.near_duplicate_groups.
+    # Captions/prompts whose word sets, each word weighted by its rarity across the dataset's
+    # prompts (template words weigh almost nothing), have a weighted Jaccard of at least this
+    # are one split group (prompt variants of one scene must not straddle train and test); 1.0
+    # groups identical word sets only. See pipeline.data.split.near_duplicate_groups.
     caption_similarity: float = ranged(
         0.5,
         Range(
-            False, 0, 1, lo_open=True, why="word-set Jaccard at which captions are one split group"
+            False,
+            0,
+            1,
+            lo_open=True,
+            why="weighted word Jaccard at which captions are one split group",
+        ),
+    )
+    # A prompt of 4+ words lying at least this much (by weight) inside a longer one is a
+    # variant of it (", by greg rutkowski, octane render, 4k" appended) and joins its group.
+    caption_containment: float = ranged(
+        0.8,
+        Range(
+            False,
+            0,
+            1,
+            lo_open=True,
+            why="weighted share of a prompt inside a longer one that makes it a variant",
         ),
     )
     # Images whose long side exceeds this many times the short side are quarantined: the

@@ -26,6 +26,8 @@ from pipeline.rows.store import Arrays
 logger = logging.getLogger(__name__)
 
 _CHECK_BATCH = 16
+# The ingest settings' one home is IngestConfig.
+_DEFAULTS = IngestConfig()
 
 
 @dataclass
@@ -58,7 +60,8 @@ def ingest(
     seed: int,
     min_side: int = 1,
     workers: int = 0,
-    caption_similarity: float = 0.5,
+    caption_similarity: float = _DEFAULTS.caption_similarity,
+    caption_containment: float = _DEFAULTS.caption_containment,
     max_aspect_ratio: float | None = None,
     exif_transpose: bool = True,
 ) -> IngestResult:
@@ -112,7 +115,10 @@ def ingest(
             f"{items[missing[0]].path}); give every row a split or none"
         )
     if missing:
-        for item, split in zip(items, assign_splits(items, fractions, seed, caption_similarity)):
+        splits = assign_splits(
+            items, fractions, seed, caption_similarity, caption_containment=caption_containment
+        )
+        for item, split in zip(items, splits):
             item.split = split
     return IngestResult(items, quarantined, duplicates)
 
@@ -154,6 +160,7 @@ def ingest_records(
         min_side=cfg.min_side,
         workers=resolve_workers(base.decode_workers),
         caption_similarity=cfg.caption_similarity,
+        caption_containment=cfg.caption_containment,
         max_aspect_ratio=cfg.max_aspect_ratio,
         exif_transpose=cfg.exif_transpose,
     )
