@@ -86,6 +86,12 @@ class IngestConfig:
     shard_size: int = ranged(64, positive_int("images per shard"))
     # train/val/test fractions used only when the manifest gives no split.
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    # Share of each generator's train images moved (seeded, groups whole) to val when the
+    # dataset has train but no val: GenImage ships train and val, and its val is our test.
+    # 0 keeps such a dataset without val (no model selection, calibration or val threshold).
+    val_from_train: float = ranged(
+        0.1, Range(False, 0, 0.9, why="share of each generator's train rows carved into val")
+    )
     # Images smaller than this on either side are quarantined (CLIP upsamples them to 224 px,
     # which says more about the resampler than about the image).
     min_side: int = ranged(16, positive_int("pixels"))

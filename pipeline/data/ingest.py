@@ -14,7 +14,7 @@ from pipeline.config import BaseConfig, IngestConfig
 from pipeline.data.images import ImageInfo, inspect_image
 from pipeline.data.layouts import resolve_dataset
 from pipeline.data.manifest import Item, Record, item_columns, write_csv
-from pipeline.data.split import assign_splits
+from pipeline.data.split import assign_splits, carve_val
 from pipeline.errors import DatasetError
 from pipeline.logs import progress
 from pipeline.rows import store
@@ -64,6 +64,7 @@ def ingest(
     caption_containment: float = _DEFAULTS.caption_containment,
     max_aspect_ratio: float | None = None,
     exif_transpose: bool = True,
+    val_from_train: float = _DEFAULTS.val_from_train,
 ) -> IngestResult:
     """Decode-check every record, drop exact duplicates, and fill in missing splits.
 
@@ -120,6 +121,23 @@ def ingest(
         )
         for item, split in zip(items, splits):
             item.split = split
+        return IngestResult(items, quarantined, duplicates)
+    # Datasets that ship train and test only (GenImage: its val is our test) get a val carved
+    # from train, for model selection, calibration and the val threshold.
+    carved = carve_val(
+        items, val_from_train, seed, caption_similarity, caption_containment=caption_containment
+    )
+    n_carved = sum(item.split != split for item, split in zip(items, carved))
+    if n_carved:
+        logger.info(
+            "the dataset has no val split: %d of its %d train images (ingest.val_from_train="
+            "%g of each generator's, seeded) are val",
+            n_carved,
+            sum(item.split == "train" for item in items),
+            val_from_train,
+        )
+        for item, split in zip(items, carved):
+            item.split = split
     return IngestResult(items, quarantined, duplicates)
 
 
@@ -163,6 +181,7 @@ def ingest_records(
         caption_containment=cfg.caption_containment,
         max_aspect_ratio=cfg.max_aspect_ratio,
         exif_transpose=cfg.exif_transpose,
+        val_from_train=cfg.val_from_train,
     )
     if not records:
         raise DatasetError(f"the dataset at {root} lists no images; nothing to ingest")

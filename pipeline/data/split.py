@@ -176,7 +176,7 @@ def assign_splits(
         main = Counter(f"{items[i].subset}/{items[i].generator}" for i in members)
         # Ties go to the smallest name, not to whichever row came first.
         by_generator[min(main, key=lambda g: (-main[g], g))].append(key)
-    _warn_large_groups(items, groups, min(fractions))
+    _warn_large_groups(items, groups, min(f for f in fractions if f > 0))
     out = [""] * len(items)
     for generator, keys in sorted(by_generator.items()):
         keys.sort(key=lambda k: (_stable_unit(seed, k), k))
@@ -196,6 +196,33 @@ def assign_splits(
             for i in groups[key]:
                 out[i] = SPLITS[j]
     return out
+
+
+def carve_val(
+    items: Sequence[Record],
+    share: float,
+    seed: int,
+    caption_similarity: float = _DEFAULTS.caption_similarity,
+    *,
+    caption_containment: float = _DEFAULTS.caption_containment,
+) -> list[str]:
+    """The splits of `items` with `share` of each generator's (of each subset's) train rows
+    moved to val, seeded and keeping groups whole as `assign_splits` does; the splits as they
+    are when some row is already in val, or `share` is 0."""
+    splits = [r.split for r in items]
+    train = [i for i, s in enumerate(splits) if s == "train"]
+    if share <= 0 or "val" in splits or not train:
+        return splits
+    carved = assign_splits(
+        [items[i] for i in train],
+        [1.0 - share, share, 0.0],
+        seed,
+        caption_similarity,
+        caption_containment=caption_containment,
+    )
+    for i, split in zip(train, carved):
+        splits[i] = split
+    return splits
 
 
 # Generators with fewer images than this are not warned about: a handful of images cannot be
