@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,8 +102,10 @@ def predict(
     check_settings(head_dir, info, planned_settings(params))
     files = expand_inputs(inputs)
     records = [Record(path=str(f), label=0, generator="unknown", split="test") for f in files]
+    # Every file given is scored: no per-class draw (ingest.max_per_class) among them.
+    ingest_cfg = dataclasses.replace(params.ingest, max_per_class=0)
     result = ingest_records(
-        Path("/"), records, cache / "ingest", cfg=params.ingest, base=params.base, dataset="predict"
+        Path("/"), records, cache / "ingest", cfg=ingest_cfg, base=params.base, dataset="predict"
     )
     for path, reason in result.quarantined:
         logger.error("cannot score %s: %s", path, reason)

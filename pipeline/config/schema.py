@@ -86,6 +86,10 @@ class IngestConfig:
     shard_size: int = ranged(64, positive_int("images per shard"))
     # train/val/test fractions used only when the manifest gives no split.
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    # At most this many images per folder (split and subset) and class are kept, drawn seeded as
+    # UniversalFakeDetect draws its test images (pipeline.data.subsets); 0 keeps all. ITEM trains
+    # on 40,000 real and 40,000 ProGAN images, not all 720k of CNNDetection's train set.
+    max_per_class: int = ranged(0, count("images per folder and class; 0 = all"))
     # Share of each generator's train images moved (seeded, groups whole) to val when the
     # dataset has train but no val: GenImage ships train and val, and its val is our test.
     # 0 keeps such a dataset without val (no model selection, calibration or val threshold).
@@ -265,6 +269,10 @@ class EvaluateConfig:
     )
     # Other datasets to score, name -> path (folder or manifest); metrics/eval_<name>.json.
     datasets: dict[str, str] = field(default_factory=dict)
+    # At most this many real and this many generated images per folder of each of those
+    # datasets are ingested and scored, drawn as UniversalFakeDetect's validate.py draws them
+    # (seeded shuffle, first N; pipeline.data.subsets); UFD uses 1,000. 0 scores every image.
+    max_per_class: int = ranged(0, count("images per folder and class; 0 = all"))
     # JPEG qualities of seed 003's train × test matrix (empty: skip), and the heads it trains.
     qf_matrix: list[int] = field(default_factory=lambda: [40, 65, 90])
     qf_heads: list[str] = field(default_factory=lambda: ["svm"])

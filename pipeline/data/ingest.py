@@ -15,6 +15,7 @@ from pipeline.data.images import ImageInfo, inspect_image
 from pipeline.data.layouts import resolve_dataset
 from pipeline.data.manifest import Item, Record, item_columns, write_csv
 from pipeline.data.split import assign_splits, carve_val
+from pipeline.data.subsets import balanced_subset
 from pipeline.errors import DatasetError
 from pipeline.logs import progress
 from pipeline.rows import store
@@ -65,12 +66,15 @@ def ingest(
     max_aspect_ratio: float | None = None,
     exif_transpose: bool = True,
     val_from_train: float = _DEFAULTS.val_from_train,
+    max_per_class: int = _DEFAULTS.max_per_class,
 ) -> IngestResult:
-    """Decode-check every record, drop exact duplicates, and fill in missing splits.
+    """Keep at most `max_per_class` records per folder and class (`balanced_subset`; 0 keeps
+    all), decode-check them, drop exact duplicates, and fill in missing splits.
 
     `workers` processes check and hash the files (0: this process); results do not depend
     on it.
     """
+    records = balanced_subset(records, max_per_class, seed)
     items: list[Item] = []
     quarantined: list[tuple[str, str]] = []
     duplicates: list[tuple[str, str]] = []
@@ -182,6 +186,7 @@ def ingest_records(
         max_aspect_ratio=cfg.max_aspect_ratio,
         exif_transpose=cfg.exif_transpose,
         val_from_train=cfg.val_from_train,
+        max_per_class=cfg.max_per_class,
     )
     if not records:
         raise DatasetError(f"the dataset at {root} lists no images; nothing to ingest")
