@@ -90,7 +90,7 @@ def _plain(part: Any) -> Any:
 def weights_identity(role: str, models: ModelsConfig, seed: int) -> str:
     """The identity of the weights `load_model(role, ...)` loads, found without loading them:
     the hub commit of a cached snapshot, or a content hash of a local checkpoint (remembered by
-    path, size and mtime). A loaded model's `weights_id` equals it; rows are keyed by it."""
+    path, size, mtime, inode and ctime: see `pipeline.rows.digest`). A loaded model's `weights_id` equals it; rows are keyed by it."""
     # pipeline.models imports torch: only steps that run a model pay for it, not ingest.
     from pipeline.models import hf_role
     from pipeline.models.clip import checkpoint_weights_id, find_checkpoint
