@@ -406,13 +406,15 @@ def test_settings_differences_name_each_difference(small):
     trained = feature_settings(small[0] / "cache" / "features")
     assert settings_differences(trained, trained) == []
     now = json.loads(json.dumps(trained))
-    now["provenance"]["objects"]["step_version"] = 2
+    objects_version = STEP_VERSIONS["objects"]
+    now["provenance"]["objects"]["step_version"] = objects_version + 1
     now["provenance"]["clip"]["model"] = "ViT-L-14/openai@sha256:ab"
     now["provenance"]["clip"]["device_class"] = "cuda"  # not a difference that matters
     assert settings_differences(trained, now) == [
         f"clip.model: trained with {trained['provenance']['clip']['model']!r}, these features "
         "'ViT-L-14/openai@sha256:ab'",
-        "objects.step_version: trained with 1, these features 2",
+        f"objects.step_version: trained with {objects_version}, these features "
+        f"{objects_version + 1}",
     ]
 
 

@@ -168,6 +168,11 @@ class GroundConfig:
     iou_threshold: float = ranged(
         0.8, fraction("IoU above which boxes of one phrase are merged; 1 keeps all")
     )
+    # After the grounder's post-processing, boxes of one phrase overlapping a higher-scoring
+    # box of that phrase by more than this IoU are dropped (greedy NMS per phrase), as GLIP,
+    # ITEM's grounder, ends its inference (MODEL.ATSS.NMS_TH 0.6); 1.0 keeps every box. ITEM's
+    # D_local averages over objects: without it one phrase found many times weighs many times.
+    nms_iou: float = ranged(0.6, fraction("IoU above which boxes of one phrase are suppressed"))
     # Boxes with a side shorter than this many pixels are dropped: CLIP would see a few
     # upsampled pixels, not an object.
     min_box_side: int = ranged(8, count("pixels; smaller boxes are dropped"))
@@ -199,7 +204,8 @@ class EncodeConfig:
 @dataclass
 class FeaturesConfig:
     # Which feature set the heads consume: item, item_global, item_local, tidy, tidy_global,
-    # image, image_raw, text, image_text (see pipeline.feature_kinds.KINDS).
+    # item_n_objects, tidy_n_objects, image, image_raw, text, image_text (see
+    # pipeline.feature_kinds.KINDS).
     kind: str = "item"
     # D = w1*D_global + w2*D_local; ITEM sets both to 1.0.
     w1: float = ranged(1.0, Range(False, why="weight of D_global"))
