@@ -7,6 +7,7 @@ trained heads into `metrics/eval_<name>.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -42,14 +43,20 @@ def extract_dataset(
     params: Params,
     layout: str = "auto",
     with_features: bool = True,
+    *,
+    max_per_class: int | None = None,
 ) -> Path:
     """Run every extraction stage for one dataset into `cache/<stage>/`; returns the features
     directory (the encode directory when `with_features` is false). Rows already in `cache`
-    (same image, inputs and settings) are reused."""
+    (same image, inputs and settings) are reused. `max_per_class`, when given, replaces
+    `ingest.max_per_class` (an evaluation dataset is drawn by `evaluate.max_per_class`)."""
+    ingest_cfg = params.ingest
+    if max_per_class is not None:
+        ingest_cfg = dataclasses.replace(ingest_cfg, max_per_class=max_per_class)
     run_ingest(
         data_path,
         Path(cache) / "ingest",
-        cfg=params.ingest,
+        cfg=ingest_cfg,
         base=params.base,
         dataset=name,
         layout=layout,

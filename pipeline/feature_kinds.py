@@ -13,6 +13,10 @@ KINDS: dict[str, tuple[str, ...]] = {
     "item_local": ("D_local",),
     "tidy": ("tidy",),
     "tidy_global": ("tidy_global",),
+    # The same with the number of grounded objects as one more column (0 for an image with
+    # none: its D_local is then features.empty_local's).
+    "item_n_objects": ("D", "n_objects"),
+    "tidy_n_objects": ("tidy", "n_objects"),
     "image": ("image",),
     "text": ("text",),
     "image_text": ("image", "text"),

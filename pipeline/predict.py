@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -122,8 +123,10 @@ def predict(
     # The paths stay absolute (a root joined with an absolute path is that path); the root is
     # the inputs' common folder, which messages about them name.
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    # Every file given is scored: no per-class draw (ingest.max_per_class) among them.
+    ingest_cfg = dataclasses.replace(params.ingest, max_per_class=0)
     result = ingest_records(
-        root, records, cache / "ingest", cfg=params.ingest, base=params.base, dataset="predict"
+        root, records, cache / "ingest", cfg=ingest_cfg, base=params.base, dataset="predict"
     )
     for path, reason in result.quarantined:
         logger.error("cannot score %s: %s", path, reason)

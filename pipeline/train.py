@@ -308,6 +308,7 @@ def train_heads(
             by_kind[name_kind] = load_feature_union(dirs, name_kind, splits=splits)
         fs = by_kind[name_kind]
         train, val = fs.where("train"), fs.where("val")
+        _warn_without_val(name, val)
         fit: dict[str, Any] = {"kind": name_kind, "seed": seed, "features_dir": features_dir}
         head, info = fit_configured_head(name, cfg, train, val, **fit)
         info.update(
@@ -380,6 +381,22 @@ def _refit_with_pseudo_labels(
     return head, rep
 
 
+def _warn_without_val(name: str, val: FeatureSet) -> None:
+    """Say so when a head trains without a val split that has both classes: it then gets no
+    model selection, no calibration and no val threshold."""
+    classes = np.unique(val.y)
+    if len(classes) == 2:
+        return
+    what = "an empty val split" if not len(val.y) else f"a val split of one class ({classes[0]})"
+    logger.warning(
+        "head %s trains with %s: no model selection, no calibration, no val threshold. Give "
+        "the dataset a val split (a split column, or ingest.val_from_train > 0 for a dataset "
+        "with train and test only)",
+        name,
+        what,
+    )
+
+
 def calibrate_on_val(
     name: str, cfg: TrainConfig, head: Any, val: FeatureSet
 ) -> tuple[dict[str, Any], float | None]:
@@ -390,7 +407,10 @@ def calibrate_on_val(
     # A head that calibrates itself on val (the SVM's Platt fit) is not calibrated twice.
     method = "none" if head_class(name).calibrates_on_val else cfg.calibration
     threshold = None
-    if len(val.y) and len(np.unique(val.y)) == 2:
+    if len(np.unique(val.y)) < 2:
+        # Nothing to fit on: the identity, recorded as such.
+        method = "none"
+    else:
         p_val = p_generated(head, val.X)
         cal = fit_calibration(method, p_val, val.y)
         p_val = apply_calibration(cal, p_val)

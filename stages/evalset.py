@@ -17,12 +17,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="dataset folder or manifest CSV")
     ap.add_argument("--cache", required=True, help="cache folder of this dataset")
     ap.add_argument("--layout", default="auto", help="dataset layout (perturbed copies: manifest)")
+    ap.add_argument(
+        "--evaluation-set",
+        action="store_true",
+        help="a dataset of evaluate.datasets: drawn by evaluate.max_per_class",
+    )
 
     def body(args, params):
         from pipeline.evalsets import extract_dataset
 
         cache = Path(args.cache)
-        extract_dataset(args.data, cache, cache.name, params, args.layout, with_features=False)
+        draw = params.evaluate.max_per_class if args.evaluation_set else None
+        extract_dataset(
+            args.data,
+            cache,
+            cache.name,
+            params,
+            args.layout,
+            with_features=False,
+            max_per_class=draw,
+        )
 
     return run("evalset", argv, ap, body, before=check_models)
 

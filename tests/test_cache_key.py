@@ -318,6 +318,72 @@ def test_new_weights_at_the_same_path_are_a_new_key(tmp_path, monkeypatch):
     assert json.loads(step.attrs()["weights"]) == {"clip": second}
 
 
+def test_weights_copied_over_with_the_old_size_and_mtime_are_new_rows(small, tmp_path, monkeypatch):
+    """`cp -p` / `rsync -t` / an archive: other weights at the same path, same size, the old
+    mtime restored. The identity changes (inode or ctime), the loaded model is refused, and
+    the rows are recomputed with the new weights."""
+    import copy
+    import os
+
+    from pipeline.config import ModelSpec
+    from pipeline.errors import ModelFileError
+    from pipeline.extract.encode import run_encode
+    from pipeline.extract.loaded import forget_loaded_models
+    from pipeline.models.clip import TINY_CLIP, tiny_checkpoint
+    from pipeline.rows import digest
+    from pipeline.rows.key import weights_identity
+
+    monkeypatch.setenv("MISALIGN_DIGEST_CACHE", str(tmp_path / "digests.json"))
+    monkeypatch.setattr(digest, "_MEMO", {})
+    cache = _copy(small, tmp_path)
+    params = small[2]
+    models = copy.deepcopy(params.models)
+    models.preset = "paper"
+    ckpt = tmp_path / "clip.pt"
+    shutil.copy(tiny_checkpoint(0), ckpt)
+    models.clip = ModelSpec(TINY_CLIP, "", str(ckpt))
+
+    def encode() -> dict[str, np.ndarray]:
+        run_encode(
+            cache / "ingest",
+            cache / "captions",
+            cache / "objects",
+            cache / "clip_local",
+            cfg=params.encode,
+            crop_padding=params.ground.crop_padding,
+            models=models,
+            base=params.base,
+            dataset="t",
+        )
+        return store.read_shard(store.list_shards(cache / "clip_local")[0], ["image_emb"])
+
+    first_id = weights_identity("clip", models, 0)
+    before = encode()
+    assert _n_processed(cache, "clip_local") == 6
+    encode()
+    assert _n_processed(cache, "clip_local") == 0
+
+    old = ckpt.stat()
+    new_weights = tiny_checkpoint(1)
+    assert new_weights.stat().st_size == old.st_size
+    shutil.copyfile(new_weights, ckpt)
+    os.utime(ckpt, ns=(old.st_atime_ns, old.st_mtime_ns))
+    now = ckpt.stat()
+    assert (now.st_size, now.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+
+    second_id = weights_identity("clip", models, 0)
+    assert second_id != first_id
+    with pytest.raises(ModelFileError, match="weights changed during the run"):
+        encode()  # the model this process loaded before is not the file's any more
+    forget_loaded_models()
+    monkeypatch.setattr(digest, "_MEMO", {})  # a new process reads the remembered digests
+    assert weights_identity("clip", models, 0) == second_id
+    after = encode()
+    assert _n_processed(cache, "clip_local") == 6
+    assert not np.allclose(after["image_emb"], before["image_emb"])
+    forget_loaded_models()
+
+
 def test_hf_weights_in_a_local_folder_are_keyed_by_content(tmp_path, monkeypatch):
     from pipeline.models.hf import resolve_weights
 
@@ -340,13 +406,15 @@ def test_settings_differences_name_each_difference(small):
     trained = feature_settings(small[0] / "cache" / "features")
     assert settings_differences(trained, trained) == []
     now = json.loads(json.dumps(trained))
-    now["provenance"]["objects"]["step_version"] = 2
+    objects_version = STEP_VERSIONS["objects"]
+    now["provenance"]["objects"]["step_version"] = objects_version + 1
     now["provenance"]["clip"]["model"] = "ViT-L-14/openai@sha256:ab"
     now["provenance"]["clip"]["device_class"] = "cuda"  # not a difference that matters
     assert settings_differences(trained, now) == [
         f"clip.model: trained with {trained['provenance']['clip']['model']!r}, these features "
         "'ViT-L-14/openai@sha256:ab'",
-        "objects.step_version: trained with 1, these features 2",
+        f"objects.step_version: trained with {objects_version}, these features "
+        f"{objects_version + 1}",
     ]
 
 

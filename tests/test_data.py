@@ -152,17 +152,26 @@ def test_near_duplicate_prompts_are_one_group():
     assert len(a & c) / len(a | c) == pytest.approx(7 / 21)
     groups = near_duplicate_groups([GALAXY, FIZZY, FOX, "A CAT on a mat.", "a cat on a mat"], 0.5)
     assert groups[0] == groups[1] and groups[2] != groups[0] and groups[3] == groups[4]
-    assert len(set(near_duplicate_groups([GALAXY, FIZZY, FOX], 1.0))) == 3
+    exact = near_duplicate_groups([GALAXY, FIZZY, FOX], 1.0, containment=1.0)
+    assert len(set(exact)) == 3
 
 
 def test_near_duplicate_groups_equal_brute_force():
-    """Prefix filtering finds every pair a brute-force all-pairs comparison finds."""
+    """Prefix filtering finds every pair a brute-force all-pairs comparison of the
+    rarity-weighted Jaccard and containment (computed here from their definitions) finds."""
 
     rng = np.random.default_rng(0)
-    vocab = [f"w{i}" for i in range(30)]
+    vocab = [f"w{i}" for i in range(60)]
     texts = [" ".join(rng.choice(vocab, rng.integers(1, 9))) for _ in range(300)]
-    for t in (0.3, 0.5, 0.75, 1.0):
-        sets = [caption_words(x) for x in texts]
+    sets = [caption_words(x) for x in texts]
+    distinct = set(sets)
+    df = Counter(w for s in distinct for w in s)
+    weight = {w: np.log((len(distinct) + 1) / k) for w, k in df.items()}
+
+    def mass(words):
+        return sum(weight[w] for w in words)
+
+    for t, c in ((0.4, 0.9), (0.5, 0.8), (0.75, 0.6), (1.0, 1.0)):
         parent = list(range(len(texts)))
 
         def find(i, parent=parent):
@@ -172,15 +181,23 @@ def test_near_duplicate_groups_equal_brute_force():
 
         for i in range(len(sets)):
             for j in range(i):
-                if len(sets[i] & sets[j]) >= t * len(sets[i] | sets[j]):
+                a, b = sets[i], sets[j]
+                shared = mass(a & b)
+                lighter = min((mass(a), len(a)), (mass(b), len(b)))
+                if (
+                    a == b
+                    or shared >= t * mass(a | b) - 1e-12
+                    or (lighter[1] >= 4 and shared >= c * lighter[0] - 1e-12)
+                ):
                     parent[find(i)] = find(j)
         expected = [find(i) for i in range(len(texts))]
-        got = near_duplicate_groups(texts, t)
+        got = near_duplicate_groups(texts, t, containment=c)
 
         def same(labels):
             return {(i, j) for i in range(300) for j in range(i) if labels[i] == labels[j]}
 
-        assert same(got) == same(expected), t
+        assert same(got) == same(expected), (t, c)
+        assert 1 < len(set(got)) < len(distinct), (t, c)  # the test compares something
 
 
 def test_split_keeps_prompt_variants_together(tmp_path):
@@ -192,5 +209,7 @@ def test_split_keeps_prompt_variants_together(tmp_path):
     for seed in range(5):
         splits = assign_splits(records, [0.6, 0.2, 0.2], seed)
         assert splits[0] == splits[1] == splits[2]
-    splits = [assign_splits(records, [0.6, 0.2, 0.2], s, 1.0) for s in range(10)]
+    splits = [
+        assign_splits(records, [0.6, 0.2, 0.2], s, 1.0, caption_containment=1.0) for s in range(10)
+    ]
     assert any(s[0] != s[1] for s in splits)  # exact grouping lets the variants split

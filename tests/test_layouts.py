@@ -229,7 +229,8 @@ def test_manifest_folder_still_wins_and_cnndetection_still_detected(tmp_path):
 def test_genimage_ingest_writes_official_splits(tmp_path):
     root = _genimage(tmp_path / "genimage")
     out = tmp_path / "ingest"
-    result = run_ingest(root, out, cfg=IngestConfig(shard_size=8), base=BaseConfig(), dataset="t")
+    cfg = IngestConfig(shard_size=8, val_from_train=0.0)
+    result = run_ingest(root, out, cfg=cfg, base=BaseConfig(), dataset="t")
     with (out / "quarantine.csv").open() as fh:
         assert [r["path"] for r in csv.DictReader(fh)] == ["midjourney/val/ai/bad.bin"]
     rows = Counter()
@@ -240,3 +241,70 @@ def test_genimage_ingest_writes_official_splits(tmp_path):
             rows[split, int(label)] += 1
     assert rows == {("train", 0): 4, ("train", 1): 4, ("test", 0): 4, ("test", 1): 4}
     assert len(result.items) == 16
+
+
+def test_genimage_run_has_a_seeded_val_carved_from_each_generators_train(tmp_path):
+    root = tmp_path / "genimage"
+    for gen in ("sdv4", "midjourney"):
+        for split, n in (("train", 20), ("val", 4)):
+            for cls in ("ai", "nature"):
+                for k in range(n):
+                    _img(root / gen / split / cls / f"{cls}_{k}.png")
+    runs = []
+    for out in ("a", "b"):
+        result = run_ingest(
+            root, tmp_path / out, cfg=IngestConfig(), base=BaseConfig(), dataset="g"
+        )
+        runs.append({it.path: it.split for it in result.items})
+    assert runs[0] == runs[1]  # seeded
+    got = Counter()
+    for path, split in runs[0].items():
+        gen, official, cls = path.split("/")[:3]
+        # GenImage's val stays our test; val comes from its train only.
+        assert (split == "test") == (official == "val"), path
+        got[gen, cls, split] += 1
+    for gen in ("sdv4", "midjourney"):
+        for cls in ("ai", "nature"):
+            # ingest.val_from_train = 0.1 of each generator's (and its reals') 20 train images
+            assert got[gen, cls, "val"] == 2, (gen, cls, got)
+            assert got[gen, cls, "train"] == 18
+
+
+def test_cnndetection_train_layout_names_the_generator_not_the_class(tmp_path):
+    root = tmp_path / "CNNDetection" / "progan_train"
+    for cls in ("airplane", "cat", "tvmonitor"):
+        for k in range(2):
+            _img(root / cls / "0_real" / f"r{k}.png")
+            _img(root / cls / "1_fake" / f"f{k}.png")
+    assert detect_layout(root) == "cnndetection"
+    _, records = resolve_dataset(root)
+    assert Counter(r.generator for r in records) == {"real": 6, "progan": 6}
+    assert {r.subset for r in records} == {"progan"}
+    assert Counter(r.family for r in records) == {"airplane": 4, "cat": 4, "tvmonitor": 4}
+    # Every class of the one generator is spread over the splits, not a class per split.
+    result = run_ingest(
+        root, tmp_path / "ingest", cfg=IngestConfig(), base=BaseConfig(), dataset="progan"
+    )
+    shard = read_shard(list_shards(tmp_path / "ingest")[0])
+    assert set(shard["generator"]) == {"real", "progan"}
+    assert len({it.split for it in result.items}) == 3
+
+
+def test_cnndetection_test_layout_keeps_generators_and_their_classes(tmp_path):
+    for gen, classes in (("progan", ("airplane", "cat")), ("stylegan", ("bedroom",))):
+        for cls in classes:
+            _img(tmp_path / gen / cls / "0_real" / "r.png")
+            _img(tmp_path / gen / cls / "1_fake" / "f.png")
+    _img(tmp_path / "dalle" / "0_real" / "r.png")
+    _img(tmp_path / "dalle" / "1_fake" / "f.png")
+    _, records = resolve_dataset(tmp_path)
+    fakes = {(r.generator, r.family, r.subset) for r in records if r.label == 1}
+    assert fakes == {
+        ("progan", "airplane", "progan"),
+        ("progan", "cat", "progan"),
+        ("stylegan", "bedroom", "stylegan"),
+        ("dalle", "dalle", "dalle"),
+    }
+    # A folder of one generator's classes, pointed at directly, is that generator.
+    _, records = resolve_dataset(tmp_path / "stylegan")
+    assert {r.generator for r in records if r.label == 1} == {"stylegan"}

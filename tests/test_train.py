@@ -178,3 +178,16 @@ def test_qf_matrix_fits_every_head_like_the_train_stage(tmp_path):
     )
     assert info["zero_shot_prompts"]
     assert np.std(p_generated(head, fs.where("test").X)) > 0.01
+
+
+def test_a_head_trained_without_val_warns_and_is_not_calibrated(tmp_path, caplog):
+    n = 120
+    no_val = np.array(["train", "test"])[(np.arange(n) // 2) % 2]
+    feats = write_features(tmp_path / "f", n=n, splits=no_val)
+    cfg = TrainConfig(heads=["mlp"], mlp={"epochs": 2})
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        train_heads(feats, tmp_path / "models", cfg=cfg, kind="item", seed=0)
+    assert "head mlp trains with an empty val split" in caplog.text
+    info = json.loads((tmp_path / "models" / "mlp" / "train.json").read_text())
+    assert info["calibration"] == {"method": "none", "a": 1.0, "b": 0.0}
+    assert "val_threshold" not in info

@@ -94,16 +94,43 @@ class IngestConfig:
     shard_size: int = ranged(64, positive_int("images per shard"))
     # train/val/test fractions used only when the manifest gives no split.
     split_fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    # At most this many images per folder (split and subset) and class are kept, drawn seeded as
+    # UniversalFakeDetect draws its test images (pipeline.data.subsets); 0 keeps all. ITEM trains
+    # on 40,000 real and 40,000 ProGAN images, not all 720k of CNNDetection's train set.
+    max_per_class: int = ranged(0, count("images per folder and class; 0 = all"))
+    # Share of each generator's train images moved (seeded, groups whole) to val when the
+    # dataset has train but no val: GenImage ships train and val, and its val is our test.
+    # 0 keeps such a dataset without val (no model selection, calibration or val threshold).
+    val_from_train: float = ranged(
+        0.1, Range(False, 0, 0.9, why="share of each generator's train rows carved into val")
+    )
     # Images smaller than this on either side are quarantined (CLIP upsamples them to 224 px,
     # which says more about the resampler than about the image).
     min_side: int = ranged(16, positive_int("pixels"))
-    # Captions/prompts whose word sets have a Jaccard similarity of at least this are one split
-    # group (prompt variants of one scene must not straddle train and test); 1.0 groups
-    # identical word sets only. See pipeline.data.near_duplicate_groups.
+    # Captions/prompts whose word sets, each word weighted by its rarity across the dataset's
+    # prompts (template words weigh almost nothing), have a weighted Jaccard of at least this
+    # are one split group (prompt variants of one scene must not straddle train and test); 1.0
+    # groups identical word sets only. See pipeline.data.split.near_duplicate_groups.
     caption_similarity: float = ranged(
         0.5,
         Range(
-            False, 0, 1, lo_open=True, why="word-set Jaccard at which captions are one split group"
+            False,
+            0,
+            1,
+            lo_open=True,
+            why="weighted word Jaccard at which captions are one split group",
+        ),
+    )
+    # A prompt of 4+ words lying at least this much (by weight) inside a longer one is a
+    # variant of it (", by greg rutkowski, octane render, 4k" appended) and joins its group.
+    caption_containment: float = ranged(
+        0.8,
+        Range(
+            False,
+            0,
+            1,
+            lo_open=True,
+            why="weighted share of a prompt inside a longer one that makes it a variant",
         ),
     )
     # Images whose long side exceeds this many times the short side are quarantined: the
@@ -154,6 +181,11 @@ class GroundConfig:
     iou_threshold: float = ranged(
         0.8, fraction("IoU above which boxes of one phrase are merged; 1 keeps all")
     )
+    # After the grounder's post-processing, boxes of one phrase overlapping a higher-scoring
+    # box of that phrase by more than this IoU are dropped (greedy NMS per phrase), as GLIP,
+    # ITEM's grounder, ends its inference (MODEL.ATSS.NMS_TH 0.6); 1.0 keeps every box. ITEM's
+    # D_local averages over objects: without it one phrase found many times weighs many times.
+    nms_iou: float = ranged(0.6, fraction("IoU above which boxes of one phrase are suppressed"))
     # Boxes with a side shorter than this many pixels are dropped: CLIP would see a few
     # upsampled pixels, not an object.
     min_box_side: int = ranged(8, count("pixels; smaller boxes are dropped"))
@@ -185,7 +217,8 @@ class EncodeConfig:
 @dataclass
 class FeaturesConfig:
     # Which feature set the heads consume: item, item_global, item_local, tidy, tidy_global,
-    # image, image_raw, text, image_text (see pipeline.feature_kinds.KINDS).
+    # item_n_objects, tidy_n_objects, image, image_raw, text, image_text (see
+    # pipeline.feature_kinds.KINDS).
     kind: str = "item"
     # D = w1*D_global + w2*D_local; ITEM sets both to 1.0.
     w1: float = ranged(1.0, Range(False, why="weight of D_global"))
@@ -255,6 +288,10 @@ class EvaluateConfig:
     )
     # Other datasets to score, name -> path (folder or manifest); metrics/eval_<name>.json.
     datasets: dict[str, str] = field(default_factory=dict)
+    # At most this many real and this many generated images per folder of each of those
+    # datasets are ingested and scored, drawn as UniversalFakeDetect's validate.py draws them
+    # (seeded shuffle, first N; pipeline.data.subsets); UFD uses 1,000. 0 scores every image.
+    max_per_class: int = ranged(0, count("images per folder and class; 0 = all"))
     # JPEG qualities of seed 003's train × test matrix (empty: skip), and the heads it trains.
     qf_matrix: list[int] = field(default_factory=lambda: [40, 65, 90])
     qf_heads: list[str] = field(default_factory=lambda: ["svm"])

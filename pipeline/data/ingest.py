@@ -19,7 +19,8 @@ from pipeline.config import BaseConfig, IngestConfig
 from pipeline.data.images import ImageInfo, inspect_image
 from pipeline.data.layouts import resolve_dataset
 from pipeline.data.manifest import Item, Record, item_columns, write_csv
-from pipeline.data.split import assign_splits
+from pipeline.data.split import assign_splits, carve_val
+from pipeline.data.subsets import balanced_subset
 from pipeline.errors import DatasetError
 from pipeline.logs import progress
 from pipeline.rows import store
@@ -31,6 +32,8 @@ from pipeline.rows.store import Arrays
 logger = logging.getLogger(__name__)
 
 _CHECK_BATCH = 16
+# The ingest settings' one home is IngestConfig.
+_DEFAULTS = IngestConfig()
 
 
 @dataclass
@@ -67,15 +70,20 @@ def ingest(
     seed: int,
     min_side: int = 1,
     workers: int = 0,
-    caption_similarity: float = 0.5,
+    caption_similarity: float = _DEFAULTS.caption_similarity,
+    caption_containment: float = _DEFAULTS.caption_containment,
     max_aspect_ratio: float | None = None,
     exif_transpose: bool = True,
+    val_from_train: float = _DEFAULTS.val_from_train,
+    max_per_class: int = _DEFAULTS.max_per_class,
 ) -> IngestResult:
-    """Decode-check every record, drop exact duplicates, and fill in missing splits.
+    """Keep at most `max_per_class` records per folder and class (`balanced_subset`; 0 keeps
+    all), decode-check them, drop exact duplicates, and fill in missing splits.
 
     `workers` processes check and hash the files (0: this process); results do not depend
     on it.
     """
+    records = balanced_subset(records, max_per_class, seed)
     items: list[Item] = []
     quarantined: list[tuple[str, str]] = []
     duplicates: list[tuple[str, str]] = []
@@ -123,7 +131,27 @@ def ingest(
             f"{items[missing[0]].path}); give every row a split or none"
         )
     if missing:
-        for item, split in zip(items, assign_splits(items, fractions, seed, caption_similarity)):
+        splits = assign_splits(
+            items, fractions, seed, caption_similarity, caption_containment=caption_containment
+        )
+        for item, split in zip(items, splits):
+            item.split = split
+        return IngestResult(items, quarantined, duplicates)
+    # Datasets that ship train and test only (GenImage: its val is our test) get a val carved
+    # from train, for model selection, calibration and the val threshold.
+    carved = carve_val(
+        items, val_from_train, seed, caption_similarity, caption_containment=caption_containment
+    )
+    n_carved = sum(item.split != split for item, split in zip(items, carved))
+    if n_carved:
+        logger.info(
+            "the dataset has no val split: %d of its %d train images (ingest.val_from_train="
+            "%g of each generator's, seeded) are val",
+            n_carved,
+            sum(item.split == "train" for item in items),
+            val_from_train,
+        )
+        for item, split in zip(items, carved):
             item.split = split
     return IngestResult(items, quarantined, duplicates, stamps)
 
@@ -165,8 +193,11 @@ def ingest_records(
         min_side=cfg.min_side,
         workers=resolve_workers(base.decode_workers),
         caption_similarity=cfg.caption_similarity,
+        caption_containment=cfg.caption_containment,
         max_aspect_ratio=cfg.max_aspect_ratio,
         exif_transpose=cfg.exif_transpose,
+        val_from_train=cfg.val_from_train,
+        max_per_class=cfg.max_per_class,
     )
     if not records:
         raise DatasetError(f"the dataset at {root} lists no images; nothing to ingest")

@@ -42,6 +42,17 @@ CAPTION_COLUMNS = ("caption", "captions", "prompt", "prompts")
 # Real-image columns of CT2-style CSVs: `coco_image` (Defactify / VCT² COCO) and
 # `twitter_image` (VCT² Twitter) are the published names.
 REAL_COLUMNS = ("real", "real_image", "real_path", "coco_image", "twitter_image")
+# Object-class folders of CNNDetection / UniversalFakeDetect: ProGAN's 20 LSUN classes and the
+# class folders of the StyleGAN, StyleGAN2 and CycleGAN test sets. A folder whose every
+# `<folder>/0_real|1_fake` sits in such a class folder is one generator's set (`progan_train`),
+# not a set of generators called "airplane", "bicycle", ...
+OBJECT_CLASS_FOLDERS = frozenset(
+    "airplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+    "person pottedplant sheep sofa train tvmonitor bedroom church church_outdoor apple orange "
+    "zebra summer winter".split()
+)
+# `progan_train` → generator `progan`.
+_SPLIT_SUFFIXES = ("_train", "_val", "_test")
 _GENIMAGE_LABELS = {"ai": 1, "nature": 0}
 _CNN_LABELS = {"0_real": 0, "1_fake": 1}
 
@@ -135,18 +146,52 @@ def _no_generator_folder(root: Path, label_dir: Path, expected: str) -> DatasetE
     )
 
 
+def _class_level_generator(root: Path, label_dirs: list[tuple[str, ...]]) -> str | None:
+    """The generator of a folder that holds one generator's object classes directly
+    (`progan_train/<class>/0_real|1_fake`): the folder's name without a `_train`/`_val`/
+    `_test` suffix. None when the top folders are not all object classes
+    (OBJECT_CLASS_FOLDERS) right above their label folders."""
+    if not label_dirs or any(
+        len(p) != 2 or p[0].lower() not in OBJECT_CLASS_FOLDERS for p in label_dirs
+    ):
+        return None
+    name = root.resolve().name
+    for suffix in _SPLIT_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def read_folder_layout(root: str | Path) -> list[Record]:
     """Read `<root>/<generator>/[<class>/]0_real|1_fake/<files>` (CNNDetection /
     UniversalFakeDetect). Every file under a label folder is taken, whatever its extension, so
     that non-images are quarantined rather than silently skipped; hidden files and metadata
-    (METADATA_EXTENSIONS) are left out."""
+    (METADATA_EXTENSIONS) are left out.
+
+    The generator is the first folder under `root`, and `subset` too. CNNDetection's training
+    set, `progan_train/<class>/0_real|1_fake`, has object classes there instead (every top
+    folder one of OBJECT_CLASS_FOLDERS): its generator is then `root`'s own name without a
+    `_train`/`_val`/`_test` suffix (`progan`). `family` is the object class folder where there
+    is one (`airplane`), else the generator.
+    """
     root = Path(root)
     records = []
-    for parts in _label_dirs(root, _is_cnn_dir):
+    label_dirs = _label_dirs(root, _is_cnn_dir)
+    whole = _class_level_generator(root, label_dirs)
+    if whole is not None:
+        logger.info(
+            "%s holds object-class folders (%s, ...): one generator, %r, named after the folder",
+            root,
+            label_dirs[0][0],
+            whole,
+        )
+    for parts in label_dirs:
         label_dir = root.joinpath(*parts)
         if len(parts) < 2:
             raise _no_generator_folder(root, label_dir, _LAYOUT_HELP["cnndetection"])
-        generator = parts[0]
+        generator = whole or parts[0]
+        # The object class: the folder right above the label folder, below the generator's.
+        object_class = parts[-2] if whole or len(parts) >= 3 else generator
         label = _CNN_LABELS[parts[-1]]
         for file in _data_files(label_dir):
             records.append(
@@ -154,7 +199,7 @@ def read_folder_layout(root: str | Path) -> list[Record]:
                     path=file.relative_to(root).as_posix(),
                     label=label,
                     generator=REAL if label == 0 else generator,
-                    family=generator,
+                    family=object_class,
                     subset=generator,
                 )
             )

@@ -23,6 +23,7 @@ from pipeline.extract.base import (
     scheduler_args,
     upstream_provenance,
 )
+from pipeline.extract.boxes import phrase_nms
 from pipeline.extract.loaded import loaded_model
 from pipeline.rows import reader
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
@@ -30,6 +31,11 @@ from pipeline.rows.runner import Timer, run_step
 from pipeline.rows.store import Arrays
 
 logger = logging.getLogger(__name__)
+
+# Boxes asked of the grounder before the per-phrase NMS and the cut to ground.max_objects, so
+# that a suppressed duplicate leaves room for the next object (GLIP suppresses, then keeps its
+# top detections): GroundingDINO's number of queries, i.e. every box above box_threshold.
+_CANDIDATES = 900
 
 
 @dataclass
@@ -102,11 +108,14 @@ class GroundStep(ModelStep):
                         encoded,
                         box_threshold=self.cfg.box_threshold,
                         text_threshold=self.cfg.text_threshold,
-                        max_objects=self.cfg.max_objects,
+                        max_objects=_CANDIDATES if self.cfg.max_objects else 0,
                         iou_threshold=self.cfg.iou_threshold,
                         min_box_side=self.cfg.min_box_side,
                     )
-                found[sl] = out
+                # Duplicates of a phrase go after the grounder's own post-processing.
+                found[sl] = [
+                    phrase_nms(objects, self.cfg.nms_iou)[: self.cfg.max_objects] for objects in out
+                ]
                 timer.advance(len(out))
         counts = np.array([len(f) for f in found], dtype=np.int64)
         flat = [o for f in found for o in f]

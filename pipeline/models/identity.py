@@ -18,7 +18,7 @@ from pipeline.models.hf import resolve_dtype, resolve_weights, tiny_weights_id
 def weights_identity(role: str, models: ModelsConfig, seed: int) -> str:
     """The identity of the weights `load_model(role, ...)` loads, found without loading them:
     the hub commit of a cached snapshot, or a content hash of a local checkpoint (remembered by
-    path, size and mtime). A loaded model's `weights_id` equals it; rows are keyed by it."""
+    path, size, mtime, inode and ctime: see `pipeline.rows.digest`). A loaded model's `weights_id` equals it; rows are keyed by it."""
     if role == "clip":
         if models.preset == "tiny":
             return clip_tiny_id(seed)

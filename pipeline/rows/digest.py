@@ -1,5 +1,11 @@
-"""Content hashes of weight files, remembered by (path, size, mtime) so that a checkpoint of
-several GB is read once, not at every run."""
+"""Content hashes of weight files, remembered by what a copy cannot preserve, so that a
+checkpoint of several GB is read once, not at every run.
+
+A digest is reused while the file's path, size, mtime, inode and change time (ctime) are all
+the same. Size and mtime alone are not enough: `cp -p`, `rsync -t` or unpacking an archive put
+other weights at the same path with the same size and the old mtime. The inode changes when a
+file is replaced by another, and the ctime changes on every write, rename or `utime` and cannot
+be set back by a user; a file whose ctime changed is simply hashed again."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from pipeline.rows.atomic import write_text
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22
-_MEMO: dict[tuple[str, int, int], str] = {}
+_MEMO: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
 def digest_cache_file() -> Path:
@@ -33,14 +39,16 @@ def _load_cache(path: Path) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def _stat_key(path: Path) -> tuple[str, int, int]:
+def _stat_key(path: Path) -> tuple[str, int, int, int, int, int]:
+    """(path, size, mtime, device, inode, ctime): unchanged only while the bytes are."""
     st = path.stat()
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (hex). A file whose path, size and mtime are unchanged since it
-    was last hashed is not read again; any rewrite of the file changes its mtime."""
+    """sha256 of a file's bytes (hex). A file whose path, size, mtime, inode and ctime are
+    unchanged since it was last hashed is not read again; a rewrite, a replacement or a
+    restored mtime changes its ctime or inode, and the file is hashed again."""
     p = Path(path)
     key = _stat_key(p)
     if key in _MEMO:
@@ -55,7 +63,7 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     digest = _hash_file(p)
     _MEMO[key] = digest
     cache = _load_cache(cache_file)  # another process may have added entries meanwhile
-    # Entries of files that were rewritten since (same path, other size or mtime) are dropped.
+    # Entries of files that were rewritten since (same path, other stat key) are dropped.
     cache = {k: v for k, v in cache.items() if json.loads(k)[0] != key[0]}
     cache[text_key] = digest
     try:
