@@ -33,9 +33,13 @@ def test_batches_keep_item_order_whatever_the_workers():
 
 def test_auto_workers_share_the_cpus(monkeypatch):
     monkeypatch.setattr(reader, "available_cpus", lambda: 16)
-    assert reader.resolve_workers(-1) == reader.MAX_AUTO_WORKERS
-    assert reader.resolve_workers(-1, n_processes=4) == 4
+    assert reader.resolve_workers(-1) == 15  # one CPU stays with the main process
+    assert reader.resolve_workers(-1, n_processes=4) == 3
     assert reader.resolve_workers(3, n_processes=4) == 3
+    monkeypatch.setattr(reader, "available_cpus", lambda: 32)
+    assert reader.resolve_workers(-1) == 31  # a 32-core GPU host is not held to 8
+    monkeypatch.setattr(reader, "available_cpus", lambda: 128)
+    assert reader.resolve_workers(-1) == reader.MAX_AUTO_WORKERS
     monkeypatch.setattr(reader, "available_cpus", lambda: 1)
     assert reader.resolve_workers(-1, n_processes=2) == 0
 

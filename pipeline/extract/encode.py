@@ -16,10 +16,10 @@ import torch
 from pipeline.config import BaseConfig, EncodeConfig, ModelsConfig
 from pipeline.data.images import load_rgb
 from pipeline.extract.base import (
+    Feed,
     ModelStep,
     aligned,
     batch_slices,
-    decode_workers,
     ingest_rows,
     model_attrs,
     preflight,
@@ -29,7 +29,7 @@ from pipeline.extract.base import (
 )
 from pipeline.extract.loaded import loaded_model
 from pipeline.features import CLASS_PROMPTS, color_histograms
-from pipeline.rows import reader, store
+from pipeline.rows import store
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
 from pipeline.rows.store import Arrays
@@ -51,19 +51,26 @@ def crop_box(image: Any, box: Sequence[float], padding: float) -> Any:
 @dataclass
 class EncodeLoad:
     """The encode stage's CPU work for one image, run in a decode worker: decode once, cut the
-    object crops from that decode, preprocess every view; optional colour histograms and
-    DINOv2 pixels from the same decode."""
+    object crops from that decode, bring every view to CLIP's input size as uint8 (the
+    normalisation is done on the model's device); optional colour histograms and DINOv2 pixels
+    from the same decode. `image_pixels` makes the whole image's view, `crop_pixels` each
+    crop's (they differ under `encode.image_transform: center_crop`)."""
 
-    preprocess: Any
+    crop_pixels: Any
     crop_padding: float
     color_bins: int = 0
     dinov2_processor: Any = None
+    image_pixels: Any = None  # None: as the crops
 
     def __call__(self, item: tuple[str, bool, np.ndarray]) -> dict[str, Any]:
         path, exif_transpose, boxes = item
         image = load_rgb(path, exif_transpose)
-        views = [image, *(crop_box(image, box, self.crop_padding) for box in boxes)]
-        out: dict[str, Any] = {"pixels": torch.stack([self.preprocess(v) for v in views])}
+        whole = self.image_pixels or self.crop_pixels
+        views = [
+            whole(image),
+            *(self.crop_pixels(crop_box(image, b, self.crop_padding)) for b in boxes),
+        ]
+        out: dict[str, Any] = {"pixels": torch.stack(views)}
         if self.color_bins:
             out["color"] = torch.from_numpy(color_histograms(image, self.color_bins))
         if self.dinov2_processor is not None:
@@ -150,15 +157,14 @@ class EncodeStep(ModelStep):
         rows["input_hash"] = decoding_hash(rows)
         return rows
 
-    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+    def feed(self, rows: Arrays) -> Feed:
         clip = loaded_model("clip", self.models, self.base)
         dino = loaded_model("dinov2", self.models, self.base) if self.cfg.dinov2 else None
-        n, off = len(rows["ids"]), np.asarray(rows["obj_offsets"], dtype=np.int64)
-        counts = np.diff(off)
+        off = np.asarray(rows["obj_offsets"], dtype=np.int64)
         # Each image is decoded once, in a decode worker, and its crops are cut from that decode;
-        # the worker preprocesses them (views: the image, then its crops in object order).
+        # the worker sizes them (views: the image, then its crops in object order).
         load = EncodeLoad(
-            clip.preprocess,
+            clip.pixels,
             self.crop_padding,
             self.cfg.color_bins,
             dino.processor if dino is not None else None,
@@ -169,13 +175,20 @@ class EncodeStep(ModelStep):
                 bool(rows["exif_transpose"][k]),
                 rows["obj_boxes"][off[k] : off[k + 1]],
             )
-            for k in range(n)
+            for k in range(len(rows["ids"]))
         ]
         on_cuda = str(clip.device).startswith("cuda")
         size = scaled_batch_size(self.cfg.batch_size, self.base)
-        batches = reader.read_batches(
-            items, load, size, decode_workers(self.base), collate_views, pin_memory=on_cuda
-        )
+        return Feed(items, load, size, collate_views, pin_memory=on_cuda)
+
+    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+        clip = loaded_model("clip", self.models, self.base)
+        dino = loaded_model("dinov2", self.models, self.base) if self.cfg.dinov2 else None
+        n, off = len(rows["ids"]), np.asarray(rows["obj_offsets"], dtype=np.int64)
+        counts = np.diff(off)
+        feed = self.feed(rows)
+        size = feed.batch_size
+        batches = self.batches(rows, feed)
         # Outputs stay on the device until the shard is done: one synchronisation per shard.
         view_emb: list[Any] = []
         pooled_emb: list[Any] = []
