@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import params_from_dict  # noqa: E402
+from pipeline.config import EncodeConfig, params_from_dict  # noqa: E402
 from pipeline.data.images import load_rgb  # noqa: E402
 from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.extract import loaded  # noqa: E402
@@ -159,12 +159,21 @@ def prepare(work: Path, images: list[Path]) -> tuple[Path, list[tuple[str, np.nd
     return cache, items
 
 
+_RESIZE = (
+    {"image_transform": "resize_center_crop"}
+    if "image_transform" in EncodeConfig.__dataclass_fields__
+    else {}
+)
+
+
 def stage_params(workers: int) -> Any:
     return params_from_dict(
         {
             "models": {"preset": "tiny"},
             "base": {"decode_workers": workers, "device": "cpu"},
-            "encode": {"batch_size": CUDA_BATCH},
+            # open_clip's resize of the whole image, the bare loop's work (and the only
+            # transform before encode.image_transform existed).
+            "encode": {"batch_size": CUDA_BATCH, **_RESIZE},
         }
     )
 
@@ -208,7 +217,9 @@ class _BareWork:
 def run_bare(items: list[tuple[str, np.ndarray]], work: _BareWork, workers: int) -> float:
     start = time.perf_counter()
     if workers:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # One torch thread per process, as in torch's DataLoader workers (a forked child using
+        # the parent's OpenMP pool can hang).
+        with multiprocessing.get_context("fork").Pool(workers, torch.set_num_threads, (1,)) as pool:
             for _ in pool.imap(work, items, chunksize=8):
                 pass
     else:
@@ -246,6 +257,10 @@ def bench_size(work: Path, label: str, size: tuple[int, int], args: Any) -> dict
         ),
         "wait": statistics.median(r["read"] / r["wall"] for r in stage_runs),
         "bytes": bytes_per_image(load, items[0]),
+        # Before the Feeder, the reader cut the workers to the batches per shard.
+        "used": args.workers
+        if hasattr(reader, "Feeder")
+        else min(args.workers, -(-SHARD // CUDA_BATCH)),
         "rounds": [
             (round(n / r["wall"], 1), round(n / s, 1)) for r, s in zip(stage_runs, bare_runs)
         ],
@@ -269,13 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{'images':>10} {'stage img/s':>12} {'bare img/s':>11} {'ratio':>6} "
-            f"{'reader wait':>12} {'bytes/img':>10}  rounds (stage, bare)"
+            f"{'reader wait':>12} {'bytes/img':>10} {'workers':>8}  rounds (stage, bare)"
         )
         for label, size in (("384x288", (384, 288)), ("1024x1024", (1024, 1024))):
             r = bench_size(work, label, size, args)
             print(
                 f"{r['label']:>10} {r['stage']:12.1f} {r['bare']:11.1f} {r['ratio']:6.2f} "
-                f"{r['wait']:11.0%} {r['bytes']:10,d}  {r['rounds']}"
+                f"{r['wait']:11.0%} {r['bytes']:10,d} {r['used']:8d}  {r['rounds']}"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

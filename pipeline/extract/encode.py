@@ -168,6 +168,7 @@ class EncodeStep(ModelStep):
             self.crop_padding,
             self.cfg.color_bins,
             dino.processor if dino is not None else None,
+            clip.center_crop_pixels() if self.cfg.image_transform == "center_crop" else None,
         )
         items = [
             (

@@ -238,6 +238,18 @@ class ClipEncoder:
         steps, self.mean, self.std = split_preprocess(preprocess)
         self.pixels = ClipPixels(steps)
 
+    def center_crop_pixels(self) -> ClipPixels:
+        """`encode.image_transform: center_crop`'s whole-image view: the central crop at the
+        size of open_clip's own crop, no resize (`center_crop_steps`)."""
+        from torchvision import transforms
+
+        sizes = [
+            t.size for t in self.pixels.pil_steps.transforms if isinstance(t, transforms.CenterCrop)
+        ]
+        if not sizes:
+            raise ValueError("the CLIP image transform has no CenterCrop to take the size from")
+        return ClipPixels(center_crop_steps(int(sizes[0][0])))
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 views from `pixels` (N, 3, H, W), on any device, as the model's input: on the
         model's device, the operations and float32 numbers of open_clip's ToTensor and
