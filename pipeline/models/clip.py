@@ -256,10 +256,11 @@ class ClipEncoder:
         Normalize, then the model's dtype. A pinned CPU tensor is copied without blocking."""
         batch = pixels.to(self.device, non_blocking=True)
         if batch.dtype == torch.uint8:
-            x = batch.to(torch.float32).div(255)
+            # In place after one conversion: the same operations, one buffer.
+            x = batch.to(torch.float32)
             mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
             std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device)
-            batch = x.sub(mean.view(-1, 1, 1)).div(std.view(-1, 1, 1))
+            batch = x.div_(255).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
         return batch.to(self.dtype)
 
     @classmethod

@@ -282,33 +282,66 @@ class GroundingDinoGrounder(HFWrapper):
         # Phrase tokens: real text tokens only. Upstream decodes batched phrases over all
         # max_text_len slots and so includes "[SEP]"; the "." separators carry no object.
         n_tokens = input_ids.shape[0]
-        special = set(self.processor.tokenizer.all_special_ids)
-        dot = self.processor.tokenizer.convert_tokens_to_ids(".")
-        usable = torch.tensor(
-            [
-                bool(m) and int(t) not in special and int(t) != dot
-                for t, m in zip(input_ids, attention_mask, strict=True)
-            ],
-            dtype=torch.bool,
-        )
-        token_word, words = self._token_words(input_ids, attention_mask, query)
+        ids = input_ids.cpu()
+        usable = attention_mask.cpu().bool() & ~torch.isin(ids, self._not_words())
+        owner, words = self._query_words(ids, attention_mask.cpu(), query)
+        if not len(scores) or not words:
+            return []
+        # Per box, the caption words with a token above the threshold: (boxes, tokens) masks
+        # times a (tokens, words) membership, then one phrase per distinct set of words.
+        token_mask = (kept[:, :n_tokens].cpu() > text_threshold) & usable
+        member = (owner[:, None] == torch.arange(len(words))[None, :]).to(torch.float32)
+        picked = (token_mask.to(torch.float32) @ member) > 0
+        patterns, which = torch.unique(picked, dim=0, return_inverse=True)
+        texts = [
+            " ".join(words[k] for k in torch.nonzero(row).flatten().tolist()).strip()
+            for row in patterns
+        ]
+        phrases = [texts[k] for k in which.tolist()]
         height, width = size
-        objects: list[GroundedObject] = []
-        for score, box, prob in zip(scores.tolist(), boxes, kept.cpu(), strict=True):
-            token_mask = (prob[:n_tokens] > text_threshold) & usable
-            picked = sorted({token_word[t] for t in torch.nonzero(token_mask).flatten().tolist()})
-            phrase = " ".join(words[k] for k in picked if k >= 0).strip()
-            if not phrase:
-                continue
-            x0, y0, x1, y1 = box.tolist()
-            # float(): clipping to the int image size must not turn a coordinate into an int.
-            x0, x1 = float(min(max(x0, 0.0), width)), float(min(max(x1, 0.0), width))
-            y0, y1 = float(min(max(y0, 0.0), height)), float(min(max(y1, 0.0), height))
-            if x1 <= x0 or y1 <= y0 or min(x1 - x0, y1 - y0) < min_box_side:
-                continue
-            objects.append(GroundedObject((x0, y0, x1, y1), phrase, min(max(score, 0.0), 1.0)))
+        # Clipped in float64 (exact for float32 corners and integer sizes), as Python floats.
+        corner = boxes.double()
+        x0, x1 = corner[:, 0].clamp(0.0, width), corner[:, 2].clamp(0.0, width)
+        y0, y1 = corner[:, 1].clamp(0.0, height), corner[:, 3].clamp(0.0, height)
+        ok = (x1 > x0) & (y1 > y0) & (torch.minimum(x1 - x0, y1 - y0) >= min_box_side)
+        ok &= torch.tensor([bool(t) for t in phrases], dtype=torch.bool)
+        keep = torch.nonzero(ok).flatten().tolist()
+        corners = torch.stack([x0, y0, x1, y1], 1).tolist()
+        clipped = scores.clamp(0.0, 1.0).tolist()
+        objects = [
+            GroundedObject(tuple(corners[k]), phrases[k], clipped[k])  # type: ignore[arg-type]
+            for k in keep
+        ]
         objects.sort(key=lambda obj: obj.score, reverse=True)
         return merge_duplicates(objects, iou_threshold)[:max_objects]
+
+    def _not_words(self) -> torch.Tensor:
+        """Token ids that never join a phrase: the special tokens and "."."""
+        cached = self.__dict__.get("_not_words_ids")
+        if cached is None:
+            tokenizer = self.processor.tokenizer
+            ids = {*tokenizer.all_special_ids, tokenizer.convert_tokens_to_ids(".")}
+            cached = torch.tensor(sorted(int(i) for i in ids), dtype=torch.long)
+            self.__dict__["_not_words_ids"] = cached
+        return cached
+
+    def _query_words(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: str | None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """`_token_words` as a tensor of owners, computed once per distinct (query, tokens)
+        and kept (a bounded memo: a dataset's captions repeat across shards and rows)."""
+        memo: dict[Any, tuple[torch.Tensor, list[str]]] = self.__dict__.setdefault(
+            "_words_memo", {}
+        )
+        key = (query, tuple(input_ids[attention_mask.bool()].tolist()), int(input_ids.shape[0]))
+        found = memo.get(key)
+        if found is None:
+            owner, words = self._token_words(input_ids, attention_mask, query)
+            found = (torch.tensor(owner, dtype=torch.long), words)
+            if len(memo) >= 10_000:
+                memo.pop(next(iter(memo)))
+            memo[key] = found
+        return found
 
     def _token_words(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: str | None
