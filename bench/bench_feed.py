@@ -14,7 +14,12 @@ Printed per image size: images/s of stage and bare loop, their ratio, the stage'
 share of its wall time, its decode workers, and the bytes per image that cross between
 processes.
 
-    python bench/bench_feed.py [--n-images 192] [--rounds 2] [--workers 2]
+With `--ground-post N`: GroundingDINO's post-processing (`_objects`, the main process's
+work per image after the forward) on N images of synthetic raw boxes, today's vectorised code
+against the per-token, per-box version of commit 5a2083d (read from git), alternated: CPU
+seconds per raw box, and whether both give the same boxes and phrases.
+
+    python bench/bench_feed.py [--n-images 192] [--rounds 2] [--workers 2] [--ground-post 64]
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import EncodeConfig, params_from_dict  # noqa: E402
+from pipeline.config import EncodeConfig, GroundConfig, params_from_dict  # noqa: E402
 from pipeline.data.images import load_rgb  # noqa: E402
 from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.extract import loaded  # noqa: E402
@@ -267,11 +272,103 @@ def bench_size(work: Path, label: str, size: tuple[int, int], args: Any) -> dict
     }
 
 
+BEFORE_POST = "5a2083d"  # the last commit with the per-token, per-box post-processing
+
+
+def ground_post(n_images: int, rounds: int) -> None:
+    import subprocess
+    import types
+
+    from pipeline.models.grounding import GroundingDinoGrounder
+
+    now = GroundingDinoGrounder.load(preset="tiny", device="cpu", dtype="float32", seed=0)
+    # One torch thread: on a shared machine, intra-op threads on these small tensors measure
+    # the waits for busy cores rather than the work (both sides alike).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    source = subprocess.run(
+        ["git", "show", f"{BEFORE_POST}:pipeline/models/grounding.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType("grounding_before")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
+    exec(compile(source, "grounding_before.py", "exec"), module.__dict__)  # noqa: S102
+    before = object.__new__(module.GroundingDinoGrounder)
+    before.__dict__.update({k: v for k, v in now.__dict__.items() if not k.startswith("_")})
+    rng = np.random.default_rng(0)
+    captions = [
+        "a red car parked next to a tree on the street.",
+        "a man riding a bicycle past a dog and a bench.",
+        "two people sitting on a sofa in a living room.",
+        "a bowl of fruit on a wooden kitchen table.",
+    ]
+    cases = []
+    n_tokens, n_boxes, size = 40, 100, (480, 640)
+    for i in range(n_images):
+        query = captions[i % len(captions)]
+        enc = now.processor.tokenizer(query, return_tensors="pt")
+        ids = torch.zeros(n_tokens, dtype=torch.long)
+        mask = torch.zeros(n_tokens, dtype=torch.long)
+        ids[: enc["input_ids"].shape[1]] = enc["input_ids"][0]
+        mask[: enc["input_ids"].shape[1]] = 1
+        probs = torch.tensor(rng.uniform(0, 1, (n_boxes, n_tokens)), dtype=torch.float32)
+        xy = rng.uniform(-20, 600, (n_boxes, 2))
+        wh = rng.uniform(2, 200, (n_boxes, 2))
+        boxes = torch.tensor(np.concatenate([xy, xy + wh], 1), dtype=torch.float32)
+        detection = {"scores": probs.max(dim=-1).values, "boxes": boxes}
+        cases.append((detection, probs, ids, mask, query))
+
+    max_objects = GroundConfig().max_objects  # the default: objects kept per image
+
+    def run(grounder: Any) -> tuple[float, list[Any]]:
+        start = time.process_time()
+        found = [
+            grounder._objects(
+                d,
+                p,
+                i,
+                m,
+                size,
+                0.0,
+                0.75,
+                max_objects,
+                query=q,
+                iou_threshold=0.8,
+                min_box_side=8.0,
+            )
+            for d, p, i, m, q in cases
+        ]
+        seconds = time.process_time() - start
+        return seconds, [[(o.box, o.phrase, o.score) for o in objs] for objs in found]
+
+    times: dict[str, list[float]] = {"before": [], "now": []}
+    outputs: dict[str, list[Any]] = {}
+    for _ in range(rounds):
+        for name, grounder in (("before", before), ("now", now)):
+            seconds, outputs[name] = run(grounder)
+            times[name].append(seconds)
+    per_box = {k: 1e6 * statistics.median(v) / (n_images * n_boxes) for k, v in times.items()}
+    print(
+        f"ground post-processing, {n_images} images x {n_boxes} raw boxes, {n_tokens} tokens, "
+        f"max_objects {max_objects}: "
+        f"{BEFORE_POST} {per_box['before']:.1f} us CPU per raw box, now {per_box['now']:.1f} "
+        f"({per_box['now'] / per_box['before']:.2f} x); same boxes and phrases: "
+        f"{outputs['before'] == outputs['now']} (median of {rounds} alternated rounds, 1 "
+        "torch thread)"
+    )
+    torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n-images", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of stage and bare loop")
     ap.add_argument("--workers", type=int, default=2, help="decode processes on both sides")
+    ap.add_argument("--ground-post", type=int, default=0, help="images for the ground check")
+    ap.add_argument("--skip-encode", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="misalign-bench-feed-"))
@@ -286,7 +383,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{'images':>10} {'stage img/s':>12} {'bare img/s':>11} {'ratio':>6} "
             f"{'reader wait':>12} {'bytes/img':>10} {'workers':>8}  rounds (stage, bare)"
         )
-        for label, size in (("384x288", (384, 288)), ("1024x1024", (1024, 1024))):
+        if args.ground_post:
+            ground_post(args.ground_post, args.rounds)
+        for label, size in (
+            ()
+            if args.skip_encode
+            else (
+                ("384x288", (384, 288)),
+                ("1024x1024", (1024, 1024)),
+            )
+        ):
             r = bench_size(work, label, size, args)
             print(
                 f"{r['label']:>10} {r['stage']:12.1f} {r['bare']:11.1f} {r['ratio']:6.2f} "

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import (
@@ -62,6 +63,32 @@ def merge_duplicates(objects: list[GroundedObject], iou_threshold: float) -> lis
     for obj in objects:
         if all(o.phrase != obj.phrase or box_iou(o.box, obj.box) <= iou_threshold for o in kept):
             kept.append(obj)
+    return kept
+
+
+def _merge_sorted(
+    corners: np.ndarray, phrase_ids: np.ndarray, order: np.ndarray, iou_threshold: float, limit: int
+) -> list[int]:
+    """`merge_duplicates` on arrays, up to `limit` kept: the boxes (xyxy, float64) in `order`
+    that no kept box of the same phrase overlaps by more than `iou_threshold`, with one IoU
+    matrix computed as `box_iou` computes each pair."""
+    x0, y0, x1, y1 = (corners[:, k] for k in range(4))
+    w = np.maximum(0.0, np.minimum(x1[:, None], x1[None, :]) - np.maximum(x0[:, None], x0[None, :]))
+    h = np.maximum(0.0, np.minimum(y1[:, None], y1[None, :]) - np.maximum(y0[:, None], y0[None, :]))
+    inter = w * h
+    area = (x1 - x0) * (y1 - y0)
+    union = area[:, None] + area[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    clash = (iou > iou_threshold) & (phrase_ids[:, None] == phrase_ids[None, :])
+    suppressed = np.zeros(len(corners), dtype=bool)
+    kept: list[int] = []
+    for k in order.tolist():
+        if len(kept) >= limit:
+            break
+        if not suppressed[k]:
+            kept.append(k)
+            suppressed |= clash[k]
     return kept
 
 
@@ -293,27 +320,29 @@ class GroundingDinoGrounder(HFWrapper):
         member = (owner[:, None] == torch.arange(len(words))[None, :]).to(torch.float32)
         picked = (token_mask.to(torch.float32) @ member) > 0
         patterns, which = torch.unique(picked, dim=0, return_inverse=True)
-        texts = [
-            " ".join(words[k] for k in torch.nonzero(row).flatten().tolist()).strip()
-            for row in patterns
-        ]
-        phrases = [texts[k] for k in which.tolist()]
+        rows = patterns.tolist()
+        # A word joined with spaces is empty only when the words are (punctuation-only words).
+        has_words = [any(words[k] for k, on in enumerate(row) if on) for row in rows]
         height, width = size
         # Clipped in float64 (exact for float32 corners and integer sizes), as Python floats.
-        corner = boxes.double()
-        x0, x1 = corner[:, 0].clamp(0.0, width), corner[:, 2].clamp(0.0, width)
-        y0, y1 = corner[:, 1].clamp(0.0, height), corner[:, 3].clamp(0.0, height)
-        ok = (x1 > x0) & (y1 > y0) & (torch.minimum(x1 - x0, y1 - y0) >= min_box_side)
-        ok &= torch.tensor([bool(t) for t in phrases], dtype=torch.bool)
-        keep = torch.nonzero(ok).flatten().tolist()
-        corners = torch.stack([x0, y0, x1, y1], 1).tolist()
-        clipped = scores.clamp(0.0, 1.0).tolist()
-        objects = [
-            GroundedObject(tuple(corners[k]), phrases[k], clipped[k])  # type: ignore[arg-type]
-            for k in keep
+        c = boxes.double().numpy()
+        x0, x1 = np.clip(c[:, 0], 0.0, width), np.clip(c[:, 2], 0.0, width)
+        y0, y1 = np.clip(c[:, 1], 0.0, height), np.clip(c[:, 3], 0.0, height)
+        ok = (x1 > x0) & (y1 > y0) & (np.minimum(x1 - x0, y1 - y0) >= min_box_side)
+        ok &= np.array(has_words, dtype=bool)[which.numpy()]
+        corners = np.stack([x0, y0, x1, y1], 1)[ok]
+        clipped = np.clip(scores.double().numpy(), 0.0, 1.0)[ok]
+        phrase_ids = which.numpy()[ok]
+        order = np.argsort(-clipped, kind="stable")  # by score, ties in box order
+        kept = _merge_sorted(corners, phrase_ids, order, iou_threshold, max_objects)
+        return [
+            GroundedObject(
+                tuple(corners[k].tolist()),  # type: ignore[arg-type]
+                " ".join(w for w, on in zip(words, rows[phrase_ids[k]], strict=True) if on).strip(),
+                float(clipped[k]),
+            )
+            for k in kept
         ]
-        objects.sort(key=lambda obj: obj.score, reverse=True)
-        return merge_duplicates(objects, iou_threshold)[:max_objects]
 
     def _not_words(self) -> torch.Tensor:
         """Token ids that never join a phrase: the special tokens and "."."""
