@@ -334,14 +334,14 @@ class GroundingDinoGrounder(HFWrapper):
         clipped = np.clip(scores.double().numpy(), 0.0, 1.0)[ok]
         phrase_ids = which.numpy()[ok]
         order = np.argsort(-clipped, kind="stable")  # by score, ties in box order
-        kept = _merge_sorted(corners, phrase_ids, order, iou_threshold, max_objects)
+        chosen = _merge_sorted(corners, phrase_ids, order, iou_threshold, max_objects)
         return [
             GroundedObject(
                 tuple(corners[k].tolist()),  # type: ignore[arg-type]
                 " ".join(w for w, on in zip(words, rows[phrase_ids[k]], strict=True) if on).strip(),
                 float(clipped[k]),
             )
-            for k in kept
+            for k in chosen
         ]
 
     def _not_words(self) -> torch.Tensor:
