@@ -6,6 +6,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,18 @@ class EncodeStep(ModelStep):
         feed = self.feed(rows)
         size = feed.batch_size
         batches = self.batches(rows, feed)
+        # The texts to encode are tokenized on a thread while the images go through the model.
+        captions = [str(c) for c in rows["caption"]]
+        phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
+        memo = _TEXT_MEMO.setdefault(self.params_hash(), TextMemo())
+        new_captions = texts_to_encode(captions, memo, set())
+        new_phrases = texts_to_encode(phrases, memo, set(new_captions))
+        tokenized = _TOKENIZER.submit(
+            lambda: (
+                tokenize_slices(clip, new_captions, size),
+                tokenize_slices(clip, new_phrases, size),
+            )
+        )
         # Outputs stay on the device until the shard is done: one synchronisation per shard.
         view_emb: list[Any] = []
         pooled_emb: list[Any] = []
@@ -232,12 +245,10 @@ class EncodeStep(ModelStep):
             extra["pooled"].append(torch.cat(pooled_emb).float().cpu().numpy())
         if dino_emb:
             extra["dinov2"].append(torch.cat(dino_emb).float().cpu().numpy())
-        phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
-        memo = _TEXT_MEMO.setdefault(self.params_hash(), TextMemo())
         with timer("model"):
-            captions = [str(c) for c in rows["caption"]]
-            text_emb = encode_texts_once(clip, captions, size, memo)
-            obj_text_emb = encode_texts_once(clip, phrases, size, memo)
+            captions_tokens, phrases_tokens = tokenized.result()
+            text_emb = encode_texts_once(clip, captions, size, memo, captions_tokens)
+            obj_text_emb = encode_texts_once(clip, phrases, size, memo, phrases_tokens)
             if self.cfg.bert:
                 bert = loaded_model("bert", self.models, self.base)
                 extra["bert"].append(bert.encode([str(c) for c in rows["caption"]]))
@@ -289,13 +300,30 @@ class TextMemo:
             self._rows.popitem(last=False)
 
 
+def texts_to_encode(texts: Sequence[str], memo: TextMemo | None, also: set[str]) -> list[str]:
+    """The distinct strings of `texts` that neither `memo` holds nor `also` brings."""
+    return [
+        t for t in dict.fromkeys(texts) if t not in also and (memo is None or memo.get(t) is None)
+    ]
+
+
+def tokenize_slices(encoder: Any, texts: list[str], batch_size: int) -> list[Any]:
+    """`encoder.tokenize` of `texts` in `encode_texts_once`'s slices (CPU; runs on a thread)."""
+    return [encoder.tokenize(texts[s]) for s in batch_slices(len(texts), batch_size)]
+
+
 def encode_texts_once(
-    encoder: Any, texts: Sequence[str], batch_size: int, memo: TextMemo | None = None
+    encoder: Any,
+    texts: Sequence[str],
+    batch_size: int,
+    memo: TextMemo | None = None,
+    tokens: list[Any] | None = None,
 ) -> np.ndarray:
     """Encode each distinct string once and scatter the rows back to `texts`' order.
 
     With `memo` (kept for a whole run), strings already encoded for an earlier shard are not
-    sent to the encoder again.
+    sent to the encoder again. `tokens`: `tokenize_slices` of the strings to encode, made
+    ahead (e.g. on another thread). The embeddings stay on the device until all are done.
     """
     if not texts:
         return np.zeros((0, encoder.dim), np.float32)
@@ -303,15 +331,30 @@ def encode_texts_once(
     found = {t: memo.get(t) for t in distinct} if memo is not None else {}
     todo = [t for t in distinct if found.get(t) is None]
     rows: dict[str, np.ndarray] = {t: r for t, r in found.items() if r is not None}
-    for s in batch_slices(len(todo), batch_size):
-        for text, row in zip(todo[s], np.asarray(encoder.encode_texts(todo[s]), np.float32)):
-            rows[text] = row
-            if memo is not None:
-                memo.put(text, row)
+    slices = batch_slices(len(todo), batch_size)
+    if tokens is None or len(tokens) != len(slices):
+        tokens = None
+    if hasattr(encoder, "encode_tokens"):
+        parts = [
+            encoder.encode_tokens(tokens[k] if tokens is not None else encoder.tokenize(todo[s]))
+            for k, s in enumerate(slices)
+        ]
+        new = torch.cat(parts).float().cpu().numpy() if parts else np.zeros((0, encoder.dim))
+    else:
+        parts = [np.asarray(encoder.encode_texts(todo[s]), np.float32) for s in slices]
+        new = np.concatenate(parts) if parts else np.zeros((0, encoder.dim))
+    for text, row in zip(todo, np.asarray(new, np.float32)):
+        rows[text] = row
+        if memo is not None:
+            memo.put(text, row)
     out = np.empty((len(texts), encoder.dim), np.float32)
     for i, text in enumerate(texts):
         out[i] = rows[text]
     return out
+
+
+# Tokenizes a shard's captions and phrases while its images are read and encoded.
+_TOKENIZER = ThreadPoolExecutor(1, thread_name_prefix="misalign-tokenize")
 
 
 # Text embeddings of the current run, per encoder; cleared when a run starts. Under Dask each

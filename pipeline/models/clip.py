@@ -382,5 +382,13 @@ class ClipEncoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens).float().cpu().numpy()  # type: ignore[operator]
+        return self.encode_tokens(self.tokenize(texts)).float().cpu().numpy()
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """CPU token ids of `texts` (pure CPU work: may run on another thread)."""
+        return self.tokenizer(list(texts))  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of `tokenize`'s ids, left on the model's device."""
+        return self.model.encode_text(tokens.to(self.device, non_blocking=True))  # type: ignore[operator,no-any-return]
