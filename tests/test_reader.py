@@ -242,3 +242,52 @@ def test_texts_evicted_from_the_memo_are_encoded_again_with_the_same_values():
     again = encode_texts_once(enc, ["def", "ab"], 2, memo)
     np.testing.assert_array_equal(again, [[3, 100], [2, 97]])
     assert enc.sent == ["ab", "c", "def", "ab"]  # "ab" had been evicted, "def" had not
+
+
+def test_a_feeder_serves_consecutive_jobs_in_order_with_its_workers_kept():
+    feeder = reader.Feeder(2)
+    try:
+        first = feeder.submit([f"x_{i}.png" for i in range(20)], _square, 64)
+        second = feeder.submit([f"x_{i}.png" for i in range(20, 25)], _square, 64)
+        pool = feeder._pool()
+        assert list(second) == [[_square(f"x_{i}.png") for i in range(20, 25)]]
+        assert list(first) == [[_square(f"x_{i}.png") for i in range(20)]]
+        # One 64-image batch is still cut into chunks of 8 that both workers take.
+        assert [len(c) for c in first.chunks] == [8, 8, 4] and feeder._pool() is pool
+    finally:
+        feeder.close()
+
+
+def test_the_runner_reads_the_next_shard_before_the_current_one_goes_to_the_model(tmp_path):
+    from pipeline.rows.runner import run_step
+
+    calls: list[str] = []
+
+    class Step:
+        stage = "fake"
+
+        def params_hash(self):
+            return "p"
+
+        def attrs(self):
+            return {}
+
+        def n_shards(self):
+            return 3
+
+        def read(self, index):
+            calls.append(f"read {index}")
+            return {"ids": np.array([f"s{index}"], dtype=object), "input_hash": np.array(["h"])}
+
+        def prefetch(self, rows):
+            calls.append(f"prefetch {rows['ids'][0]}")
+
+        def compute(self, rows, timer):
+            calls.append(f"compute {rows['ids'][0]}")
+            return {"ids": rows["ids"], "input_hash": rows["input_hash"], "x": np.ones(1)}
+
+    run_step(Step(), tmp_path / "out")
+    assert calls == [
+        "read 0", "prefetch s0", "read 1", "prefetch s1", "compute s0",
+        "read 2", "prefetch s2", "compute s1", "compute s2",
+    ]  # fmt: skip
