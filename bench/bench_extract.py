@@ -129,9 +129,9 @@ def main() -> None:
         sent[key] += (len(memo) - before) if memo is not None else len(set(texts))
         return out
 
-    encode.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, m, "memo")
+    encode.encode_texts_once = lambda e, t, b, m=None, _k=None: counting(e, t, b, m, "memo")
     t_memo = _encode_again(cache, params, params.base)
-    encode.encode_texts_once = lambda e, t, b, m=None: counting(e, t, b, None, "no_memo")
+    encode.encode_texts_once = lambda e, t, b, m=None, _k=None: counting(e, t, b, None, "no_memo")
     t_no_memo = _encode_again(cache, params, params.base)
     encode.encode_texts_once = original
 

@@ -314,7 +314,7 @@ def main() -> None:
             rng = np.random.default_rng(0)
             boxes, offsets = _objects(images, rng)
             items = [(str(p), boxes[offsets[k] : offsets[k + 1]]) for k, p in enumerate(images)]
-            load = EncodeLoad(clip.preprocess, 0.1)
+            load = EncodeLoad(clip.pixels, 0.1)
             rates: dict[int, list[float]] = {0: [], 1: [], 2: []}
             for _ in range(args.rounds):
                 for w in rates:

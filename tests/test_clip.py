@@ -175,3 +175,48 @@ def test_pooled_vision_output_is_the_embedding_before_projection(tiny):
     proj = tiny.model.visual.proj.detach().float().numpy()
     np.testing.assert_allclose(pooled @ proj, tiny.encode_images(images), atol=1e-4)
     assert tiny.model.visual.proj is not None  # restored
+
+
+def _varied_images():
+    """RGB, grayscale and RGBA images, larger and smaller than 224 px on a side."""
+    rng = np.random.default_rng(3)
+    out = []
+    for (w, h), mode in (((640, 480), "RGB"), ((300, 200), "L"), ((100, 90), "RGBA")):
+        arr = rng.integers(0, 255, (h, w, 4), dtype=np.uint8)
+        out.append(Image.fromarray(arr, "RGBA").convert(mode))
+    return out
+
+
+def test_uint8_views_normalised_on_the_device_equal_open_clips_preprocessing(tiny):
+    images = _varied_images()
+    views = torch.stack([tiny.pixels(im) for im in images])
+    assert views.dtype == torch.uint8  # a quarter of float32's bytes between processes
+    reference = torch.stack([tiny.preprocess(im) for im in images])
+    assert (tiny.normalise(views) - reference).abs().max() <= 1e-6
+    with torch.inference_mode():
+        diff = tiny.encode_pixels(views) - tiny.encode_pixels(reference)
+    assert diff.abs().max() <= 1e-6
+
+
+def test_center_crop_is_torchvisions_centercrop_without_resize(tiny):
+    """encode.image_transform=center_crop: UFD's CenterCrop(224), smaller sides padded black."""
+    from torchvision import transforms
+
+    ufd = transforms.Compose(
+        [
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=tiny.mean, std=tiny.std),
+        ]
+    )
+    images = _varied_images()
+    views = torch.stack([tiny.center_crop_pixels()(im) for im in images])
+    reference = torch.stack([ufd(im.convert("RGB")) for im in images])
+    assert views.shape == (3, 3, 224, 224)
+    # The 100x90 image sits in the middle of black padding (zeros before normalisation).
+    assert int(views[2, :, :60].max()) == 0 and int(views[2, :, 100:124, 100:124].max()) > 0
+    with torch.inference_mode():
+        diff = tiny.encode_pixels(views) - tiny.encode_pixels(reference)
+    assert diff.abs().max() <= 1e-6
+    resized = torch.stack([tiny.pixels(im) for im in images])
+    assert not torch.equal(views, resized)

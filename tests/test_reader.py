@@ -33,9 +33,13 @@ def test_batches_keep_item_order_whatever_the_workers():
 
 def test_auto_workers_share_the_cpus(monkeypatch):
     monkeypatch.setattr(reader, "available_cpus", lambda: 16)
-    assert reader.resolve_workers(-1) == reader.MAX_AUTO_WORKERS
-    assert reader.resolve_workers(-1, n_processes=4) == 4
+    assert reader.resolve_workers(-1) == 15  # one CPU stays with the main process
+    assert reader.resolve_workers(-1, n_processes=4) == 3
     assert reader.resolve_workers(3, n_processes=4) == 3
+    monkeypatch.setattr(reader, "available_cpus", lambda: 32)
+    assert reader.resolve_workers(-1) == 31  # a 32-core GPU host is not held to 8
+    monkeypatch.setattr(reader, "available_cpus", lambda: 128)
+    assert reader.resolve_workers(-1) == reader.MAX_AUTO_WORKERS
     monkeypatch.setattr(reader, "available_cpus", lambda: 1)
     assert reader.resolve_workers(-1, n_processes=2) == 0
 
@@ -158,9 +162,11 @@ def test_encoded_rows_equal_each_image_and_crop_encoded_alone(extracted):
     off = objects["obj_offsets"]
     for k, rel in enumerate(ingest["path"]):
         image = load_rgb(data / rel)
-        np.testing.assert_allclose(
-            out["image_emb"][k], clip.encode_images([image])[0], rtol=1e-4, atol=1e-5
-        )
+        # The default encode.image_transform: UFD's centre crop, no resize (black padding
+        # around these small images).
+        whole = clip.center_crop_pixels()(image)[None]
+        expected = clip.encode_pixels(whole).float().numpy()[0]
+        np.testing.assert_allclose(out["image_emb"][k], expected, rtol=1e-4, atol=1e-5)
         for j in range(off[k], off[k + 1]):
             crop = crop_box(image, objects["obj_boxes"][j], p.ground.crop_padding)
             np.testing.assert_allclose(
@@ -236,3 +242,52 @@ def test_texts_evicted_from_the_memo_are_encoded_again_with_the_same_values():
     again = encode_texts_once(enc, ["def", "ab"], 2, memo)
     np.testing.assert_array_equal(again, [[3, 100], [2, 97]])
     assert enc.sent == ["ab", "c", "def", "ab"]  # "ab" had been evicted, "def" had not
+
+
+def test_a_feeder_serves_consecutive_jobs_in_order_with_its_workers_kept():
+    feeder = reader.Feeder(2)
+    try:
+        first = feeder.submit([f"x_{i}.png" for i in range(20)], _square, 64)
+        second = feeder.submit([f"x_{i}.png" for i in range(20, 25)], _square, 64)
+        pool = feeder._pool()
+        assert list(second) == [[_square(f"x_{i}.png") for i in range(20, 25)]]
+        assert list(first) == [[_square(f"x_{i}.png") for i in range(20)]]
+        # One 64-image batch is still cut into chunks of 8 that both workers take.
+        assert [len(c) for c in first.chunks] == [8, 8, 4] and feeder._pool() is pool
+    finally:
+        feeder.close()
+
+
+def test_the_runner_reads_the_next_shard_before_the_current_one_goes_to_the_model(tmp_path):
+    from pipeline.rows.runner import run_step
+
+    calls: list[str] = []
+
+    class Step:
+        stage = "fake"
+
+        def params_hash(self):
+            return "p"
+
+        def attrs(self):
+            return {}
+
+        def n_shards(self):
+            return 3
+
+        def read(self, index):
+            calls.append(f"read {index}")
+            return {"ids": np.array([f"s{index}"], dtype=object), "input_hash": np.array(["h"])}
+
+        def prefetch(self, rows):
+            calls.append(f"prefetch {rows['ids'][0]}")
+
+        def compute(self, rows, timer):
+            calls.append(f"compute {rows['ids'][0]}")
+            return {"ids": rows["ids"], "input_hash": rows["input_hash"], "x": np.ones(1)}
+
+    run_step(Step(), tmp_path / "out")
+    assert calls == [
+        "read 0", "prefetch s0", "read 1", "prefetch s1", "compute s0",
+        "read 2", "prefetch s2", "compute s1", "compute s2",
+    ]  # fmt: skip

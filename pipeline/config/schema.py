@@ -197,6 +197,11 @@ class GroundConfig:
 @dataclass
 class EncodeConfig:
     batch_size: int = ranged(16, positive_int("images per batch"))
+    # How a whole image becomes CLIP's 224 px input: center_crop is UFD's evaluation crop
+    # (validate.py: the central 224x224 pixels, no resize; smaller sides padded with black),
+    # which ITEM follows ("center-cropped into 224x224"); resize_center_crop is open_clip's
+    # (shortest side to 224, then the centre). Object crops are always resized.
+    image_transform: str = one_of("center_crop", ("center_crop", "resize_center_crop"))
     # Template for each grounded phrase before the CLIP text encoder ("{}" = the phrase itself).
     phrase_template: str = "{}"
     # Also cache BERT caption features (CT2 text variant) and DINOv2 image features.

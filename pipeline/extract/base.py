@@ -8,7 +8,7 @@ and feeds images to its model through decode workers (`DecodeThen`, `decode_work
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,51 @@ class ModelStep:
         weights = {r: weights_identity(r, self.models, self.base.seed) for r in roles}
         runtime = runtime_class(self.base) if roles else {}
         return runtime_key(self.stage, weights=weights, runtime=runtime)
+
+    def feed(self, rows: Arrays) -> Feed | None:
+        """What the decode workers do for `rows` (None: no image to decode)."""
+        return None
+
+    def prefetch(self, rows: Arrays) -> None:
+        """Hand `rows`' images to the decode workers now, ahead of `compute(rows)` (the runner
+        calls it for the next shard while the current one is in the model)."""
+        feed = self.feed(rows)
+        workers = reader.usable_workers(decode_workers(self.base))
+        if feed is not None and feed.items and workers:
+            job = reader.feeder(workers).submit(
+                feed.items, feed.load, feed.batch_size, feed.collate, feed.pin_memory
+            )
+            reader.submit_ahead(_feed_key(self.stage, rows), job)
+
+    def batches(self, rows: Arrays, feed: Feed) -> Iterator[Any]:
+        """`feed`'s batches for `rows`: those submitted by `prefetch(rows)`, else read now."""
+        ahead = reader.take_ahead(_feed_key(self.stage, rows))
+        if ahead is not None:
+            return iter(ahead)
+        return reader.read_batches(
+            feed.items,
+            feed.load,
+            feed.batch_size,
+            decode_workers(self.base),
+            feed.collate,
+            pin_memory=feed.pin_memory,
+        )
+
+
+@dataclass
+class Feed:
+    """A step's per-image CPU work on some rows: items for `load` (run in a decode worker),
+    the forward batch, how samples become a batch, and whether it goes to CUDA."""
+
+    items: list[Any]
+    load: Callable[[Any], Any]
+    batch_size: int
+    collate: Callable[[list[Any]], Any] = list
+    pin_memory: bool = False
+
+
+def _feed_key(stage: str, rows: Arrays) -> tuple[str, ...]:
+    return (stage, *(str(x) for x in rows["ids"]))
 
 
 def ingest_rows(ingest_dir: Path, index: int, keys: Sequence[str]) -> Arrays:

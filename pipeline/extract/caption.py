@@ -15,10 +15,10 @@ from pipeline.errors import CaptionsMissing
 from pipeline.evaluation.metrics import caption_provenance, describe_provenance, warn_if_correlated
 from pipeline.extract.base import (
     DecodeThen,
+    Feed,
     ModelStep,
     aligned,
     batch_slices,
-    decode_workers,
     ingest_rows,
     model_attrs,
     preflight,
@@ -26,7 +26,7 @@ from pipeline.extract.base import (
     scheduler_args,
 )
 from pipeline.extract.loaded import loaded_model
-from pipeline.rows import reader, store
+from pipeline.rows import store
 from pipeline.rows.atomic import write_text
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
@@ -76,6 +76,31 @@ class CaptionStep(ModelStep):
         rows["input_hash"] = decoding_hash(rows)
         return rows
 
+    def _need(self, rows: Arrays) -> list[int]:
+        """Rows whose caption the model writes."""
+        return [
+            i
+            for i, c in enumerate(rows["caption"])
+            if self.cfg.source == "blip2" or (self.cfg.source != "dataset" and not str(c).strip())
+        ]
+
+    def feed(self, rows: Arrays) -> Feed | None:
+        need = self._need(rows)
+        if not need:
+            return None
+        # Imports transformers: only runs when a caption is generated.
+        from pipeline.models.captioning import concat_encoded
+
+        model = loaded_model(self.cfg.model, self.models, self.base)
+        # The workers decode and run the processor; this process only generates.
+        return Feed(
+            [(str(rows["path"][i]), bool(rows["exif_transpose"][i])) for i in need],
+            DecodeThen(model.item_encoder(self.cfg.prompt or None)),
+            scaled_batch_size(self.cfg.batch_size, self.base),
+            concat_encoded,
+            pin_memory=str(model.device).startswith("cuda"),
+        )
+
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
         n = len(rows["ids"])
         captions = np.array([str(c).strip() for c in rows["caption"]], dtype=object)
@@ -88,21 +113,11 @@ class CaptionStep(ModelStep):
                 "caption.source=dataset_else_blip2 to caption them with caption.model, or add "
                 "captions to the manifest"
             )
-        if need:
-            # Imports transformers: only runs when a caption is generated.
-            from pipeline.models.captioning import concat_encoded
-
+        feed = self.feed(rows)
+        if need and feed is not None:
             model = loaded_model(self.cfg.model, self.models, self.base)
-            size = scaled_batch_size(self.cfg.batch_size, self.base)
-            # The workers decode and run the processor; this process only generates.
-            batches = reader.read_batches(
-                [(str(rows["path"][i]), bool(rows["exif_transpose"][i])) for i in need],
-                DecodeThen(model.item_encoder(self.cfg.prompt or None)),
-                size,
-                decode_workers(self.base),
-                concat_encoded,
-                pin_memory=str(model.device).startswith("cuda"),
-            )
+            size = feed.batch_size
+            batches = self.batches(rows, feed)
             for sl in batch_slices(len(need), size):
                 chunk = need[sl]
                 with timer("read"):

@@ -6,6 +6,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ import torch
 from pipeline.config import BaseConfig, EncodeConfig, ModelsConfig
 from pipeline.data.images import load_rgb
 from pipeline.extract.base import (
+    Feed,
     ModelStep,
     aligned,
     batch_slices,
-    decode_workers,
     ingest_rows,
     model_attrs,
     preflight,
@@ -29,7 +30,7 @@ from pipeline.extract.base import (
 )
 from pipeline.extract.loaded import loaded_model
 from pipeline.features import CLASS_PROMPTS, color_histograms
-from pipeline.rows import reader, store
+from pipeline.rows import store
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
 from pipeline.rows.store import Arrays
@@ -51,19 +52,26 @@ def crop_box(image: Any, box: Sequence[float], padding: float) -> Any:
 @dataclass
 class EncodeLoad:
     """The encode stage's CPU work for one image, run in a decode worker: decode once, cut the
-    object crops from that decode, preprocess every view; optional colour histograms and
-    DINOv2 pixels from the same decode."""
+    object crops from that decode, bring every view to CLIP's input size as uint8 (the
+    normalisation is done on the model's device); optional colour histograms and DINOv2 pixels
+    from the same decode. `image_pixels` makes the whole image's view, `crop_pixels` each
+    crop's (they differ under `encode.image_transform: center_crop`)."""
 
-    preprocess: Any
+    crop_pixels: Any
     crop_padding: float
     color_bins: int = 0
     dinov2_processor: Any = None
+    image_pixels: Any = None  # None: as the crops
 
     def __call__(self, item: tuple[str, bool, np.ndarray]) -> dict[str, Any]:
         path, exif_transpose, boxes = item
         image = load_rgb(path, exif_transpose)
-        views = [image, *(crop_box(image, box, self.crop_padding) for box in boxes)]
-        out: dict[str, Any] = {"pixels": torch.stack([self.preprocess(v) for v in views])}
+        whole = self.image_pixels or self.crop_pixels
+        views = [
+            whole(image),
+            *(self.crop_pixels(crop_box(image, b, self.crop_padding)) for b in boxes),
+        ]
+        out: dict[str, Any] = {"pixels": torch.stack(views)}
         if self.color_bins:
             out["color"] = torch.from_numpy(color_histograms(image, self.color_bins))
         if self.dinov2_processor is not None:
@@ -150,18 +158,18 @@ class EncodeStep(ModelStep):
         rows["input_hash"] = decoding_hash(rows)
         return rows
 
-    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+    def feed(self, rows: Arrays) -> Feed:
         clip = loaded_model("clip", self.models, self.base)
         dino = loaded_model("dinov2", self.models, self.base) if self.cfg.dinov2 else None
-        n, off = len(rows["ids"]), np.asarray(rows["obj_offsets"], dtype=np.int64)
-        counts = np.diff(off)
+        off = np.asarray(rows["obj_offsets"], dtype=np.int64)
         # Each image is decoded once, in a decode worker, and its crops are cut from that decode;
-        # the worker preprocesses them (views: the image, then its crops in object order).
+        # the worker sizes them (views: the image, then its crops in object order).
         load = EncodeLoad(
-            clip.preprocess,
+            clip.pixels,
             self.crop_padding,
             self.cfg.color_bins,
             dino.processor if dino is not None else None,
+            clip.center_crop_pixels() if self.cfg.image_transform == "center_crop" else None,
         )
         items = [
             (
@@ -169,12 +177,31 @@ class EncodeStep(ModelStep):
                 bool(rows["exif_transpose"][k]),
                 rows["obj_boxes"][off[k] : off[k + 1]],
             )
-            for k in range(n)
+            for k in range(len(rows["ids"]))
         ]
         on_cuda = str(clip.device).startswith("cuda")
         size = scaled_batch_size(self.cfg.batch_size, self.base)
-        batches = reader.read_batches(
-            items, load, size, decode_workers(self.base), collate_views, pin_memory=on_cuda
+        return Feed(items, load, size, collate_views, pin_memory=on_cuda)
+
+    def compute(self, rows: Arrays, timer: Timer) -> Arrays:
+        clip = loaded_model("clip", self.models, self.base)
+        dino = loaded_model("dinov2", self.models, self.base) if self.cfg.dinov2 else None
+        n, off = len(rows["ids"]), np.asarray(rows["obj_offsets"], dtype=np.int64)
+        counts = np.diff(off)
+        feed = self.feed(rows)
+        size = feed.batch_size
+        batches = self.batches(rows, feed)
+        # The texts to encode are tokenized on a thread while the images go through the model.
+        captions = [str(c) for c in rows["caption"]]
+        phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
+        memo = _TEXT_MEMO.setdefault(self.params_hash(), TextMemo())
+        new_captions = texts_to_encode(captions, memo, set())
+        new_phrases = texts_to_encode(phrases, memo, set(new_captions))
+        tokenized = _TOKENIZER.submit(
+            lambda: (
+                tokenize_slices(clip, new_captions, size),
+                tokenize_slices(clip, new_phrases, size),
+            )
         )
         # Outputs stay on the device until the shard is done: one synchronisation per shard.
         view_emb: list[Any] = []
@@ -218,12 +245,10 @@ class EncodeStep(ModelStep):
             extra["pooled"].append(torch.cat(pooled_emb).float().cpu().numpy())
         if dino_emb:
             extra["dinov2"].append(torch.cat(dino_emb).float().cpu().numpy())
-        phrases = [self.cfg.phrase_template.format(p) for p in rows["obj_phrase"]]
-        memo = _TEXT_MEMO.setdefault(self.params_hash(), TextMemo())
         with timer("model"):
-            captions = [str(c) for c in rows["caption"]]
-            text_emb = encode_texts_once(clip, captions, size, memo)
-            obj_text_emb = encode_texts_once(clip, phrases, size, memo)
+            captions_tokens, phrases_tokens = tokenized.result()
+            text_emb = encode_texts_once(clip, captions, size, memo, captions_tokens)
+            obj_text_emb = encode_texts_once(clip, phrases, size, memo, phrases_tokens)
             if self.cfg.bert:
                 bert = loaded_model("bert", self.models, self.base)
                 extra["bert"].append(bert.encode([str(c) for c in rows["caption"]]))
@@ -275,13 +300,30 @@ class TextMemo:
             self._rows.popitem(last=False)
 
 
+def texts_to_encode(texts: Sequence[str], memo: TextMemo | None, also: set[str]) -> list[str]:
+    """The distinct strings of `texts` that neither `memo` holds nor `also` brings."""
+    return [
+        t for t in dict.fromkeys(texts) if t not in also and (memo is None or memo.get(t) is None)
+    ]
+
+
+def tokenize_slices(encoder: Any, texts: list[str], batch_size: int) -> list[Any]:
+    """`encoder.tokenize` of `texts` in `encode_texts_once`'s slices (CPU; runs on a thread)."""
+    return [encoder.tokenize(texts[s]) for s in batch_slices(len(texts), batch_size)]
+
+
 def encode_texts_once(
-    encoder: Any, texts: Sequence[str], batch_size: int, memo: TextMemo | None = None
+    encoder: Any,
+    texts: Sequence[str],
+    batch_size: int,
+    memo: TextMemo | None = None,
+    tokens: list[Any] | None = None,
 ) -> np.ndarray:
     """Encode each distinct string once and scatter the rows back to `texts`' order.
 
     With `memo` (kept for a whole run), strings already encoded for an earlier shard are not
-    sent to the encoder again.
+    sent to the encoder again. `tokens`: `tokenize_slices` of the strings to encode, made
+    ahead (e.g. on another thread). The embeddings stay on the device until all are done.
     """
     if not texts:
         return np.zeros((0, encoder.dim), np.float32)
@@ -289,15 +331,30 @@ def encode_texts_once(
     found = {t: memo.get(t) for t in distinct} if memo is not None else {}
     todo = [t for t in distinct if found.get(t) is None]
     rows: dict[str, np.ndarray] = {t: r for t, r in found.items() if r is not None}
-    for s in batch_slices(len(todo), batch_size):
-        for text, row in zip(todo[s], np.asarray(encoder.encode_texts(todo[s]), np.float32)):
-            rows[text] = row
-            if memo is not None:
-                memo.put(text, row)
+    slices = batch_slices(len(todo), batch_size)
+    if tokens is None or len(tokens) != len(slices):
+        tokens = None
+    if hasattr(encoder, "encode_tokens"):
+        parts = [
+            encoder.encode_tokens(tokens[k] if tokens is not None else encoder.tokenize(todo[s]))
+            for k, s in enumerate(slices)
+        ]
+        new = torch.cat(parts).float().cpu().numpy() if parts else np.zeros((0, encoder.dim))
+    else:
+        parts = [np.asarray(encoder.encode_texts(todo[s]), np.float32) for s in slices]
+        new = np.concatenate(parts) if parts else np.zeros((0, encoder.dim))
+    for text, row in zip(todo, np.asarray(new, np.float32)):
+        rows[text] = row
+        if memo is not None:
+            memo.put(text, row)
     out = np.empty((len(texts), encoder.dim), np.float32)
     for i, text in enumerate(texts):
         out[i] = rows[text]
     return out
+
+
+# Tokenizes a shard's captions and phrases while its images are read and encoded.
+_TOKENIZER = ThreadPoolExecutor(1, thread_name_prefix="misalign-tokenize")
 
 
 # Text embeddings of the current run, per encoder; cleared when a run starts. Under Dask each

@@ -12,10 +12,10 @@ import numpy as np
 from pipeline.config import BaseConfig, GroundConfig, ModelsConfig
 from pipeline.extract.base import (
     DecodeThen,
+    Feed,
     ModelStep,
     aligned,
     batch_slices,
-    decode_workers,
     ingest_rows,
     model_attrs,
     preflight,
@@ -25,7 +25,6 @@ from pipeline.extract.base import (
 )
 from pipeline.extract.boxes import phrase_nms
 from pipeline.extract.loaded import loaded_model
-from pipeline.rows import reader
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
 from pipeline.rows.store import Arrays
@@ -84,22 +83,29 @@ class GroundStep(ModelStep):
         rows["input_hash"] = decoding_hash(rows)
         return rows
 
+    def feed(self, rows: Arrays) -> Feed | None:
+        if not self.cfg.enabled:
+            return None
+        model = loaded_model("grounder", self.models, self.base)
+        # The workers decode and run the processor on each (image, query); this process runs
+        # the model and the post-processing. A batch stays a list of per-item inputs, which
+        # `ground_encoded` groups into partner-free batches.
+        items = zip(rows["path"], rows["exif_transpose"], rows["caption"])
+        return Feed(
+            [(str(p), bool(e), str(c)) for p, e, c in items],
+            DecodeThen(model.item_encoder()),
+            scaled_batch_size(self.cfg.batch_size, self.base),
+            pin_memory=str(model.device).startswith("cuda"),
+        )
+
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
         n = len(rows["ids"])
         found: list[list[Any]] = [[] for _ in range(n)]
-        if self.cfg.enabled and n:
+        feed = self.feed(rows)
+        if feed is not None and n:
             model = loaded_model("grounder", self.models, self.base)
-            size = scaled_batch_size(self.cfg.batch_size, self.base)
-            # The workers decode and run the processor on each (image, query); this process runs
-            # the model and the post-processing. A batch stays a list of per-item inputs, which
-            # `ground_encoded` groups into partner-free batches.
-            items = zip(rows["path"], rows["exif_transpose"], rows["caption"])
-            batches = reader.read_batches(
-                [(str(p), bool(e), str(c)) for p, e, c in items],
-                DecodeThen(model.item_encoder()),
-                size,
-                decode_workers(self.base),
-            )
+            size = feed.batch_size
+            batches = self.batches(rows, feed)
             for sl in batch_slices(n, size):
                 with timer("read"):
                     encoded = next(batches)

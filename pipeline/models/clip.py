@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,45 @@ def tiny_checkpoint(seed: int) -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class ClipPixels:
+    """The CPU half of CLIP's preprocessing, picklable for a decode worker: the PIL steps of
+    open_clip's transform (resize, centre crop, RGB) giving a (3, H, W) uint8 tensor. The rest
+    (to float, /255, the mean and std) is `ClipEncoder.normalise`, on the model's device: a
+    quarter of the bytes cross between processes and the host does no float work."""
+
+    pil_steps: Any
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        array = np.asarray(self.pil_steps(image), dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def split_preprocess(preprocess: Any) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
+    """open_clip's image transform as (its PIL steps, mean, std): the steps before the
+    conversion to a tensor, and the Normalize that ends it."""
+    from torchvision import transforms
+
+    steps = list(preprocess.transforms)
+    names = [type(t).__name__ for t in steps]
+    if len(steps) < 2 or names[-2] not in ("ToTensor", "MaybeToTensor") or names[-1] != "Normalize":
+        raise ValueError(f"unexpected CLIP image transform (no ToTensor then Normalize): {names}")
+    norm = steps[-1]
+    return transforms.Compose(steps[:-2]), tuple(norm.mean), tuple(norm.std)
+
+
+def center_crop_steps(size: int) -> Any:
+    """UFD's evaluation crop (`validate.py`): the central size x size pixels, no resize; a side
+    shorter than `size` is padded with black on both sides (torchvision's CenterCrop)."""
+    from torchvision import transforms
+
+    return transforms.Compose([transforms.Lambda(_to_rgb), transforms.CenterCrop(size)])
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 class ClipEncoder:
     """Raw (unnormalised) CLIP image and text embeddings through open_clip."""
 
@@ -195,6 +235,33 @@ class ClipEncoder:
         self.weights_id = weights_id
         self.device = device
         self.dtype = dtype
+        steps, self.mean, self.std = split_preprocess(preprocess)
+        self.pixels = ClipPixels(steps)
+
+    def center_crop_pixels(self) -> ClipPixels:
+        """`encode.image_transform: center_crop`'s whole-image view: the central crop at the
+        size of open_clip's own crop, no resize (`center_crop_steps`)."""
+        from torchvision import transforms
+
+        sizes = [
+            t.size for t in self.pixels.pil_steps.transforms if isinstance(t, transforms.CenterCrop)
+        ]
+        if not sizes:
+            raise ValueError("the CLIP image transform has no CenterCrop to take the size from")
+        return ClipPixels(center_crop_steps(int(sizes[0][0])))
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 views from `pixels` (N, 3, H, W), on any device, as the model's input: on the
+        model's device, the operations and float32 numbers of open_clip's ToTensor and
+        Normalize, then the model's dtype. A pinned CPU tensor is copied without blocking."""
+        batch = pixels.to(self.device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            # In place after one conversion: the same operations, one buffer.
+            x = batch.to(torch.float32)
+            mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device)
+            std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device)
+            batch = x.div_(255).sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+        return batch.to(self.dtype)
 
     @classmethod
     def load(
@@ -266,12 +333,13 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Embeddings of preprocessed images (N, 3, H, W), left on the model's device.
+        """Embeddings of images (N, 3, H, W), left on the model's device: uint8 views from
+        `pixels` (normalised on the device) or tensors preprocessed already.
 
         A CPU tensor in pinned memory is copied without blocking, so the copy overlaps the
         previous forward; the caller synchronises once, when it moves the results back.
         """
-        batch = pixels.to(self.device, self.dtype, non_blocking=True)
+        batch = self.normalise(pixels)
         return self.model.encode_image(batch)  # type: ignore[operator,no-any-return]
 
     @property
@@ -299,7 +367,7 @@ class ClipEncoder:
         """`encode_images_pooled` of preprocessed images (N, 3, H, W), left on the device."""
         visual: Any = self.model.visual
         self.pooled_dim  # noqa: B018 (refuses a model without a vision projection)
-        batch = pixels.to(self.device, self.dtype, non_blocking=True)
+        batch = self.normalise(pixels)
         proj = visual.proj
         visual.proj = None
         try:
@@ -314,5 +382,13 @@ class ClipEncoder:
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens).float().cpu().numpy()  # type: ignore[operator]
+        return self.encode_tokens(self.tokenize(texts)).float().cpu().numpy()
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """CPU token ids of `texts` (pure CPU work: may run on another thread)."""
+        return self.tokenizer(list(texts))  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of `tokenize`'s ids, left on the model's device."""
+        return self.model.encode_text(tokens.to(self.device, non_blocking=True))  # type: ignore[operator,no-any-return]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import (
@@ -62,6 +63,32 @@ def merge_duplicates(objects: list[GroundedObject], iou_threshold: float) -> lis
     for obj in objects:
         if all(o.phrase != obj.phrase or box_iou(o.box, obj.box) <= iou_threshold for o in kept):
             kept.append(obj)
+    return kept
+
+
+def _merge_sorted(
+    corners: np.ndarray, phrase_ids: np.ndarray, order: np.ndarray, iou_threshold: float, limit: int
+) -> list[int]:
+    """`merge_duplicates` on arrays, up to `limit` kept: the boxes (xyxy, float64) in `order`
+    that no kept box of the same phrase overlaps by more than `iou_threshold`, with one IoU
+    matrix computed as `box_iou` computes each pair."""
+    x0, y0, x1, y1 = (corners[:, k] for k in range(4))
+    w = np.maximum(0.0, np.minimum(x1[:, None], x1[None, :]) - np.maximum(x0[:, None], x0[None, :]))
+    h = np.maximum(0.0, np.minimum(y1[:, None], y1[None, :]) - np.maximum(y0[:, None], y0[None, :]))
+    inter = w * h
+    area = (x1 - x0) * (y1 - y0)
+    union = area[:, None] + area[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    clash = (iou > iou_threshold) & (phrase_ids[:, None] == phrase_ids[None, :])
+    suppressed = np.zeros(len(corners), dtype=bool)
+    kept: list[int] = []
+    for k in order.tolist():
+        if len(kept) >= limit:
+            break
+        if not suppressed[k]:
+            kept.append(k)
+            suppressed |= clash[k]
     return kept
 
 
@@ -282,33 +309,68 @@ class GroundingDinoGrounder(HFWrapper):
         # Phrase tokens: real text tokens only. Upstream decodes batched phrases over all
         # max_text_len slots and so includes "[SEP]"; the "." separators carry no object.
         n_tokens = input_ids.shape[0]
-        special = set(self.processor.tokenizer.all_special_ids)
-        dot = self.processor.tokenizer.convert_tokens_to_ids(".")
-        usable = torch.tensor(
-            [
-                bool(m) and int(t) not in special and int(t) != dot
-                for t, m in zip(input_ids, attention_mask, strict=True)
-            ],
-            dtype=torch.bool,
-        )
-        token_word, words = self._token_words(input_ids, attention_mask, query)
+        ids = input_ids.cpu()
+        usable = attention_mask.cpu().bool() & ~torch.isin(ids, self._not_words())
+        owner, words = self._query_words(ids, attention_mask.cpu(), query)
+        if not len(scores) or not words:
+            return []
+        # Per box, the caption words with a token above the threshold: (boxes, tokens) masks
+        # times a (tokens, words) membership, then one phrase per distinct set of words.
+        token_mask = (kept[:, :n_tokens].cpu() > text_threshold) & usable
+        member = (owner[:, None] == torch.arange(len(words))[None, :]).to(torch.float32)
+        picked = (token_mask.to(torch.float32) @ member) > 0
+        patterns, which = torch.unique(picked, dim=0, return_inverse=True)
+        rows = patterns.tolist()
+        # A word joined with spaces is empty only when the words are (punctuation-only words).
+        has_words = [any(words[k] for k, on in enumerate(row) if on) for row in rows]
         height, width = size
-        objects: list[GroundedObject] = []
-        for score, box, prob in zip(scores.tolist(), boxes, kept.cpu(), strict=True):
-            token_mask = (prob[:n_tokens] > text_threshold) & usable
-            picked = sorted({token_word[t] for t in torch.nonzero(token_mask).flatten().tolist()})
-            phrase = " ".join(words[k] for k in picked if k >= 0).strip()
-            if not phrase:
-                continue
-            x0, y0, x1, y1 = box.tolist()
-            # float(): clipping to the int image size must not turn a coordinate into an int.
-            x0, x1 = float(min(max(x0, 0.0), width)), float(min(max(x1, 0.0), width))
-            y0, y1 = float(min(max(y0, 0.0), height)), float(min(max(y1, 0.0), height))
-            if x1 <= x0 or y1 <= y0 or min(x1 - x0, y1 - y0) < min_box_side:
-                continue
-            objects.append(GroundedObject((x0, y0, x1, y1), phrase, min(max(score, 0.0), 1.0)))
-        objects.sort(key=lambda obj: obj.score, reverse=True)
-        return merge_duplicates(objects, iou_threshold)[:max_objects]
+        # Clipped in float64 (exact for float32 corners and integer sizes), as Python floats.
+        c = boxes.double().numpy()
+        x0, x1 = np.clip(c[:, 0], 0.0, width), np.clip(c[:, 2], 0.0, width)
+        y0, y1 = np.clip(c[:, 1], 0.0, height), np.clip(c[:, 3], 0.0, height)
+        ok = (x1 > x0) & (y1 > y0) & (np.minimum(x1 - x0, y1 - y0) >= min_box_side)
+        ok &= np.array(has_words, dtype=bool)[which.numpy()]
+        corners = np.stack([x0, y0, x1, y1], 1)[ok]
+        clipped = np.clip(scores.double().numpy(), 0.0, 1.0)[ok]
+        phrase_ids = which.numpy()[ok]
+        order = np.argsort(-clipped, kind="stable")  # by score, ties in box order
+        chosen = _merge_sorted(corners, phrase_ids, order, iou_threshold, max_objects)
+        return [
+            GroundedObject(
+                tuple(corners[k].tolist()),  # type: ignore[arg-type]
+                " ".join(w for w, on in zip(words, rows[phrase_ids[k]], strict=True) if on).strip(),
+                float(clipped[k]),
+            )
+            for k in chosen
+        ]
+
+    def _not_words(self) -> torch.Tensor:
+        """Token ids that never join a phrase: the special tokens and "."."""
+        cached = self.__dict__.get("_not_words_ids")
+        if cached is None:
+            tokenizer = self.processor.tokenizer
+            ids = {*tokenizer.all_special_ids, tokenizer.convert_tokens_to_ids(".")}
+            cached = torch.tensor(sorted(int(i) for i in ids), dtype=torch.long)
+            self.__dict__["_not_words_ids"] = cached
+        return cached
+
+    def _query_words(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: str | None
+    ) -> tuple[torch.Tensor, list[str]]:
+        """`_token_words` as a tensor of owners, computed once per distinct (query, tokens)
+        and kept (a bounded memo: a dataset's captions repeat across shards and rows)."""
+        memo: dict[Any, tuple[torch.Tensor, list[str]]] = self.__dict__.setdefault(
+            "_words_memo", {}
+        )
+        key = (query, tuple(input_ids[attention_mask.bool()].tolist()), int(input_ids.shape[0]))
+        found = memo.get(key)
+        if found is None:
+            owner, words = self._token_words(input_ids, attention_mask, query)
+            found = (torch.tensor(owner, dtype=torch.long), words)
+            if len(memo) >= 10_000:
+                memo.pop(next(iter(memo)))
+            memo[key] = found
+        return found
 
     def _token_words(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, query: str | None

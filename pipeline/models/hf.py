@@ -69,11 +69,15 @@ def tiny_root() -> Path:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """Map a dtype name to torch; "auto" means float16 on CUDA and float32 elsewhere."""
+    """Map a dtype name to torch. "auto": bfloat16 on a CUDA GPU that supports it (Ampere and
+    later: float16's range without its overflow in long activations, at the same speed),
+    float16 on older CUDA GPUs, float32 elsewhere (CPUs run half precision slowly)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {shown(dtype)} is not one of {['auto', *DTYPES]}")
     return DTYPES[dtype]
@@ -340,7 +344,7 @@ class HFWrapper:
             path: Local `save_pretrained` directory for `paper`; None searches the HF cache.
             preset: "paper" (real weights) or "tiny" (random weights, built offline).
             device: Torch device, e.g. "cpu" or "cuda:0".
-            dtype: "auto" (float16 on CUDA, float32 on CPU), "float32", "float16" or "bfloat16".
+            dtype: "auto" (see `resolve_dtype`), "float32", "float16" or "bfloat16".
             seed: Seeds the tiny weights; ignored for `paper`.
             role: The `models.<role>` key named in error messages.
 

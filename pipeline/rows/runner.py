@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.logs import progress
-from pipeline.rows import store
+from pipeline.rows import reader, store
 from pipeline.rows.atomic import writable_dir, write_text
 from pipeline.rows.key import matches, reuse_index
 from pipeline.rows.store import Arrays
@@ -112,17 +112,32 @@ def process_shard(
     Args:
         progress: called with numbers of images done, adding up to the shard's rows.
     """
-    timer = Timer(on_advance=progress)
-    report = _build_shard(step, index, out_dir, reuse, timer)
-    rest = report.n_processed + report.n_reused - timer.n_advanced
-    if rest > 0:  # reused rows, and a step's batches that it did not report
-        timer.advance(rest)
-    return report
+    return _finish(step, _plan(step, index, out_dir, reuse, Timer(on_advance=progress)))
 
 
-def _build_shard(
+@dataclass
+class _Plan:
+    """A shard read and sorted into rows to reuse and rows to compute (`todo`)."""
+
+    index: int
+    out_dir: str
+    timer: Timer
+    ids: list[str]
+    inputs: Arrays | None = None  # None: the shard is already complete
+    todo: list[int] = field(default_factory=list)
+    by_file: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    phash: str = ""
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def todo_rows(self) -> Arrays | None:
+        if self.inputs is None or not self.todo:
+            return None
+        return store.take_rows(self.inputs, self.todo)
+
+
+def _plan(
     step: Step, index: int, out_dir: str, reuse: dict[str, tuple[str, int, str]], timer: Timer
-) -> ShardReport:
+) -> _Plan:
     target = Path(out_dir) / PARTIAL / store.shard_name(index)
     with timer("read"):
         inputs = step.read(index)
@@ -135,11 +150,10 @@ def _build_shard(
     if matches(final, phash, ids, hashes, attrs):
         # Already what this run would write: leave the file (and its DVC hash) untouched.
         target.unlink(missing_ok=True)
-        return ShardReport(index, 0, len(ids), timer.seconds)
+        return _Plan(index, out_dir, timer, ids)
     if matches(target, phash, ids, hashes, attrs):
-        return ShardReport(index, 0, len(ids), timer.seconds)
+        return _Plan(index, out_dir, timer, ids)
 
-    parts: list[Arrays] = []
     by_file: dict[str, list[tuple[int, int]]] = defaultdict(list)
     todo: list[int] = []
     for i, (cid, ihash) in enumerate(zip(ids, hashes)):
@@ -148,25 +162,72 @@ def _build_shard(
             by_file[hit[0]].append((i, hit[1]))
         else:
             todo.append(i)
-    with timer("read"):
-        for path, pairs in by_file.items():
-            try:
-                data = store.read_shard(path)
-            except store.ShardError as err:
-                # A damaged cached shard: its rows are recomputed, never reused.
-                logger.warning("%s; recomputing its rows", err)
-                todo.extend(i for i, _ in pairs)
-                continue
-            parts.append(store.take_rows(data, [r for _, r in pairs]))
+    for path in list(by_file):
+        try:
+            store.verify_shard(path)
+        except store.ShardError as err:
+            # A damaged cached shard: its rows are recomputed, never reused.
+            logger.warning("%s; recomputing its rows", err)
+            todo.extend(i for i, _ in by_file.pop(path))
     todo.sort()
-    if todo:
-        parts.append(step.compute(store.take_rows(inputs, todo), timer))
-    merged = store.concat_rows(parts)
-    position = {str(cid): k for k, cid in enumerate(merged["ids"])}
-    ordered = store.take_rows(merged, [position[cid] for cid in ids])
-    with timer("write"):
-        store.write_shard(target, ordered, {**attrs, "params_hash": phash})
-    return ShardReport(index, len(todo), len(ids) - len(todo), timer.seconds)
+    return _Plan(index, out_dir, timer, ids, inputs, todo, dict(by_file), phash, attrs)
+
+
+def _prefetch(step: Step, plan: _Plan) -> None:
+    """Let the step's decode workers start on the plan's images (steps that read images)."""
+    rows = plan.todo_rows()
+    prefetch = getattr(step, "prefetch", None)
+    if rows is not None and prefetch is not None:
+        prefetch(rows)
+
+
+def _finish(step: Step, plan: _Plan) -> ShardReport:
+    timer = plan.timer
+    if plan.inputs is None:
+        report = ShardReport(plan.index, 0, len(plan.ids), timer.seconds)
+    else:
+        parts: list[Arrays] = []
+        with timer("read"):
+            for path, pairs in plan.by_file.items():
+                parts.append(store.take_rows(store.read_shard(path), [r for _, r in pairs]))
+        rows = plan.todo_rows()
+        if rows is not None:
+            parts.append(step.compute(rows, timer))
+        merged = store.concat_rows(parts)
+        position = {str(cid): k for k, cid in enumerate(merged["ids"])}
+        ordered = store.take_rows(merged, [position[cid] for cid in plan.ids])
+        target = Path(plan.out_dir) / PARTIAL / store.shard_name(plan.index)
+        with timer("write"):
+            store.write_shard(target, ordered, {**plan.attrs, "params_hash": plan.phash})
+        n_todo = len(plan.todo)
+        report = ShardReport(plan.index, n_todo, len(plan.ids) - n_todo, timer.seconds)
+    rest = report.n_processed + report.n_reused - timer.n_advanced
+    if rest > 0:  # reused rows, and a step's batches that it did not report
+        timer.advance(rest)
+    return report
+
+
+def _local_shards(
+    step: Step,
+    n: int,
+    out_dir: str,
+    reuse: dict[str, tuple[str, int, str]],
+    progress: Callable[[int], Any],
+) -> Iterator[ShardReport]:
+    """The shards in order, in this process, one ahead: shard i+1 is read and its images
+    handed to the decode workers before shard i goes to the model."""
+    if not n:
+        return
+    plan = _plan(step, 0, out_dir, reuse, Timer(on_advance=progress))
+    _prefetch(step, plan)
+    for i in range(n):
+        following = None
+        if i + 1 < n:
+            following = _plan(step, i + 1, out_dir, reuse, Timer(on_advance=progress))
+            _prefetch(step, following)
+        yield _finish(step, plan)
+        if following is not None:
+            plan = following
 
 
 def _n_gpus() -> int:
@@ -264,8 +325,10 @@ def run_step(
             finally:
                 client.close()
         else:
-            for i in range(n):
-                reports.append(process_shard(step, i, str(out_dir), reuse, bar.update))
+            try:
+                reports.extend(_local_shards(step, n, str(out_dir), reuse, bar.update))
+            finally:
+                reader.close_feeders()
             if finish is not None:
                 finish()
 
