@@ -37,6 +37,7 @@ _FILE_TIER = {
     "test_packaging.py": "system",
     "test_plots_offline.py": "system",
     "test_cache_key.py": "integration",
+    "test_captioners.py": "integration",
     "test_clip.py": "integration",
     "test_gpu_check.py": "integration",
     "test_models_hf.py": "integration",
@@ -54,6 +55,10 @@ _TEST_TIER = {
     "test_heads.py::test_xor_reaches_bayes": "integration",
     "test_report.py::test_report_renders_offline_in_headless_chromium": "system",
     "test_report.py::test_browser_check_catches_broken_pages": "system",
+    "test_report.py::test_gallery_lists_objects_by_misalignment_in_a_browser": "system",
+    "test_ground_nms.py::test_an_image_without_grounded_objects_gets_the_documented_d_local": (
+        "integration"
+    ),
 }
 
 # Fixtures that load the tiny models or run extraction steps (test_models_hf, test_cache_key,

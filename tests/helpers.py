@@ -98,3 +98,67 @@ def write_features(directory, n=240, d=6, seed=0, poison_test=False, splits=None
         {},
     )
     return directory
+
+
+def with_value(params: dict, key: str, value: object) -> dict:
+    """Set dotted `key` (e.g. "train.mlp.epochs") in a params mapping, creating sections."""
+    node = params
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return params
+
+
+def tiny_params(tmp: Path, **overrides: object) -> str:
+    """A params.yaml in `tmp`: the project's, with the tiny preset, shards of 8 images and the
+    dotted `overrides` (pass them as a dict: `**{"train.heads": ["svm"]}`)."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"]["preset"] = "tiny"
+    params["ingest"]["shard_size"] = 8
+    for dotted, value in overrides.items():
+        with_value(params, dotted, value)
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def flip_byte(path: Path, key: str, at: int = 0) -> None:
+    """Flip one byte inside dataset `key`'s stored data (contiguous layout), in place."""
+    import h5py
+
+    with h5py.File(path, "r") as fh:
+        offset = fh[key].id.get_offset()
+    assert offset is not None
+    with open(path, "r+b") as fh:
+        fh.seek(offset + at)
+        byte = fh.read(1)
+        fh.seek(offset + at)
+        fh.write(bytes([byte[0] ^ 0x40]))
+
+
+def saved_head(tmp_path: Path, name: str = "svm") -> Path:
+    """A small head of registry name `name` fitted on separable data and saved with its
+    train.json, as the train stage leaves it."""
+    import json
+
+    import numpy as np
+
+    from pipeline.heads import make_head, save_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 6))
+    y = (X[:, 0] > 0).astype(int)
+    params = {"epochs": 2, "hidden": 4} if name == "mlp" else {}
+    head = make_head(name, params).fit(X, y, X_val=X[:10], y_val=y[:10])
+    save_head(head, tmp_path / name)
+    (tmp_path / name / "train.json").write_text(json.dumps({"head": name, "kind": "item"}))
+    return tmp_path / name
+
+
+def pipeline_params(tmp: Path, **overrides: object) -> str:
+    """`tiny_params` for whole tiny pipelines on a few images: 20 MLP epochs and 2 meta folds
+    (the smallest test datasets have 3-4 real images); `overrides` as "section.key" names."""
+    return tiny_params(tmp, **{"train.mlp.epochs": 20, "train.meta.n_folds": 2, **overrides})

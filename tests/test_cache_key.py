@@ -330,8 +330,8 @@ def test_weights_copied_over_with_the_old_size_and_mtime_are_new_rows(small, tmp
     from pipeline.extract.encode import run_encode
     from pipeline.extract.loaded import forget_loaded_models
     from pipeline.models.clip import TINY_CLIP, tiny_checkpoint
+    from pipeline.models.identity import weights_identity
     from pipeline.rows import digest
-    from pipeline.rows.key import weights_identity
 
     monkeypatch.setenv("MISALIGN_DIGEST_CACHE", str(tmp_path / "digests.json"))
     monkeypatch.setattr(digest, "_MEMO", {})

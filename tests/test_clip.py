@@ -109,9 +109,16 @@ def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_pat
     for k in range(2):
         ids = np.array([f"id{k}{i}" for i in range(2)], dtype=object)
         paths = [make_image(tmp_path / "img" / f"{k}{i}.png", 10 * k + i).name for i in range(2)]
+        stats = [(tmp_path / "img" / p).stat() for p in paths]
         store.write_shard(
             ingest / store.shard_name(k),
-            {"ids": ids, "path": np.array(paths, dtype=object)},
+            {
+                "ids": ids,
+                "path": np.array(paths, dtype=object),
+                # what ingest records so that extraction can tell the files are unchanged
+                "file_size": np.array([st.st_size for st in stats], dtype=np.int64),
+                "file_mtime_ns": np.array([st.st_mtime_ns for st in stats], dtype=np.int64),
+            },
             {"data_root": str(tmp_path / "img")},
         )
         store.write_shard(
@@ -144,6 +151,10 @@ def test_encode_stage_sends_each_string_to_the_text_encoder_once_per_run(tmp_pat
         def encode_texts(self, texts):
             sent.extend(texts)
             return self.inner.encode_texts(texts)
+
+        def tokenize(self, texts):  # the stage tokenizes ahead, then encodes the tokens
+            sent.extend(texts)
+            return self.inner.tokenize(texts)
 
     monkeypatch.setattr(encode, "loaded_model", lambda *a: Counting(real_load(*a)))
     models = ModelsConfig(preset="tiny")

@@ -14,21 +14,7 @@ from PIL import Image
 
 from pipeline.rows import store
 from stages import caption, encode, evaluate, features, ground, ingest, train
-from tests.helpers import ROOT, tiny_sample
-
-
-def _params(tmp, **overrides):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"]["preset"] = "tiny"
-    params["ingest"]["shard_size"] = 8
-    params["train"]["mlp"]["epochs"] = 20
-    params["train"]["meta"]["n_folds"] = 2  # the smallest test datasets have 3-4 real images
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        params[section][key] = value
-    path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
+from tests.helpers import ROOT, pipeline_params, tiny_sample
 
 
 def _run_all(work, data, params):
@@ -98,7 +84,7 @@ def _all(directory, keys=None):
 def run(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     data = tiny_sample(work / "data", per_generator=1, n_real=14)
-    params = _params(work)
+    params = pipeline_params(work)
     cache = _run_all(work, data, params)
     return work, data, params, cache
 
@@ -244,7 +230,7 @@ def test_broken_files_are_quarantined_and_the_run_completes(tmp_path):
         writer = csv.DictWriter(fh, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows + extra)
-    cache = _run_all(tmp_path, data, _params(tmp_path))
+    cache = _run_all(tmp_path, data, pipeline_params(tmp_path))
     reasons = {
         r["path"]: r["reason"] for r in csv.DictReader((cache / "ingest" / "quarantine.csv").open())
     }
@@ -261,7 +247,7 @@ def test_user_errors_exit_1_with_a_message(tmp_path, capsys, monkeypatch):
     bad.write_text(yaml.safe_dump({"encode": {"batchsize": 2}}))
     assert ingest.main(["--params", str(bad), "--data", "x", "--out", "y", "--name", "t"]) == 1
     assert "encode.batchsize" in capsys.readouterr().err
-    params = _params(tmp_path, **{"models.preset": "paper"})
+    params = pipeline_params(tmp_path, **{"models.preset": "paper"})
     data = tiny_sample(tmp_path / "data", per_generator=1, n_real=4)
     assert (
         ingest.main(
@@ -408,7 +394,7 @@ def test_optional_encoders_give_their_feature_kinds(run, tmp_path):
     from pipeline.features import load_features
 
     work, _, _, cache = run
-    params = _params(
+    params = pipeline_params(
         tmp_path,
         **{
             "encode.bert": True,
@@ -475,7 +461,7 @@ def test_predict_refuses_features_made_otherwise_than_the_heads(run, tmp_path, c
     work, data, _, _ = run
     info = json.loads((work / "models" / "mlp" / "train.json").read_text())
     assert info["feature_settings"]["provenance"]["clip"]["dtype"] == "float32"
-    other = _params(tmp_path, **{"base.dtype": "bfloat16"})
+    other = pipeline_params(tmp_path, **{"base.dtype": "bfloat16"})
     image = sorted((data / "images").iterdir())[0]
     args = ["predict", "--head", str(work / "models" / "mlp"), "--out", str(tmp_path / "p.csv")]
     args += ["--params", other, "--cache", str(tmp_path / "pcache"), str(image)]

@@ -69,6 +69,8 @@ class _DuplicatingGrounder:
     """Stands in for the grounder's post-processed output: per image, `n` copies of one box of
     one phrase, nearly identical, and one box of another phrase."""
 
+    device = "cpu"
+
     def item_encoder(self):
         return lambda image, caption: {"caption": caption}
 

@@ -9,9 +9,7 @@ import pytest
 
 from pipeline.rows import store
 from stages import caption, encode, features, ground, ingest
-from tests.helpers import tiny_sample
-from tests.test_e2e import _params
-from tests.test_store import _flip_byte
+from tests.helpers import flip_byte, pipeline_params, tiny_sample
 
 
 def _extract(cache, data, params, only=("ingest", "caption", "ground", "encode", "features")):
@@ -77,7 +75,7 @@ def small_sample(dest):
 def clean(tmp_path_factory):
     work = tmp_path_factory.mktemp("integrity")
     data = small_sample(work / "data")
-    params = _params(work)
+    params = pipeline_params(work)
     assert _extract(work / "cache", data, params) == 0
     return work, data, params
 
@@ -89,7 +87,7 @@ def test_damaged_clip_shard_is_recomputed_to_the_undamaged_values(clean, tmp_pat
     shutil.copytree(work / "cache", cache)
     shard = cache / "clip" / store.shard_name(0)
     if damage == "flip":
-        _flip_byte(shard, "image_emb", at=5)
+        flip_byte(shard, "image_emb", at=5)
     else:
         with h5py.File(shard, "r+") as fh:
             del fh["image_emb"]

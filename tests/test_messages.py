@@ -9,12 +9,11 @@ from pipeline.data import images
 from pipeline.data.images import inspect_image
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import ConfigError, DatasetError
-from tests.helpers import make_image
-from tests.test_reliability import _saved_head, _tiny_params
+from tests.helpers import make_image, saved_head, tiny_params
 
 
 def test_an_empty_model_id_names_the_role_in_the_fix(tmp_path):
-    params = _tiny_params(tmp_path, **{"models.blip2.id": "", "models.blip2.path": ""})
+    params = tiny_params(tmp_path, **{"models.blip2.id": "", "models.blip2.path": ""})
     with pytest.raises(ConfigError) as info:
         load_params(params)
     assert "models.blip2.path" in str(info.value) and "{role}" not in str(info.value)
@@ -65,14 +64,14 @@ def test_predict_names_the_folder_of_broken_images(tmp_path, capsys, monkeypatch
     from pipeline import predict
     from pipeline.cli import main as cli
 
-    head = _saved_head(tmp_path, "svm")
+    head = saved_head(tmp_path, "svm")
     monkeypatch.setattr(predict, "check_settings", lambda *args: None)
     folder = tmp_path / "broken"
     folder.mkdir()
     for i in range(2):
         (folder / f"{i}.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     args = ["predict", "--head", str(head), "--out", str(tmp_path / "p.csv")]
-    args += ["--params", _tiny_params(tmp_path), "--cache", str(tmp_path / "c"), str(folder)]
+    args += ["--params", tiny_params(tmp_path), "--cache", str(tmp_path / "c"), str(folder)]
     assert cli(args) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(lines) == 1 and f"no usable image in {folder}:" in lines[0], lines

@@ -9,8 +9,7 @@ import pytest
 
 from pipeline.errors import ModelFileError
 from pipeline.weight_files import check_safetensors
-from tests.helpers import make_image
-from tests.test_reliability import _saved_head, _tiny_params
+from tests.helpers import make_image, saved_head, tiny_params
 
 
 def _edit_header(path, change):
@@ -72,11 +71,11 @@ TAMPERS = {
 def test_malformed_numbers_are_one_line_naming_the_file(tmp_path, capsys, tamper, head_name):
     from pipeline.cli import main as cli
 
-    directory = _saved_head(tmp_path, head_name)
+    directory = saved_head(tmp_path, head_name)
     TAMPERS[tamper](directory)
     image = make_image(tmp_path / "x.png", 0)
     args = ["predict", "--head", str(directory), "--out", str(tmp_path / "p.csv")]
-    args += ["--params", _tiny_params(tmp_path), "--cache", str(tmp_path / "c"), str(image)]
+    args += ["--params", tiny_params(tmp_path), "--cache", str(tmp_path / "c"), str(image)]
     start = time.perf_counter()
     code = cli(args)
     err = capsys.readouterr().err
@@ -88,7 +87,7 @@ def test_malformed_numbers_are_one_line_naming_the_file(tmp_path, capsys, tamper
 
 
 def test_a_good_safetensors_file_passes(tmp_path):
-    check_safetensors(_saved_head(tmp_path, "mlp") / "weights.safetensors")
+    check_safetensors(saved_head(tmp_path, "mlp") / "weights.safetensors")
 
 
 def test_a_header_length_beyond_any_weights_file_is_refused(tmp_path):

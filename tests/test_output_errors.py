@@ -8,8 +8,7 @@ import pytest
 from pipeline.errors import OutputError, output_error
 from pipeline.rows import atomic, store
 from stages import ingest
-from tests.helpers import make_image, write_manifest
-from tests.test_reliability import _tiny_params
+from tests.helpers import make_image, tiny_params, write_manifest
 
 
 def _ingest(tmp_path):
@@ -20,7 +19,7 @@ def _ingest(tmp_path):
         label = "real" if generator == "real" else "fake"
         rows.append({"file": f"{i}.png", "label": label, "generator": generator})
     write_manifest(data / "manifest.csv", rows)
-    params = _tiny_params(tmp_path)
+    params = tiny_params(tmp_path)
     out = tmp_path / "out"
     return out, ["--params", params, "--data", str(data), "--out", str(out), "--name", "t"]
 
@@ -101,7 +100,7 @@ def test_ctrl_c_on_a_running_stage_and_its_workers_is_one_line(tmp_path):
         make_image(data / f"{i}.png", seed=i, size=(192, 192))
         rows.append({"file": f"{i}.png", "label": "real", "generator": "real"})
     write_manifest(data / "manifest.csv", rows)
-    cmd = [sys.executable, "-m", "stages.ingest", "--params", _tiny_params(tmp_path)]
+    cmd = [sys.executable, "-m", "stages.ingest", "--params", tiny_params(tmp_path)]
     cmd += ["--data", str(data), "--out", str(tmp_path / "out"), "--name", "t"]
     proc = subprocess.Popen(
         cmd,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, saved_head, tiny_params, with_value
 
 # ------------------------------------------------------------------------- param-range table
 
@@ -77,15 +77,6 @@ BAD_PARAMS = [
 ]
 
 
-def _with(params: dict, key: str, value) -> dict:
-    node = params
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return params
-
-
 def _tree_state(folder: Path) -> dict[str, tuple[int, str]]:
     return {
         str(p.relative_to(folder)): (
@@ -114,7 +105,7 @@ def outputs(tmp_path):
 def test_bad_param_refused_fast_naming_the_key(tmp_path, outputs, key, value, capsys):
     from stages import caption, encode, ingest
 
-    params = _with(yaml.safe_load((ROOT / "params.yaml").read_text()), key, value)
+    params = with_value(yaml.safe_load((ROOT / "params.yaml").read_text()), key, value)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     before = _tree_state(outputs)
@@ -207,7 +198,7 @@ def test_head_ranges_accept_the_heads_own_defaults():
 
 def test_params_check_imports_nothing_heavy_and_is_fast(tmp_path):
     """A typo is reported before torch, transformers or open_clip are even imported."""
-    params = _with(yaml.safe_load((ROOT / "params.yaml").read_text()), "ingest.shard_size", -2)
+    params = with_value(yaml.safe_load((ROOT / "params.yaml").read_text()), "ingest.shard_size", -2)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     code = (
@@ -253,17 +244,6 @@ def test_params_check_imports_nothing_heavy_and_is_fast(tmp_path):
 # ------------------------------------------------------------------ user errors versus bugs
 
 
-def _tiny_params(tmp: Path, **overrides) -> str:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"]["preset"] = "tiny"
-    params["ingest"]["shard_size"] = 8
-    for dotted, value in overrides.items():
-        _with(params, dotted, value)
-    path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return str(path)
-
-
 def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """A ValueError from deep code is a bug, not bad input: it is not turned into a message."""
     from pipeline.data import ingest as data_ingest
@@ -276,7 +256,7 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
     from tests.helpers import tiny_sample
 
     data = tiny_sample(tmp_path / "data", per_generator=1, n_real=2)
-    params = _tiny_params(tmp_path)
+    params = tiny_params(tmp_path)
     with pytest.raises(ValueError, match="a bug deep in the library"):
         ingest.main(
             ["--params", params, "--data", str(data), "--out", str(tmp_path / "i"), "--name", "t"]
@@ -285,7 +265,7 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path, monkeypatch):
 
 def test_user_errors_are_one_line_with_exit_1(tmp_path):
     """Run as DVC does (a process): one line on stderr, exit status 1, no traceback."""
-    params = _tiny_params(tmp_path)
+    params = tiny_params(tmp_path)
     proc = subprocess.run(
         [
             sys.executable,
@@ -328,7 +308,7 @@ def test_read_only_output_folder_is_a_clear_error(tmp_path, capsys):
         code = ingest.main(
             [
                 "--params",
-                _tiny_params(tmp_path),
+                tiny_params(tmp_path),
                 "--data",
                 str(data),
                 "--out",
@@ -512,7 +492,7 @@ def test_odd_files_are_used_intact_or_quarantined_with_a_reason(tmp_path):
     expect = build_corpus(data, tmp_path / "outside")
     assert len(expect) - 24 >= 25
     _corpus_manifest(data, expect)
-    params = _tiny_params(tmp_path)
+    params = tiny_params(tmp_path)
     c = tmp_path / "cache"
     common = ["--params", params, "--name", "t"]
     assert ingest.main([*common, "--data", str(data), "--out", f"{c}/ingest"]) == 0
@@ -613,7 +593,7 @@ def test_bad_manifests_are_refused_naming_file_and_row(tmp_path, capsys, body, f
     (out / "shard_00000.h5").write_bytes(b"old shard")
     (out / "manifest.csv").write_text("old manifest")
     before = _tree_state(out)
-    args = ["--params", _tiny_params(tmp_path), "--data", str(data), "--out", str(out)]
+    args = ["--params", tiny_params(tmp_path), "--data", str(data), "--out", str(out)]
     assert ingest.main([*args, "--name", "t"]) == 1
     err = capsys.readouterr().err
     for fragment in fragments:
@@ -642,21 +622,6 @@ class _Plant:
 
     def __reduce__(self):
         return (Path.touch, (self.marker,))
-
-
-def _saved_head(tmp_path: Path, name: str = "svm") -> Path:
-    import numpy as np
-
-    from pipeline.heads import make_head, save_head
-
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(40, 6))
-    y = (X[:, 0] > 0).astype(int)
-    params = {"epochs": 2, "hidden": 4} if name == "mlp" else {}
-    head = make_head(name, params).fit(X, y, X_val=X[:10], y_val=y[:10])
-    save_head(head, tmp_path / name)
-    (tmp_path / name / "train.json").write_text(json.dumps({"head": name, "kind": "item"}))
-    return tmp_path / name
 
 
 def _rewrite_weights(directory: Path, change) -> None:
@@ -718,7 +683,7 @@ TAMPERS = {
 def test_tampered_head_is_a_one_line_error_naming_the_file(tmp_path, capsys, tamper, head_name):
     from pipeline.cli import main as cli
 
-    directory = _saved_head(tmp_path, head_name)
+    directory = saved_head(tmp_path, head_name)
     marker = tmp_path / "code-ran"
     TAMPERS[tamper](directory, marker)
     image = tmp_path / "x.png"
@@ -732,7 +697,7 @@ def test_tampered_head_is_a_one_line_error_naming_the_file(tmp_path, capsys, tam
         "--out",
         str(tmp_path / "p.csv"),
         "--params",
-        _tiny_params(tmp_path),
+        tiny_params(tmp_path),
         "--cache",
         str(tmp_path / "c"),
         str(image),
@@ -754,7 +719,7 @@ def test_untampered_head_loads_and_predicts(tmp_path):
 
     from pipeline.heads import load_head
 
-    head = load_head(_saved_head(tmp_path, "mlp"))
+    head = load_head(saved_head(tmp_path, "mlp"))
     proba = head.predict_proba(np.ones((3, 6)))
     assert proba.shape == (3, 2) and np.isfinite(proba).all()
 
@@ -870,7 +835,7 @@ def kill_trials(tmp_path: Path, n_trials: int, seed: int = 0) -> list[dict]:
         caption = f"a picture of thing {i}" if i % 2 else ""
         rows.append({"path": f"img{i}.png", "label": i % 2, "generator": "g", "caption": caption})
     write_manifest(data / "manifest.csv", rows)
-    params = _tiny_params(
+    params = tiny_params(
         tmp_path,
         **{
             "ingest.shard_size": 2,

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import pipeline.report.figures as report_module
-from tests.test_report import build, make_run
+from tests.report_run import build, make_run
 
 
 @pytest.fixture(scope="module")

@@ -190,7 +190,7 @@ def test_a_stage_run_twice_writes_byte_identical_shards(tmp_path):
 def test_a_damaged_shard_is_recomputed_to_the_undamaged_values(tmp_path, damage):
     import h5py
 
-    from tests.test_store import _flip_byte
+    from tests.helpers import flip_byte
 
     clean = tmp_path / "clean"
     run_step(Doubler(SHARDS), clean)
@@ -198,7 +198,7 @@ def test_a_damaged_shard_is_recomputed_to_the_undamaged_values(tmp_path, damage)
     run_step(Doubler(SHARDS), out)
     shard = out / store.shard_name(1)
     if damage == "flip":
-        _flip_byte(shard, "out", at=2)
+        flip_byte(shard, "out", at=2)
     else:
         with h5py.File(shard, "r+") as fh:
             del fh["out"]

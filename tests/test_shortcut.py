@@ -91,7 +91,7 @@ def test_evaluate_writes_the_audit_beside_every_head_and_the_report_warns(tmp_pa
     from pipeline.evaluation.evaluate import run_evaluate
     from pipeline.report.build import build_report
     from pipeline.train import train_heads
-    from tests.test_train import write_features
+    from tests.helpers import write_features
 
     ingest = dataset(tmp_path / "planted", lambda label: "PNG" if label else "JPEG")
     feats = write_features(tmp_path / "features", n=60)

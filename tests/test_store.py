@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.rows import store
+from tests.helpers import flip_byte
 
 
 def _shard(n=3, objs=(2, 0, 1)):
@@ -117,20 +118,6 @@ def test_info_keeps_the_traceback_of_an_error_that_is_a_bug(tmp_path, monkeypatc
 # ------------------------------------------------------------------ shards that check themselves
 
 
-def _flip_byte(path, key, at=0):
-    """Flip one byte inside dataset `key`'s stored data (contiguous layout), in place."""
-    import h5py
-
-    with h5py.File(path, "r") as fh:
-        offset = fh[key].id.get_offset()
-    assert offset is not None
-    with open(path, "r+b") as fh:
-        fh.seek(offset + at)
-        byte = fh.read(1)
-        fh.seek(offset + at)
-        fh.write(bytes([byte[0] ^ 0x40]))
-
-
 def test_same_rows_give_the_same_checksums(tmp_path):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     store.write_shard(a, _shard(), {"stage": "clip"})
@@ -143,7 +130,7 @@ def test_same_rows_give_the_same_checksums(tmp_path):
 def test_a_flipped_byte_is_found_naming_shard_dataset_and_fix(tmp_path):
     path = tmp_path / store.shard_name(0)
     store.write_shard(path, _shard(), {"stage": "clip"})
-    _flip_byte(path, "image_emb", at=3)
+    flip_byte(path, "image_emb", at=3)
     store.read_shard(path, ["ids", "caption"])  # the untouched datasets still read
     with pytest.raises(store.ShardError, match=r"shard_00000.h5 is damaged: dataset 'image_emb'"):
         store.read_shard(path, ["image_emb"])

@@ -12,7 +12,7 @@ from pipeline.evaluation.metrics import apply_calibration, binary_metrics, own_d
 from pipeline.features import load_features
 from pipeline.studies import STUDIES, StudyInputs, run_study
 from pipeline.train import calibrate_on_val, fit_configured_head
-from tests.test_train import GENERATORS, write_features
+from tests.helpers import GENERATORS, write_features
 
 SVM = TrainConfig(heads=["svm"], svm={"C": 1.0, "C_grid": [0.1, 1.0]})
 MLP = TrainConfig(heads=["mlp"], mlp={"hidden": 8, "epochs": 3}, calibration="none")

@@ -83,7 +83,7 @@ def test_train_on_several_features_folders(tmp_path):
     from pipeline.config import TrainConfig
     from pipeline.features import load_feature_union, load_features
     from pipeline.train import train_heads
-    from tests.test_train import write_features
+    from tests.helpers import write_features
 
     a = write_features(tmp_path / "a", n=60, seed=0)
     b = write_features(tmp_path / "b", n=90, seed=1)

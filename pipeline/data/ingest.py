@@ -136,7 +136,7 @@ def ingest(
         )
         for item, split in zip(items, splits):
             item.split = split
-        return IngestResult(items, quarantined, duplicates)
+        return IngestResult(items, quarantined, duplicates, stamps)
     # Datasets that ship train and test only (GenImage: its val is our test) get a val carved
     # from train, for model selection, calibration and the val threshold.
     carved = carve_val(

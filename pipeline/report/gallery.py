@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.data.images import load_rgb
+from pipeline.errors import DatasetError
 from pipeline.evaluation.metrics import Scores
 from pipeline.report.markup import esc, img, note, table
 from pipeline.rows import store
@@ -235,7 +236,7 @@ def _card(
     try:
         thumb = _thumbnail(load_rgb(path), boxes, labels, colours)
         picture = img(_jpeg_uri(thumb), f"image {Path(path).name}", cls="thumb")
-    except OSError as err:
+    except (OSError, DatasetError) as err:  # a file gone or no longer decodable
         logger.warning("report: cannot show %s in the gallery: %s", path, err)
         picture = f'<div class="missing">cannot open {esc(path)}: {esc(err)}</div>'
     generated = int(ingest["label"][i]) == 1
