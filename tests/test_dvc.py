@@ -1,10 +1,12 @@
 """The DVC pipeline itself, on a few sample images with the tiny preset: runs to the end, a
 second `dvc repro` does nothing, and a param reruns exactly the stages it affects."""
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -59,6 +61,7 @@ def repo(tmp_path_factory):
     tiny_sample(repo / "data" / "sample", per_generator=1, n_real=14)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the link cache types
     _set(repo, "models", "preset", "tiny")
     _set(repo, "ingest", "shard_size", 8)
     _set(repo, "train", "heads", ["mlp", "svm", "multitask"])
@@ -97,6 +100,32 @@ def test_repro_runs_every_stage(repo):
     assert max(map(len, shown.splitlines())) <= 200, shown
     summary = json.loads((path / "metrics" / "summary" / "eval" / "mlp.json").read_text())
     assert summary["acc"] == round(metrics["mlp"]["overall"]["acc"], 4)
+
+
+def _bytes_on_disk(*folders: Path) -> int:
+    """Allocated bytes of the regular files under `folders`, each inode counted once (a shard
+    hard-linked into .dvc/cache is one file on disk)."""
+    seen: dict[tuple[int, int], int] = {}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return sum(seen.values())
+
+
+def test_outputs_are_stored_once(repo):
+    """.dvc/config's link cache types: a shard and its DVC cache object are one file."""
+    path = repo[0]
+    alone = _bytes_on_disk(path / "cache")
+    both = _bytes_on_disk(path / "cache", path / ".dvc" / "cache")
+    assert both <= 1.1 * alone, (both, alone)
+    shard = next((path / "cache" / "sample" / "clip").glob("shard_*.h5"))
+    assert shard.stat().st_nlink == 2, shard
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.h5"))}
 
 
 def test_second_repro_is_a_no_op(repo):
@@ -155,3 +184,19 @@ def test_a_misspelt_key_is_refused_before_any_stage_works(repo):
     subprocess.run(["git", "checkout", "params.yaml"], cwd=path, check=True)  # README's undo
     out = _dvc(path, "exp", "run", "-S", "train.mlp.hiden=256", ok=False)
     assert "train.mlp.hiden" in out and _ran(out) == [], out
+
+
+def test_exp_apply_brings_back_each_experiments_outputs(repo):
+    """Two experiments that differ in a feature param; `dvc exp apply` to the first and back
+    to the second links each one's shards again (outputs are links into .dvc/cache)."""
+    path = repo[0]
+    features = path / "cache" / "sample" / "features"
+    got = {}
+    for name, w2 in (("first", 0.25), ("second", 0.75)):
+        _dvc(path, "exp", "run", "-n", name, "-S", f"features.w2={w2}")
+        got[name] = _digests(features)
+    assert got["first"] != got["second"]
+    for name in ("first", "second"):
+        _dvc(path, "exp", "apply", name)
+        assert _digests(features) == got[name], name
+        assert all(p.stat().st_nlink == 2 for p in features.glob("*.h5"))
