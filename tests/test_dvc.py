@@ -77,6 +77,7 @@ def test_repro_runs_every_stage(repo):
     ran = _ran(first)
     for stage in (
         "check",
+        "listing",
         "ingest",
         "caption",
         "ground",
@@ -129,14 +130,15 @@ def _digests(folder: Path) -> dict[str, str]:
 
 
 def test_second_repro_is_a_no_op(repo):
-    assert _ran(_dvc(repo[0], "repro")) == []
+    # the listing stage runs at every repro (always changed); its output does not change
+    assert _ran(_dvc(repo[0], "repro")) == ["listing"]
 
 
 def test_a_train_param_reruns_only_training_and_scoring(repo):
     path = repo[0]
     _set(path, "train", "mlp.epochs", 5)
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
-        ["check", "train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+        ["check", "listing", "train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
     )
 
 
@@ -146,6 +148,7 @@ def test_a_feature_param_reruns_no_image_generation_nor_extraction(repo):
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
         [
             "check",
+            "listing",
             "features",
             "perturb_features@jpeg_50",
             "train",
@@ -161,7 +164,8 @@ def test_a_batch_size_reruns_nothing(repo):
     path = repo[0]
     _set(path, "encode", "batch_size", 4)
     _set(path, "caption", "batch_size", 2)
-    assert _ran(_dvc(path, "repro")) == ["check"]  # the params check only (seconds)
+    # the params check and the folder's listing only (seconds)
+    assert _ran(_dvc(path, "repro")) == ["check", "listing"]
 
 
 def test_a_misspelt_key_is_refused_before_any_stage_works(repo):
@@ -200,3 +204,43 @@ def test_exp_apply_brings_back_each_experiments_outputs(repo):
         _dvc(path, "exp", "apply", name)
         assert _digests(features) == got[name], name
         assert all(p.stat().st_nlink == 2 for p in features.glob("*.h5"))
+
+
+@pytest.fixture
+def fresh_repo(tmp_path):
+    """The project with the tiny sample, set up but never run."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / item, repo / item)
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    tiny_sample(repo / "data" / "sample", per_generator=1, n_real=2)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    _set(repo, "models", "preset", "tiny")
+    return repo
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (os.mkfifo, "FIFO"),
+        (lambda p: os.symlink("/dev/zero", p), "symlink to a character device"),
+        (lambda p: os.symlink(p, p), "symlink loop"),
+    ],
+    ids=["fifo", "dev_zero", "symlink_loop"],
+)
+def test_an_entry_that_is_not_a_file_stops_repro_in_seconds(fresh_repo, make, why):
+    """DVC no longer reads the folder (it hung on a FIFO or /dev/zero, and stopped with
+    'unexpected error' on a loop); the listing stage names the entry and nothing is ingested."""
+    make(fresh_repo / "data" / "sample" / "images" / "bad.png")
+    start = time.monotonic()
+    out = _dvc(fresh_repo, "repro", ok=False)
+    assert time.monotonic() - start < 30, out
+    lines = [line for line in out.splitlines() if "images/bad.png" in line]
+    assert len(lines) == 1 and f"images/bad.png ({why}" in lines[0], out
+    assert _ran(out) == ["check", "listing"], out
+    assert not (fresh_repo / "cache" / "sample" / "ingest").exists()
+    assert not (fresh_repo / "cache" / "sample" / "listing.jsonl").exists()
