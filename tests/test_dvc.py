@@ -66,7 +66,7 @@ def repo(tmp_path_factory):
     _set(repo, "ingest", "shard_size", 8)
     _set(repo, "train", "heads", ["mlp", "svm", "multitask"])
     _set(repo, "train", "mlp.epochs", 10)
-    _set(repo, "evaluate", "perturbations", ["jpeg_50"])
+    _set(repo, "evaluate", "perturbations", ["jpeg_50", "blur_1"])  # two copies, one process
     _set(repo, "evaluate", "qf_matrix", [])  # the stage then writes an empty matrix
     first = _dvc(repo, "repro")
     return repo, first
@@ -85,10 +85,11 @@ def test_repro_runs_every_stage(repo):
         "features",
         "train",
         "evaluate",
-        "perturb@jpeg_50",
-        "perturb_extract@jpeg_50",
+        "copies",
         "perturb_features@jpeg_50",
+        "perturb_features@blur_1",
         "robustness@jpeg_50",
+        "robustness@blur_1",
         "report",
     ):
         assert stage in ran
@@ -125,6 +126,29 @@ def test_outputs_are_stored_once(repo):
     assert shard.stat().st_nlink == 2, shard
 
 
+def test_each_model_is_loaded_once_per_extraction_step(repo):
+    """The stage timings count model loads: caption, ground and encode load their model once,
+    and the copies stage loads each model once for both perturbed copies (the first copy's
+    steps load them, the second's reuse them)."""
+    path = repo[0]
+
+    def loads(timings: Path) -> dict[str, int]:
+        return json.loads(timings.read_text())["model_loads"]
+
+    main = path / "cache" / "sample" / "timings"
+    assert loads(main / "captions.json") == {"captioner": 1}
+    assert loads(main / "objects.json") == {"grounder": 1}
+    assert loads(main / "clip.json").get("clip") == 1
+    copies = path / "cache" / "sample__perturbed"
+    total: dict[str, int] = {}
+    for name in ("jpeg_50", "blur_1"):
+        for step in ("captions", "objects", "clip"):
+            for role, n in loads(copies / name / "timings" / f"{step}.json").items():
+                total[role] = total.get(role, 0) + n
+    assert {"captioner", "grounder", "clip"} <= set(total), total
+    assert all(n == 1 for n in total.values()), total
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.h5"))}
 
@@ -138,7 +162,16 @@ def test_a_train_param_reruns_only_training_and_scoring(repo):
     path = repo[0]
     _set(path, "train", "mlp.epochs", 5)
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
-        ["check", "listing", "train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+        [
+            "check",
+            "listing",
+            "train",
+            "evaluate",
+            "robustness@jpeg_50",
+            "robustness@blur_1",
+            "qf_matrix",
+            "report",
+        ]
     )
 
 
@@ -151,9 +184,11 @@ def test_a_feature_param_reruns_no_image_generation_nor_extraction(repo):
             "listing",
             "features",
             "perturb_features@jpeg_50",
+            "perturb_features@blur_1",
             "train",
             "evaluate",
             "robustness@jpeg_50",
+            "robustness@blur_1",
             "qf_matrix",
             "report",
         ]

@@ -23,7 +23,7 @@ from pipeline.extract.base import (
     scheduler_args,
     upstream_provenance,
 )
-from pipeline.extract.loaded import loaded_model
+from pipeline.extract.loaded import loaded_model, model_loads
 from pipeline.rows import reader
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
@@ -138,4 +138,4 @@ def run_ground(
     )
     if cfg.enabled:
         preflight(models, ["grounder"])
-    return run_step(step, out_dir, **scheduler_args(base))
+    return run_step(step, out_dir, load_counts=model_loads, **scheduler_args(base))

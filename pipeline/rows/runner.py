@@ -207,11 +207,14 @@ def run_step(
     dask_address: str = "",
     n_workers: int = 2,
     finish: Callable[[], Any] | None = None,
+    load_counts: Callable[[], dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """Run `step` over all shards into `out_dir` and write its timings (`timings_path`).
 
     `finish` (picklable) runs once after the shards, on a worker under Dask (where the models
-    are already loaded), e.g. to encode the class prompts.
+    are already loaded), e.g. to encode the class prompts. `load_counts` gives this process's
+    model loads by role; their increase during the step is recorded as `model_loads` (under
+    Dask the workers load the models, and this process counts none).
 
     Returns:
         The timings: seconds per phase, images per second, n_processed, n_reused.
@@ -219,6 +222,7 @@ def run_step(
     out_dir = Path(out_dir)
     writable_dir(out_dir / PARTIAL)
     start = time.perf_counter()
+    loads_before = load_counts() if load_counts is not None else {}
     phash = step.params_hash()
     reuse = reuse_index([out_dir, out_dir / PARTIAL], phash)
     n = step.n_shards()
@@ -274,6 +278,13 @@ def run_step(
         "n_shards": n,
         "scheduler": scheduler,
     }
+    if load_counts is not None:
+        loads = load_counts()
+        timings["model_loads"] = {
+            role: n - loads_before.get(role, 0)
+            for role, n in sorted(loads.items())
+            if n > loads_before.get(role, 0)
+        }
     write_text(timings_path(out_dir), json.dumps(timings, indent=2) + "\n")
     logger.info(
         "%s: %d images processed, %d reused from cache, %d shards in %.1fs",
