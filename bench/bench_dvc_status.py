@@ -1,12 +1,14 @@
 """No-op `dvc status` against the size of the dataset folder: the folder as a DVC dependency
 (how ingest depended on data.path before) against the listing stage (what it depends on now).
 
-One temp git+DVC repo per size, holding `data/` with that many empty files and two chains:
-`folder_dep` depends on `data/` itself (DVC stats and looks up every file), `listed` depends on
-the listing stage's file (stages.listing, `always_changed`). After one `dvc repro`, each round
-times `dvc status folder_dep` and `dvc status listed` (CPU seconds of the DVC process, and
-wall), alternated; the listing stage's own cost is timed as a no-op `dvc repro listed` (the
-listing runs, nothing after it does). Sizes run in one invocation, printed side by side.
+Per size, two temp git+DVC repos hold `data/` with that many empty files. In one, stage
+`folder_dep` depends on `data/` itself (DVC stats and looks up every file). In the other, as
+in the project, stage `listed` depends on the listing stage's file (stages.listing,
+`always_changed`) and `data/` is in .dvcignore (the project's ignores `/data/`), so DVC does
+not walk it while collecting stages. After one `dvc repro`, each round times `dvc status` in
+both (CPU seconds of the DVC process and its children), alternated, and the listing's own
+cost as a no-op `dvc repro` (the listing runs, nothing after it). Sizes run in one
+invocation, printed side by side.
 
     python bench/bench_dvc_status.py [--sizes 1000 100000] [--rounds 3]
 """
@@ -28,13 +30,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DVC_YAML = {
+FOLDER_DEP = {
     "stages": {
         "folder_dep": {
             "cmd": "echo done > folder_dep.txt",
             "deps": ["data"],
             "outs": ["folder_dep.txt"],
-        },
+        }
+    }
+}
+LISTED = {
+    "stages": {
         "listing": {
             "cmd": f"{sys.executable} -m stages.listing --data data --out listing.jsonl",
             "always_changed": True,
@@ -73,8 +79,8 @@ def _dvc(repo: Path, *args: str) -> tuple[float, float, str]:
     return cpu, wall, proc.stdout + proc.stderr
 
 
-def make_repo(where: Path, n: int) -> Path:
-    repo = where / f"repo_{n}"
+def make_repo(where: Path, n: int, variant: str) -> Path:
+    repo = where / f"{variant}_{n}"
     data = repo / "data"
     per_folder = 1000
     for k in range(n):
@@ -85,10 +91,13 @@ def make_repo(where: Path, n: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["path"] = "data"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    stages = FOLDER_DEP if variant == "folder_dep" else LISTED
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(stages, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    if variant == "listed":
+        shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     _dvc(repo, "repro", "-q")
     return repo
 
@@ -100,19 +109,20 @@ def main() -> None:
     args = ap.parse_args()
     rows: dict[int, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_dvc_status_") as tmp:
-        repos = {n: make_repo(Path(tmp), n) for n in args.sizes}
+        repos = {
+            n: {v: make_repo(Path(tmp), n, v) for v in ("folder_dep", "listed")} for n in args.sizes
+        }
         for n in args.sizes:
-            rows[n] = {"folder_dep": [], "listed": [], "repro_listed": [], "wall_listed": []}
+            rows[n] = {"folder_dep": [], "listed": [], "repro_listed": []}
         for _ in range(args.rounds):
             for n, repo in repos.items():
-                cpu, _, out = _dvc(repo, "status", "folder_dep")
+                cpu, _, out = _dvc(repo["folder_dep"], "status")
                 assert "changed" not in out, out
                 rows[n]["folder_dep"].append(cpu)
-                cpu, wall, out = _dvc(repo, "status", "listed")
+                cpu, _, out = _dvc(repo["listed"], "status")
                 assert "listed:" not in out, out  # only the listing stage is "always changed"
                 rows[n]["listed"].append(cpu)
-                rows[n]["wall_listed"].append(wall)
-                cpu, _, out = _dvc(repo, "repro", "listed")
+                cpu, _, out = _dvc(repo["listed"], "repro")
                 assert "Running stage 'listed'" not in out, out
                 rows[n]["repro_listed"].append(cpu)
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in rows.items()}

@@ -62,6 +62,7 @@ def repo(tmp_path_factory):
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the link cache types
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     _set(repo, "models", "preset", "tiny")
     _set(repo, "ingest", "shard_size", 8)
     _set(repo, "train", "heads", ["mlp", "svm", "multitask"])
@@ -254,6 +255,7 @@ def fresh_repo(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     _set(repo, "models", "preset", "tiny")
     return repo
 

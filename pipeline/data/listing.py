@@ -65,14 +65,13 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result | None, str, str]]:
                 rel = prefix + entry.name
                 path = Path(entry.path)
                 lst = entry.stat(follow_symlinks=False)
-                kind = "file"
-                target: os.stat_result | None = lst
+                kind, target = "file", lst
                 if stat.S_ISLNK(lst.st_mode):
-                    target, why = _follow(path)
-                    if target is None:
+                    followed, why = _follow(path)
+                    if followed is None:
                         yield rel, None, "", why
                         continue
-                    kind = "link"
+                    kind, target = "link", followed
                     if not (stat.S_ISREG(target.st_mode) or stat.S_ISDIR(target.st_mode)):
                         what = _kind(target.st_mode)
                         yield rel, None, "", f"symlink to a {what}, {os.readlink(path)}"
