@@ -230,6 +230,12 @@ def test_exp_apply_brings_back_each_experiments_outputs(repo):
     """Two experiments that differ in a feature param; `dvc exp apply` to the first and back
     to the second links each one's shards again (outputs are links into .dvc/cache)."""
     path = repo[0]
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before exps"],
+        cwd=path,
+        check=False,  # nothing to commit when the test before this one committed it all
+    )
     features = path / "cache" / "sample" / "features"
     got = {}
     for name, w2 in (("first", 0.25), ("second", 0.75)):
@@ -239,7 +245,8 @@ def test_exp_apply_brings_back_each_experiments_outputs(repo):
     for name in ("first", "second"):
         _dvc(path, "exp", "apply", name)
         assert _digests(features) == got[name], name
-        assert all(p.stat().st_nlink == 2 for p in features.glob("*.h5"))
+        # linked, not copied (class_prompts.h5 equals clip's: one object, linked twice)
+        assert all(p.stat().st_nlink >= 2 for p in features.glob("*.h5"))
 
 
 @pytest.fixture
