@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,45 @@ def perturbed_copy(
     )
     logger.info("%s: %d perturbed images in %s", perturbation, len(rows), dest)
     return dest
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One perturbed copy of a dataset: its perturbation, cache folder, the splits it copies
+    (None: all) and the dataset name its shards record."""
+
+    perturbation: str
+    cache: Path
+    splits: Sequence[str] | None
+    dataset: str
+
+
+def extract_copies(source_ingest: str | Path, copies: Sequence[Copy], params: Params) -> None:
+    """Make and extract every perturbed copy of a dataset in this one process, so that each
+    model is loaded once for all of them (`loaded_model` keeps it) rather than once per copy.
+
+    Each copy is written to `<cache>/data/` (`perturbed_copy`) and extracted into
+    `<cache>/{ingest,captions,objects,clip}/` with its own row cache, resume and timings,
+    exactly as a separate run would.
+    """
+    for copy in copies:
+        data = perturbed_copy(
+            source_ingest,
+            copy.perturbation,
+            copy.cache / "data",
+            params.base.seed,
+            splits=copy.splits,
+        )
+        extract_dataset(data, copy.cache, copy.dataset, params, "manifest", with_features=False)
+
+
+def drop_stale_copies(root: str | Path, keep: Sequence[str]) -> None:
+    """Remove the copies under `root` whose names are not in `keep` (a perturbation or quality
+    taken out of the params), so that the stage's output holds the current copies only."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for folder in root.iterdir():
+        if folder.is_dir() and folder.name not in keep:
+            logger.info("removing %s (no longer in the params)", folder)
+            shutil.rmtree(folder)

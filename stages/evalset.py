@@ -1,6 +1,5 @@
-"""DVC stages evalset@<name> and perturb_extract@<name>: ingest, caption, ground and encode
-another dataset (its features are the features stage's work, so a feature param reruns only
-that)."""
+"""DVC stages evalset@<name>: ingest, caption, ground and encode another dataset (its
+features are the features stage's work, so a feature param reruns only that)."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = parser(__doc__ or "")
     ap.add_argument("--data", required=True, help="dataset folder or manifest CSV")
     ap.add_argument("--cache", required=True, help="cache folder of this dataset")
-    ap.add_argument("--layout", default="auto", help="dataset layout (perturbed copies: manifest)")
+    ap.add_argument("--layout", default="auto", help="dataset layout ")
     ap.add_argument(
         "--evaluation-set",
         action="store_true",

@@ -1,5 +1,5 @@
-"""DVC stage qf_matrix: features of each JPEG quality (from qf_extract), heads trained at each
-quality and tested at each; metrics/qf_matrix.json."""
+"""DVC stage qf_matrix: features of each JPEG quality (copied and extracted by the copies
+stage), heads trained at each quality and tested at each; metrics/qf_matrix.json."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from stages._common import parser, run
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = parser(__doc__ or "")
-    ap.add_argument("--root", required=True, help="qf_extract's folder (one dataset per quality)")
+    ap.add_argument(
+        "--root", required=True, help="the copies stage's QF folder (one dataset per quality)"
+    )
     ap.add_argument("--features", required=True, help="folder for the features of each quality")
     ap.add_argument("--metrics", required=True, help="metrics JSON to write")
 

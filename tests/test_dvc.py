@@ -1,10 +1,12 @@
 """The DVC pipeline itself, on a few sample images with the tiny preset: runs to the end, a
 second `dvc repro` does nothing, and a param reruns exactly the stages it affects."""
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -59,11 +61,13 @@ def repo(tmp_path_factory):
     tiny_sample(repo / "data" / "sample", per_generator=1, n_real=14)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     _dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")  # the link cache types
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     _set(repo, "models", "preset", "tiny")
     _set(repo, "ingest", "shard_size", 8)
     _set(repo, "train", "heads", ["mlp", "svm", "multitask"])
     _set(repo, "train", "mlp.epochs", 10)
-    _set(repo, "evaluate", "perturbations", ["jpeg_50"])
+    _set(repo, "evaluate", "perturbations", ["jpeg_50", "blur_1"])  # two copies, one process
     _set(repo, "evaluate", "qf_matrix", [])  # the stage then writes an empty matrix
     first = _dvc(repo, "repro")
     return repo, first
@@ -74,6 +78,7 @@ def test_repro_runs_every_stage(repo):
     ran = _ran(first)
     for stage in (
         "check",
+        "listing",
         "ingest",
         "caption",
         "ground",
@@ -81,10 +86,11 @@ def test_repro_runs_every_stage(repo):
         "features",
         "train",
         "evaluate",
-        "perturb@jpeg_50",
-        "perturb_extract@jpeg_50",
+        "copies",
         "perturb_features@jpeg_50",
+        "perturb_features@blur_1",
         "robustness@jpeg_50",
+        "robustness@blur_1",
         "report",
     ):
         assert stage in ran
@@ -99,15 +105,74 @@ def test_repro_runs_every_stage(repo):
     assert summary["acc"] == round(metrics["mlp"]["overall"]["acc"], 4)
 
 
+def _bytes_on_disk(*folders: Path) -> int:
+    """Allocated bytes of the regular files under `folders`, each inode counted once (a shard
+    hard-linked into .dvc/cache is one file on disk)."""
+    seen: dict[tuple[int, int], int] = {}
+    for folder in folders:
+        for path in folder.rglob("*"):
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode):
+                seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return sum(seen.values())
+
+
+def test_outputs_are_stored_once(repo):
+    """.dvc/config's link cache types: a shard and its DVC cache object are one file."""
+    path = repo[0]
+    alone = _bytes_on_disk(path / "cache")
+    both = _bytes_on_disk(path / "cache", path / ".dvc" / "cache")
+    assert both <= 1.1 * alone, (both, alone)
+    shard = next((path / "cache" / "sample" / "clip").glob("shard_*.h5"))
+    assert shard.stat().st_nlink == 2, shard
+
+
+def test_each_model_is_loaded_once_per_extraction_step(repo):
+    """The stage timings count model loads: caption, ground and encode load their model once,
+    and the copies stage loads each model once for both perturbed copies (the first copy's
+    steps load them, the second's reuse them)."""
+    path = repo[0]
+
+    def loads(timings: Path) -> dict[str, int]:
+        return json.loads(timings.read_text())["model_loads"]
+
+    main = path / "cache" / "sample" / "timings"
+    assert loads(main / "captions.json") == {"captioner": 1}
+    assert loads(main / "objects.json") == {"grounder": 1}
+    assert loads(main / "clip.json").get("clip") == 1
+    copies = path / "cache" / "sample__perturbed"
+    total: dict[str, int] = {}
+    for name in ("jpeg_50", "blur_1"):
+        for step in ("captions", "objects", "clip"):
+            for role, n in loads(copies / name / "timings" / f"{step}.json").items():
+                total[role] = total.get(role, 0) + n
+    assert {"captioner", "grounder", "clip"} <= set(total), total
+    assert all(n == 1 for n in total.values()), total
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.h5"))}
+
+
 def test_second_repro_is_a_no_op(repo):
-    assert _ran(_dvc(repo[0], "repro")) == []
+    # the listing stage runs at every repro (always changed); its output does not change
+    assert _ran(_dvc(repo[0], "repro")) == ["listing"]
 
 
 def test_a_train_param_reruns_only_training_and_scoring(repo):
     path = repo[0]
     _set(path, "train", "mlp.epochs", 5)
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
-        ["check", "train", "evaluate", "robustness@jpeg_50", "qf_matrix", "report"]
+        [
+            "check",
+            "listing",
+            "train",
+            "evaluate",
+            "robustness@jpeg_50",
+            "robustness@blur_1",
+            "qf_matrix",
+            "report",
+        ]
     )
 
 
@@ -117,11 +182,14 @@ def test_a_feature_param_reruns_no_image_generation_nor_extraction(repo):
     assert sorted(_ran(_dvc(path, "repro"))) == sorted(
         [
             "check",
+            "listing",
             "features",
             "perturb_features@jpeg_50",
+            "perturb_features@blur_1",
             "train",
             "evaluate",
             "robustness@jpeg_50",
+            "robustness@blur_1",
             "qf_matrix",
             "report",
         ]
@@ -132,7 +200,8 @@ def test_a_batch_size_reruns_nothing(repo):
     path = repo[0]
     _set(path, "encode", "batch_size", 4)
     _set(path, "caption", "batch_size", 2)
-    assert _ran(_dvc(path, "repro")) == ["check"]  # the params check only (seconds)
+    # the params check and the folder's listing only (seconds)
+    assert _ran(_dvc(path, "repro")) == ["check", "listing"]
 
 
 def test_a_misspelt_key_is_refused_before_any_stage_works(repo):
@@ -155,3 +224,67 @@ def test_a_misspelt_key_is_refused_before_any_stage_works(repo):
     subprocess.run(["git", "checkout", "params.yaml"], cwd=path, check=True)  # README's undo
     out = _dvc(path, "exp", "run", "-S", "train.mlp.hiden=256", ok=False)
     assert "train.mlp.hiden" in out and _ran(out) == [], out
+
+
+def test_exp_apply_brings_back_each_experiments_outputs(repo):
+    """Two experiments that differ in a feature param; `dvc exp apply` to the first and back
+    to the second links each one's shards again (outputs are links into .dvc/cache)."""
+    path = repo[0]
+    subprocess.run(["git", "add", "-A"], cwd=path, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before exps"],
+        cwd=path,
+        check=False,  # nothing to commit when the test before this one committed it all
+    )
+    features = path / "cache" / "sample" / "features"
+    got = {}
+    for name, w2 in (("first", 0.25), ("second", 0.75)):
+        _dvc(path, "exp", "run", "-n", name, "-S", f"features.w2={w2}")
+        got[name] = _digests(features)
+    assert got["first"] != got["second"]
+    for name in ("first", "second"):
+        _dvc(path, "exp", "apply", name)
+        assert _digests(features) == got[name], name
+        # linked, not copied (class_prompts.h5 equals clip's: one object, linked twice)
+        assert all(p.stat().st_nlink >= 2 for p in features.glob("*.h5"))
+
+
+@pytest.fixture
+def fresh_repo(tmp_path):
+    """The project with the tiny sample, set up but never run."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / item, repo / item)
+    for folder in ("pipeline", "stages"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    tiny_sample(repo / "data" / "sample", per_generator=1, n_real=2)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    _dvc(repo, "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
+    _set(repo, "models", "preset", "tiny")
+    return repo
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (os.mkfifo, "FIFO"),
+        (lambda p: os.symlink("/dev/zero", p), "symlink to a character device"),
+        (lambda p: os.symlink(p, p), "symlink loop"),
+    ],
+    ids=["fifo", "dev_zero", "symlink_loop"],
+)
+def test_an_entry_that_is_not_a_file_stops_repro_in_seconds(fresh_repo, make, why):
+    """DVC no longer reads the folder (it hung on a FIFO or /dev/zero, and stopped with
+    'unexpected error' on a loop); the listing stage names the entry and nothing is ingested."""
+    make(fresh_repo / "data" / "sample" / "images" / "bad.png")
+    start = time.monotonic()
+    out = _dvc(fresh_repo, "repro", ok=False)
+    assert time.monotonic() - start < 30, out
+    lines = [line for line in out.splitlines() if "images/bad.png" in line]
+    assert len(lines) == 1 and f"images/bad.png ({why}" in lines[0], out
+    assert _ran(out) == ["check", "listing"], out
+    assert not (fresh_repo / "cache" / "sample" / "ingest").exists()
+    assert not (fresh_repo / "cache" / "sample" / "listing.jsonl").exists()

@@ -57,9 +57,8 @@ def test_the_import_scan_sees_lazy_and_by_name_imports():
 def test_heads_and_model_wrappers_rerun_only_the_stages_that_use_them():
     """An edit of a head reruns no extraction stage; an edit of a model wrapper reruns no
     stage that trains, scores or reports (the weights check is in the model stages only)."""
-    extraction = {"check", "ingest", "caption", "ground", "encode", "features", "perturb"}
-    extraction |= {"perturb_extract", "perturb_features", "evalset", "evalset_features"}
-    extraction |= {"qf_extract"}
+    extraction = {"check", "listing", "ingest", "caption", "ground", "encode", "features"}
+    extraction |= {"copies", "perturb_features", "evalset_listing", "evalset", "evalset_features"}
     scoring = {"train", "evaluate", "robustness", "score_evalset", "qf_matrix", "report"}
     want = dvc_deps.wanted()
     assert extraction | scoring == set(want)

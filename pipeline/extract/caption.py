@@ -25,7 +25,7 @@ from pipeline.extract.base import (
     scaled_batch_size,
     scheduler_args,
 )
-from pipeline.extract.loaded import loaded_model
+from pipeline.extract.loaded import loaded_model, model_loads
 from pipeline.rows import store
 from pipeline.rows.atomic import write_text
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
@@ -154,7 +154,7 @@ def run_caption(
     step = CaptionStep(Path(ingest_dir), cfg, models, base, dataset)
     if cfg.source != "dataset":
         preflight(models, [cfg.model])
-    timings = run_step(step, out_dir, **scheduler_args(base))
+    timings = run_step(step, out_dir, load_counts=model_loads, **scheduler_args(base))
     write_caption_provenance(Path(ingest_dir), Path(out_dir), cfg.source)
     return timings
 

@@ -28,7 +28,7 @@ from pipeline.extract.base import (
     scheduler_args,
     upstream_provenance,
 )
-from pipeline.extract.loaded import loaded_model
+from pipeline.extract.loaded import loaded_model, model_loads
 from pipeline.features import CLASS_PROMPTS, color_histograms
 from pipeline.rows import store
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
@@ -400,7 +400,9 @@ def run_encode(
         _write_class_prompts_task, Path(out_dir), list(cfg.class_prompts), models, base, dataset
     )
     try:
-        timings = run_step(step, out_dir, finish=finish, **scheduler_args(base))
+        timings = run_step(
+            step, out_dir, finish=finish, load_counts=model_loads, **scheduler_args(base)
+        )
     finally:
         clear_text_memo()
     return timings

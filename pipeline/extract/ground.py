@@ -24,7 +24,7 @@ from pipeline.extract.base import (
     upstream_provenance,
 )
 from pipeline.extract.boxes import phrase_nms
-from pipeline.extract.loaded import loaded_model
+from pipeline.extract.loaded import loaded_model, model_loads
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
 from pipeline.rows.store import Arrays
@@ -153,4 +153,4 @@ def run_ground(
     )
     if cfg.enabled:
         preflight(models, ["grounder"])
-    return run_step(step, out_dir, **scheduler_args(base))
+    return run_step(step, out_dir, load_counts=model_loads, **scheduler_args(base))

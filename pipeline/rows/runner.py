@@ -285,11 +285,14 @@ def run_step(
     dask_address: str = "",
     n_workers: int = 2,
     finish: Callable[[], Any] | None = None,
+    load_counts: Callable[[], dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """Run `step` over all shards into `out_dir` and write its timings (`timings_path`).
 
     `finish` (picklable) runs once after the shards, on a worker under Dask (where the models
-    are already loaded), e.g. to encode the class prompts.
+    are already loaded), e.g. to encode the class prompts. `load_counts` gives this process's
+    model loads by role; their increase during the step is recorded as `model_loads` (under
+    Dask the workers load the models, and this process counts none).
 
     Returns:
         The timings: seconds per phase, images per second, n_processed, n_reused.
@@ -297,6 +300,7 @@ def run_step(
     out_dir = Path(out_dir)
     writable_dir(out_dir / PARTIAL)
     start = time.perf_counter()
+    loads_before = load_counts() if load_counts is not None else {}
     phash = step.params_hash()
     retain = int(getattr(step, "retain_params", 0))
     kept = [retained_dir(out_dir) / phash] if retain else []
@@ -363,6 +367,13 @@ def run_step(
         # The wall-clock time lives here, beside the outputs, never in a shard (see store).
         "finished_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    if load_counts is not None:
+        loads = load_counts()
+        timings["model_loads"] = {
+            role: n - loads_before.get(role, 0)
+            for role, n in sorted(loads.items())
+            if n > loads_before.get(role, 0)
+        }
     write_text(timings_path(out_dir), json.dumps(timings, indent=2) + "\n")
     logger.info(
         "%s: %d images processed, %d reused from cache, %d shards in %.1fs",
