@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages._common import parser, run
+from stages._models import check_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         copies += [Copy(q, qf / q, None, q) for q in qualities]
         extract_copies(args.source, copies, params)
 
-    return run("copies", argv, ap, body, needs_models=True)
+    return run("copies", argv, ap, body, before=check_models)
 
 
 if __name__ == "__main__":
