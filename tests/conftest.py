@@ -35,6 +35,7 @@ _FILE_TIER = {
     "test_dvc.py": "system",
     "test_e2e.py": "system",
     "test_packaging.py": "system",
+    "test_plots_render.py": "system",
     "test_plots_offline.py": "system",
     "test_cache_key.py": "integration",
     "test_captioners.py": "integration",

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import runner
+from pipeline.rows import runner
 
 
 def main() -> None:
