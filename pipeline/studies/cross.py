@@ -33,7 +33,7 @@ class LeaveOneOut(Study):
 
     name = "logo"
     summary = "leave one generator (or subset, dataset) out of training; test on each"
-    reproduces = "unseen-generator generalisation (GenImage, seed 003)"
+    reproduces = "unseen-generator generalisation (GenImage; the internship report on CLIP-feature detectors)"
 
     def run(self, inputs: StudyInputs) -> dict[str, Any]:
         rows = load_rows(inputs)

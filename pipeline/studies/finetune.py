@@ -20,7 +20,7 @@ class Finetune(Study):
 
     name = "finetune"
     summary = "train on A, fine-tune on B from the saved head, test on each C"
-    reproduces = "seed 003: pair training (one dataset, then a second)"
+    reproduces = "the internship report on CLIP-feature detectors: pair training (one dataset, then a second)"
 
     def run(self, inputs: StudyInputs) -> dict[str, Any]:
         if "warm_start_from" not in valid_params(inputs.head):
