@@ -438,8 +438,8 @@ def object_explanations(
 
 def caption_provenance_of(features_dir: str | Path, split: str | None) -> dict[str, Any] | None:
     """Caption sources per class of the rows of `split` ("all" or None: every row), from the
-    features shards (`metrics.caption_provenance`); None when the shards do not record them."""
-    from pipeline.evaluation.metrics import caption_provenance
+    features shards (`caption_sources.caption_provenance`); None when the shards do not record them."""
+    from pipeline.evaluation.caption_sources import caption_provenance
 
     labels, sources = [], []
     for path in store.list_shards(features_dir):

@@ -16,7 +16,8 @@ from pipeline.data.ingest import ingest_records
 from pipeline.data.manifest import IMAGE_EXTENSIONS, Record, write_csv
 from pipeline.errors import ConfigError, DatasetError, ModelFileError, shown
 from pipeline.evalsets import extract_ingested, planned_settings
-from pipeline.evaluation.metrics import apply_calibration, p_generated
+from pipeline.evaluation.calibration import apply_calibration
+from pipeline.evaluation.metrics import p_generated
 from pipeline.features import (
     feature_settings,
     load_features,

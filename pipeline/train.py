@@ -19,14 +19,9 @@ import numpy as np
 
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import DataUnusable, ModelFileError, shown
-from pipeline.evaluation.metrics import (
-    REAL_CLASS,
-    apply_calibration,
-    fit_calibration,
-    format_counts,
-    p_generated,
-    threshold_for_balanced_accuracy,
-)
+from pipeline.evaluation.calibration import apply_calibration, fit_calibration
+from pipeline.evaluation.caption_sources import format_counts
+from pipeline.evaluation.metrics import REAL_CLASS, p_generated, threshold_for_balanced_accuracy
 from pipeline.features import (
     CLASS_PROMPTS,
     FeatureSet,

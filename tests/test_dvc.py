@@ -137,7 +137,7 @@ def test_each_model_is_loaded_once_per_extraction_step(repo):
         return json.loads(timings.read_text())["model_loads"]
 
     main = path / "cache" / "sample" / "timings"
-    assert loads(main / "captions.json") == {"captioner": 1}
+    assert loads(main / "captions.json") == {"blip2": 1}  # caption.model names the role
     assert loads(main / "objects.json") == {"grounder": 1}
     assert loads(main / "clip.json").get("clip") == 1
     copies = path / "cache" / "sample__perturbed"
@@ -146,7 +146,7 @@ def test_each_model_is_loaded_once_per_extraction_step(repo):
         for step in ("captions", "objects", "clip"):
             for role, n in loads(copies / name / "timings" / f"{step}.json").items():
                 total[role] = total.get(role, 0) + n
-    assert {"captioner", "grounder", "clip"} <= set(total), total
+    assert {"blip2", "grounder", "clip"} <= set(total), total
     assert all(n == 1 for n in total.values()), total
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError, TrainConfig
-from pipeline.evaluation.metrics import apply_calibration, binary_metrics, own_decision, p_generated
+from pipeline.evaluation.calibration import apply_calibration
+from pipeline.evaluation.metrics import binary_metrics, own_decision, p_generated
 from pipeline.features import load_features
 from pipeline.studies import STUDIES, StudyInputs, run_study
 from pipeline.train import calibrate_on_val, fit_configured_head

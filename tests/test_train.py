@@ -10,8 +10,8 @@ from scipy.special import expit, logit
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.config import ConfigError, EvaluateConfig, TrainConfig
+from pipeline.evaluation.calibration import apply_calibration, fit_calibration
 from pipeline.evaluation.evaluate import run_evaluate
-from pipeline.evaluation.metrics import apply_calibration, fit_calibration
 from pipeline.heads import load_head
 from pipeline.train import train_heads
 from tests.helpers import GENERATORS, write_features

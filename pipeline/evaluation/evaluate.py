@@ -11,17 +11,17 @@ from typing import IO, Any
 import numpy as np
 
 from pipeline.errors import DataUnusable
+from pipeline.evaluation.calibration import apply_calibration
+from pipeline.evaluation.caption_sources import warn_if_correlated
 from pipeline.evaluation.metrics import (
     REAL_CLASS,
     Scores,
-    apply_calibration,
     binary_metrics,
     evaluate_scores,
     own_decision,
     p_generated,
     pr_points,
     roc_points,
-    warn_if_correlated,
 )
 from pipeline.evaluation.shortcut import shortcut_audit
 from pipeline.evaluation.summary import write_summaries

@@ -3,12 +3,13 @@
 `metrics/eval*.json` keeps every block (overall, per generator, mean); `dvc metrics show` reads
 only these summaries, so that one line is one head on one evaluation set:
 
-    Path                           acc   ap    auc   bacc  mean.acc  mean.bacc  mean.n_all  n
-    metrics/summary/eval/mlp.json  0.85  0.91  0.9   0.84  0.83      0.82       0           40
+    Path                           acc   ap    auc   bacc  mean.acc  mean.ap  mean.bacc  mean.n_all  n
+    metrics/summary/eval/mlp.json  0.85  0.91  0.9   0.84  0.83      0.88     0.82       0           40
 
-`bacc` is the balanced accuracy, the mean of `r_acc` and `f_acc` (both shown too): unlike
-`acc` it does not reward calling everything real when reals outnumber generated images, as
-they do in the `all` blocks (`mean.n_all` of them, `mean.n_own` hold their own folder's reals).
+`bacc` is the balanced accuracy, the mean of `r_acc` and `f_acc` (both in `metrics/eval*.json`):
+unlike `acc` it does not reward calling everything real when reals outnumber generated images,
+as they do in the `all` blocks (`mean.n_all` of them). The columns are few on purpose, so that
+`dvc metrics show` and `dvc exp show` stay readable on a terminal.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 
 from pipeline.rows.atomic import write_json_atomic
 
-OVERALL_KEYS = ("acc", "ap", "auc", "r_acc", "f_acc")
-MEAN_KEYS = ("acc", "ap", "r_acc", "f_acc")
-#: Block counts of the `mean` block copied as they are (`metrics.mean_block`).
-MEAN_COUNTS = ("n_own", "n_all")
+OVERALL_KEYS = ("acc", "ap", "auc")
+MEAN_KEYS = ("acc", "ap")
+#: Block counts of the `mean` block copied as they are (`metrics.mean_block`): how many
+#: per-generator blocks pool every real image of the set.
+MEAN_COUNTS = ("n_all",)
 
 
 def balanced_accuracy(block: dict[str, Any]) -> float | None:
@@ -35,9 +37,8 @@ def balanced_accuracy(block: dict[str, Any]) -> float | None:
 
 
 def head_summary(block: dict[str, Any]) -> dict[str, Any]:
-    """`{acc, ap, auc, r_acc, f_acc, bacc, mean: {acc, ap, r_acc, f_acc, bacc, n_own, n_all},
-    n, preset}` of one head's eval.json block (`n_own`/`n_all` only when the block's `mean`
-    counts them).
+    """`{acc, ap, auc, bacc, mean: {acc, ap, bacc, n_all}, n, preset}` of one head's eval.json
+    block (`n_all` only when the block's `mean` counts it).
 
     `mean` is the block's own `mean` (the papers' average over generators) when it has one,
     else the average over its `per_generator` blocks of the values that are defined. Its
@@ -49,7 +50,7 @@ def head_summary(block: dict[str, Any]) -> dict[str, Any]:
     mean = block.get("mean")
     if not isinstance(mean, dict):
         per_gen = [b for b in block.get("per_generator", {}).values() if isinstance(b, dict)]
-        mean = {k: _mean([b.get(k) for b in per_gen]) for k in MEAN_KEYS}
+        mean = {k: _mean([b.get(k) for b in per_gen]) for k in (*MEAN_KEYS, "r_acc", "f_acc")}
     out["mean"] = {k: mean.get(k) for k in MEAN_KEYS}
     out["mean"]["bacc"] = balanced_accuracy(mean)
     out["mean"].update({k: mean[k] for k in MEAN_COUNTS if k in mean})

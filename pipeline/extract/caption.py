@@ -12,7 +12,11 @@ import numpy as np
 
 from pipeline.config import BaseConfig, CaptionConfig, ModelsConfig
 from pipeline.errors import CaptionsMissing
-from pipeline.evaluation.metrics import caption_provenance, describe_provenance, warn_if_correlated
+from pipeline.evaluation.caption_sources import (
+    caption_provenance,
+    describe_provenance,
+    warn_if_correlated,
+)
 from pipeline.extract.base import (
     DecodeThen,
     Feed,
@@ -164,7 +168,7 @@ PROVENANCE_FILE = "provenance.json"
 
 def write_caption_provenance(ingest_dir: Path, captions_dir: Path, source: str) -> dict[str, Any]:
     """Count caption sources per class into `<captions_dir>/provenance.json`; warn loudly
-    when they are class-correlated (see `metrics.caption_provenance`)."""
+    when they are class-correlated (see `caption_sources.caption_provenance`)."""
     labels, sources = [], []
     for i, path in enumerate(store.list_shards(ingest_dir)):
         rows = store.read_shard(path, ["ids", "label"])

@@ -13,7 +13,7 @@ from scipy.special import expit
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import ConfigError, DataUnusable
-from pipeline.evaluation.metrics import fit_platt
+from pipeline.evaluation.calibration import fit_platt
 from pipeline.heads.blocks import fit_standardiser, float64_blocks, map_row_blocks, standardise
 from pipeline.heads.contract import BaseHead, State, check_positive
 from pipeline.heads.registry import register

@@ -18,7 +18,8 @@ import numpy as np
 
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.errors import DataUnusable
-from pipeline.evaluation.metrics import apply_calibration, binary_metrics, own_decision, p_generated
+from pipeline.evaluation.calibration import apply_calibration
+from pipeline.evaluation.metrics import binary_metrics, own_decision, p_generated
 from pipeline.features import FeatureSet, concat_features, load_features
 from pipeline.rows.atomic import write_json_atomic
 from pipeline.train import calibrate_on_val, fit_configured_head
