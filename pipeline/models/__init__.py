@@ -103,4 +103,4 @@ def check_weights(models: ModelsConfig, roles: list[str] | tuple[str, ...]) -> N
         except ModelWeightsMissing as err:
             problems.append(str(err))
     if problems:
-        raise WeightsMissing("\n".join(problems))
+        raise WeightsMissing("; ".join(problems))
