@@ -16,7 +16,7 @@ from transformers import (
     BlipProcessor,
 )
 
-from pipeline.models.captioning import Captioner, suppressed_tokens
+from pipeline.models.captioning import Captioner, save_tiny_captioner
 from pipeline.models.hf import write_json, write_tiny_wordpiece_tokenizer
 
 _TINY_IMAGE = 32  # pixels; patch 8 gives 16 patches
@@ -104,12 +104,12 @@ class BlipCaptioner(Captioner):
         )
         model = BlipForConditionalGeneration(config)
         # Random weights: keep tiny captions non-empty lowercase words (see captioning.WORDLIKE).
-        model.generation_config.min_new_tokens = 1
-        model.generation_config.suppress_tokens = suppressed_tokens(
-            tokenizer, vocab_size, keep=[tokenizer.sep_token_id]
+        save_tiny_captioner(
+            model,
+            processor,
+            tokenizer,
+            vocab_size,
+            end_token=tokenizer.sep_token_id,
+            directory=directory,
+            source=source,
         )
-        model.save_pretrained(directory)
-        processor.save_pretrained(directory)
-        for path in sorted(source.iterdir()):
-            path.unlink()
-        source.rmdir()

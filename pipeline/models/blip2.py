@@ -22,6 +22,7 @@ from pipeline.models.captioning import (  # noqa: F401  (re-exported for callers
     Captioner,
     CaptionItemEncoder,
     concat_encoded,
+    save_tiny_captioner,
     suppressed_tokens,
 )
 from pipeline.models.hf import write_json
@@ -160,11 +161,12 @@ class Blip2Captioner(Captioner):
         # and word-like (lowercase letters and spaces) so they can flow through grounding and
         # CLIP: at least one new token, and every token that is not word-like (other than EOS)
         # is suppressed. This lives in the tiny model's generation_config.json only.
-        suppress = suppressed_tokens(tokenizer, vocab_size, keep=[tokenizer.eos_token_id])
-        model.generation_config.min_new_tokens = 1
-        model.generation_config.suppress_tokens = suppress
-        model.save_pretrained(directory)
-        processor.save_pretrained(directory)
-        for path in source.iterdir():
-            path.unlink()
-        source.rmdir()
+        save_tiny_captioner(
+            model,
+            processor,
+            tokenizer,
+            vocab_size,
+            end_token=tokenizer.eos_token_id,
+            directory=directory,
+            source=source,
+        )

@@ -6,6 +6,7 @@ import copy
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -47,6 +48,31 @@ def suppressed_tokens(tokenizer: Any, vocab_size: int, keep: Sequence[int]) -> l
         for token_id in range(vocab_size)
         if token_id not in keep and not WORDLIKE.fullmatch(str(tokenizer.decode([token_id])))
     ]
+
+
+def save_tiny_captioner(
+    model: Any,
+    processor: Any,
+    tokenizer: Any,
+    vocab_size: int,
+    *,
+    end_token: int,
+    directory: Path,
+    source: Path,
+) -> None:
+    """Save a tiny captioner built with random weights into `directory`, generating captions of
+    lowercase words only (`suppressed_tokens`, `end_token` allowed) and at least one new token;
+    this lives in its generation_config.json only. `source`, the folder its tokenizer files
+    were written to, is removed."""
+    model.generation_config.min_new_tokens = 1
+    model.generation_config.suppress_tokens = suppressed_tokens(
+        tokenizer, vocab_size, keep=[end_token]
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    for path in sorted(source.iterdir()):
+        path.unlink()
+    source.rmdir()
 
 
 class Captioner(HFWrapper):

@@ -16,7 +16,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from pipeline.models.captioning import Captioner, suppressed_tokens
+from pipeline.models.captioning import Captioner, save_tiny_captioner
 from pipeline.models.hf import write_json
 
 # The instruction ITEM gives LLaVA (Fig. 7).
@@ -140,12 +140,12 @@ class LlavaCaptioner(Captioner):
         )
         model = LlavaForConditionalGeneration(config)
         # Random weights: keep tiny captions non-empty lowercase words (see captioning.WORDLIKE).
-        model.generation_config.min_new_tokens = 1
-        model.generation_config.suppress_tokens = suppressed_tokens(
-            tokenizer, vocab_size, keep=[tokenizer.eos_token_id]
+        save_tiny_captioner(
+            model,
+            processor,
+            tokenizer,
+            vocab_size,
+            end_token=tokenizer.eos_token_id,
+            directory=directory,
+            source=source,
         )
-        model.save_pretrained(directory)
-        processor.save_pretrained(directory)
-        for path in sorted(source.iterdir()):
-            path.unlink()
-        source.rmdir()
