@@ -16,6 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scores", required=True, help="folder for per-image score CSVs")
     ap.add_argument("--plots", required=True, help="folder for ROC / PR plot data")
     ap.add_argument("--summary", default="", help="folder for the per-head DVC summaries")
+    ap.add_argument("--headline", default="", help="JSON of every head's AUC, for dvc exp show")
     ap.add_argument("--split", default="", help="split to score: evaluate.split, or all")
     ap.add_argument("--ingest", default="", help="ingest shards, for the shortcut audit")
     ap.add_argument("--shortcut", default="", help="shortcut audit JSON to write (with --ingest)")
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary_dir=args.summary or None,
             ingest_dir=args.ingest or None,
             shortcut_path=args.shortcut or None,
+            headline_path=args.headline or None,
         )
 
     return run("evaluate", argv, ap, body)

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -18,9 +19,10 @@ import yaml
 from tests.helpers import ROOT, tiny_sample
 
 
-def _dvc(repo: Path, *args: str, ok: bool = True) -> str:
+def _dvc(repo: Path, *args: str, ok: bool = True, env: dict[str, str] | None = None) -> str:
     env = dict(
         os.environ,
+        **(env or {}),
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         DVC_NO_ANALYTICS="1",
         PYTHONPATH=str(ROOT),
@@ -247,6 +249,29 @@ def test_exp_apply_brings_back_each_experiments_outputs(repo):
         assert _digests(features) == got[name], name
         # linked, not copied (class_prompts.h5 equals clip's: one object, linked twice)
         assert all(p.stat().st_nlink >= 2 for p in features.glob("*.h5"))
+
+
+# The experiments table, as docs/metrics.md prints it.
+EXP_SHOW = "dvc exp show --only-changed --keep '^auc\\.' --drop '.*/|models$|metrics$|params\\.yaml$|Created'"
+
+
+def test_the_documented_experiments_table_fits_120_columns(repo):
+    """After the two experiments above, the documented `dvc exp show` prints every experiment
+    with each head's AUC and the changed param, in 120 columns and with no cell cut short."""
+    path = repo[0]
+    assert EXP_SHOW in (ROOT / "docs" / "metrics.md").read_text()
+    heads = yaml.safe_load((path / "params.yaml").read_text())["train"]["heads"]
+    out = _dvc(path, *shlex.split(EXP_SHOW)[1:], "--no-pager", env={"COLUMNS": "120"})
+    lines = [line.rstrip() for line in out.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 120, out
+    assert "…" not in out, out  # rich's mark of a cell or a column cut short
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert header[0] == "Experiment" and header[-1] == "features.w2", out
+    assert sorted(header[1:-1]) == sorted(f"auc.{h}" for h in heads), out
+    rows = {n: line.split() for line in lines for n in ("first", "second") if f"[{n}]" in line}
+    assert rows["first"][-1] == "0.25" and rows["second"][-1] == "0.75", out
+    for cells in rows.values():
+        assert all(0 <= float(v) <= 1 for v in cells[-1 - len(heads) : -1]), out
 
 
 @pytest.fixture

@@ -345,3 +345,24 @@ def test_summary_is_compact_and_takes_the_mean_block_or_computes_it(tmp_path):
     paths = write_summaries({"mlp": block, "svm": with_mean, "note": "x"}, tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["mlp.json", "svm.json"]
     assert json.loads(paths[0].read_text())["mean"]["acc"] == 0.75
+
+
+def test_headline_has_each_heads_auc_under_names_no_summary_uses():
+    from pipeline.evaluation.summary import head_summary, headline
+
+    blocks = {
+        "mlp": {"overall": {"auc": 0.9, "acc": 0.8}, "preset": "tiny"},
+        "svm": {"overall": {"auc": 0.7}, "preset": "tiny"},
+        "shortcut": "not a head",
+    }
+    line = headline(blocks)
+    assert line == {"auc": {"mlp": 0.9, "svm": 0.7}, "preset": "tiny"}
+    # `dvc exp show` prints a metric's bare name only when no other metrics file has it
+    names = {f"auc.{head}" for head in line["auc"]}
+    assert not names & set(head_summary(blocks["mlp"]))
+    assert (
+        headline({"a": {"overall": {}, "preset": "tiny"}, "b": {"overall": {}, "preset": "paper"}})[
+            "preset"
+        ]
+        == "paper+tiny"
+    )

@@ -24,7 +24,7 @@ from pipeline.evaluation.metrics import (
     roc_points,
 )
 from pipeline.evaluation.shortcut import shortcut_audit
-from pipeline.evaluation.summary import write_summaries
+from pipeline.evaluation.summary import headline, write_summaries
 from pipeline.features import FeatureSet, caption_provenance_of, load_features
 from pipeline.heads import load_head
 from pipeline.provenance import recorded, warn_if_tiny
@@ -48,6 +48,7 @@ def run_evaluate(
     summary_dir: str | Path | None = None,
     ingest_dir: str | Path | None = None,
     shortcut_path: str | Path | None = None,
+    headline_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score every trained head on one evaluation set and write metrics, scores and curves.
 
@@ -69,6 +70,8 @@ def run_evaluate(
             train rows, scores it on the same split, writes `shortcut_path` (its metrics
             beside every head's AUC) and puts its AUC in every head's block
             (`metadata_baseline_auc`).
+        headline_path: where to write the experiments table's line, every head's AUC
+            (`pipeline.evaluation.summary.headline`); none when not given.
     """
     split = split or cfg.split
     scores_dir, plots_dir = Path(scores_dir), Path(plots_dir)
@@ -105,6 +108,8 @@ def run_evaluate(
     write_json_atomic(metrics_path, metrics)
     if summary_dir is not None:
         write_summaries(metrics, summary_dir)
+    if headline_path is not None:
+        write_json_atomic(headline_path, headline(metrics), ndigits=4)
     return metrics
 
 

@@ -1,4 +1,4 @@
-"""The compact metrics DVC shows: one small JSON per head and evaluation set.
+r"""The compact metrics DVC shows: one small JSON per head and evaluation set.
 
 `metrics/eval*.json` keeps every block (overall, per generator, mean); `dvc metrics show` reads
 only these summaries, so that one line is one head on one evaluation set:
@@ -10,6 +10,13 @@ only these summaries, so that one line is one head on one evaluation set:
 unlike `acc` it does not reward calling everything real when reals outnumber generated images,
 as they do in the `all` blocks (`mean.n_all` of them). The columns are few on purpose, so that
 `dvc metrics show` and `dvc exp show` stay readable on a terminal.
+
+`metrics/headline.json` (the evaluate stage's `--headline`) is the experiments table's line:
+`{"auc": {<head>: auc, ...}, "preset": ...}` for the main evaluation set. Its names (`auc.mlp`,
+...) occur in no other metrics file, so `dvc exp show` prints them as they are rather than
+prefixed by a file's path, and a table of every experiment fits 120 columns:
+
+    dvc exp show --only-changed --keep '^auc\.' --drop '.*/|models$|metrics$|params\.yaml$|Created'
 """
 
 from __future__ import annotations
@@ -78,6 +85,20 @@ def write_summaries(metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
         write_json_atomic(path, head_summary(block), ndigits=4)
         paths.append(path)
     return paths
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`{"auc": {head: overall auc}, "preset": ...}` of the heads in `metrics` (an eval.json)."""
+    heads = {
+        head: block
+        for head, block in metrics.items()
+        if isinstance(block, dict) and "overall" in block
+    }
+    out: dict[str, Any] = {"auc": {head: b["overall"].get("auc") for head, b in heads.items()}}
+    presets = {b["preset"] for b in heads.values() if "preset" in b}
+    if presets:
+        out["preset"] = "+".join(sorted(presets))
+    return out
 
 
 def _mean(values: list[Any]) -> float | None:
