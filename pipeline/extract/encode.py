@@ -378,6 +378,7 @@ def run_encode(
     models: ModelsConfig,
     base: BaseConfig,
     dataset: str,
+    reuse_from: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Embed every image, caption, object crop and phrase into `out_dir`'s shards, and the
     class prompts into its class_prompts.h5; returns the timings (see `run_step`)."""
@@ -401,7 +402,12 @@ def run_encode(
     )
     try:
         timings = run_step(
-            step, out_dir, finish=finish, load_counts=model_loads, **scheduler_args(base)
+            step,
+            out_dir,
+            finish=finish,
+            load_counts=model_loads,
+            reuse_from=reuse_from,
+            **scheduler_args(base),
         )
     finally:
         clear_text_memo()
