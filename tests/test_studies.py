@@ -246,7 +246,7 @@ def test_a_changed_feature_row_refits_only_the_fit_that_uses_it(tmp_path):
         for i, (g, s) in enumerate(zip(data["generator"], data["split"]))
         if g == "ganA" and s == "train"
     )
-    for key, values in data.items():
+    for values in data.values():
         if values.dtype.kind == "f" and len(values) == len(data["ids"]):
             values[at] += 1.0
     attrs = {k: v for k, v in attrs.items() if k != store.CHECKSUMS}
