@@ -145,6 +145,22 @@ def test_captioners_recompute_captions_and_after_and_nothing_before(main_run, tm
     assert again["cells"] == table["cells"]
     assert _stamps(cache) == before
 
+    from pipeline.report.build import build_report
+
+    missing = tmp_path / "none"
+    html = build_report(
+        tmp_path / "report",
+        metrics_dir=tmp_path,
+        scores_dir=missing,
+        features_dir=cache / "features",
+        ingest_dir=missing,
+        captions_dir=missing,
+        objects_dir=missing,
+        n_gallery=0,
+    ).read_text()
+    assert 'id="study-captioners"' in html and "captioners study: auc per cell" in html
+    assert all(f"<td>{c}</td>" in html for c in ("blip2", "blip", "llava"))
+
 
 def test_clip_arch_recomputes_only_embeddings_and_features(main_run, tmp_path, capsys):
     work, params_path, params, cache = main_run

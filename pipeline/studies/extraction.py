@@ -78,6 +78,11 @@ class ExtractionStudy(Study):
                 "dataset's cache folder (misalign study reads --params and --cache)"
             )
         params = inputs.params
+        if inputs.by == "dataset":
+            raise ConfigError(
+                f"the {self.name} study compares settings on one dataset; group its test rows "
+                "--by generator, family or subset"
+            )
         chosen = list(inputs.options.get("settings") or self.labels)
         unknown = [s for s in chosen if s not in self.labels]
         if unknown:
