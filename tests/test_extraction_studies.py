@@ -200,7 +200,8 @@ def test_clip_arch_recomputes_only_embeddings_and_features(main_run, tmp_path, c
 
 def test_a_missing_model_stops_the_study_before_any_work(main_run, tmp_path, monkeypatch):
     """Every setting's weights are checked first: with the paper preset and no weights, the
-    captioners study stops in the check, having written nothing."""
+    captioners study stops in the check, naming every missing model once, having written
+    nothing."""
     from dataclasses import replace
 
     from pipeline.models import WeightsMissing
@@ -216,5 +217,8 @@ def test_a_missing_model_stops_the_study_before_any_work(main_run, tmp_path, mon
     inputs = StudyInputs([other / "features"], params.train, params=paper, cache_dir=other)
     with pytest.raises(WeightsMissing) as err:
         run_study("captioners", inputs, tmp_path / "metrics")
-    assert "blip2" in str(err.value) or "Salesforce" in str(err.value)
+    message = str(err.value)
+    for spec in (paper.models.blip2, paper.models.blip, paper.models.llava, paper.models.grounding):
+        assert message.count(spec.id) >= 1, spec.id
+    assert message.count(paper.models.grounding.id) == message.count(paper.models.blip.id)
     assert not (other / "studies").exists()

@@ -104,8 +104,13 @@ class ExtractionStudy(Study):
         # Every setting's whole config and weights first: a missing model stops the study in
         # seconds, not after the first setting's hours of extraction.
         self.needs(params, main)
+        missing: dict[str, None] = {}  # ordered and without repeats: settings share models
         for setting in settings:
-            check_setting(setting.params, self.roles(setting.params))
+            missing.update(dict.fromkeys(check_setting(setting.params, self.roles(setting.params))))
+        if missing:
+            from pipeline.models import WeightsMissing  # see check_setting
+
+            raise WeightsMissing("; ".join(missing))
         extraction = {}
         for setting in settings:
             logger.info("study %s: extracting setting %s", self.name, setting.label)
@@ -254,14 +259,20 @@ class ClipArch(ExtractionStudy):
         }
 
 
-def check_setting(params: Params, roles: list[str]) -> None:
-    """The checks every stage makes of its params (ranges, names) and the weights check of
-    the models the setting loads."""
-    from pipeline.models import check_weights  # the model registry imports torch
+def check_setting(params: Params, roles: list[str]) -> list[str]:
+    """The checks every stage makes of its params (ranges, names: raised), and what the
+    weights check says of each model the setting loads that is missing (returned)."""
+    from pipeline.models import WeightsMissing, check_weights  # the registry imports torch
 
     check_ranges(params)
     check_names(params)
-    check_weights(params.models, roles)
+    missing = []
+    for role in roles:
+        try:
+            check_weights(params.models, [role])
+        except WeightsMissing as err:
+            missing.append(str(err))
+    return missing
 
 
 def _need_shards(folder: Path, stage: str) -> None:
