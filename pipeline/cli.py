@@ -123,15 +123,21 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from pipeline.studies import STUDIES, Recipe, StudyInputs, run_study
+    from pipeline.studies import STUDIES, ExtractionStudy, StudyInputs, run_study
 
     if args.list or not args.name:
         for name, cls in STUDIES.items():
             sys.stdout.write(f"{name:11s} {cls.summary} [{cls.reproduces}]\n")
         return 0
     params = load_params(args.params)
-    features = args.features or [str(Path(args.cache) / params.data.name / "features")]
-    options = {"train": args.train, "finetune": args.finetune, "epochs": args.epochs}
+    dataset_cache = Path(args.cache) / params.data.name
+    features = args.features or [str(dataset_cache / "features")]
+    options = {
+        "train": args.train,
+        "finetune": args.finetune,
+        "epochs": args.epochs,
+        "settings": args.settings,
+    }
     inputs = StudyInputs(
         features_dirs=[Path(f) for f in features],
         cfg=params.train,
@@ -141,17 +147,19 @@ def _study(args: argparse.Namespace) -> int:
         by=args.by,
         threshold=params.evaluate.threshold,
         options={k: v for k, v in options.items() if v is not None},
+        params=params,
+        # Given folders: the cell cache goes beside the first (`StudyInputs.dataset_cache`).
+        cache_dir=None if args.features else dataset_cache,
+        refit=args.refit,
     )
     table, path = run_study(args.name, inputs, Path(args.out))
-    if isinstance(STUDIES[args.name](), Recipe):
-        sys.stdout.write(
-            f"{args.name} needs new extraction, which DVC runs; one experiment each:\n"
-            + "\n".join(table["commands"])
-            + "\n"
-        )
-        return 0
+    cache = table["cache"]
+    done = f"{cache['fitted']} fits made, {cache['reused']} reused from the cell cache"
+    if issubclass(STUDIES[args.name], ExtractionStudy):
+        folder = dataset_cache / "studies" / args.name
+        done += f"; each setting's shards in {folder}/<setting>/"
     sys.stdout.write(
-        f"study {args.name}: {len(table['cells'])} cells written to {path}; "
+        f"study {args.name}: {len(table['cells'])} cells written to {path} ({done}); "
         "`misalign report` draws it\n"
     )
     return 0
@@ -332,13 +340,14 @@ def _add_study_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
 
     s = sub.add_parser(
         "study",
-        help="run a named study on the cached features",
+        help="run a named study (a table of fitted and scored heads)",
         description=_wrap(
-            "Run a study on the cached features (no extraction): train the head on groups of "
-            "rows (generators, subsets or datasets) and score it on others; the table goes to "
-            "<out>/study_<name>.json and into the report. Studies needing new extraction "
-            "(captioners, clip_arch) print their `dvc exp run` commands. Without a name, list "
-            "the studies."
+            "Run a study: train the head on groups of rows (generators, subsets or datasets) "
+            "and score it on others; the table goes to <out>/study_<name>.json and into the "
+            "report. captioners and clip_arch first extract each setting's features into "
+            "<cache>/<data.name>/studies/<study>/<setting>/, reusing the main pipeline's rows "
+            "where nothing changed. Fits are cached: a rerun with the same rows and head "
+            "settings refits nothing (--refit forces it). Without a name, list the studies."
         ),
         epilog=_examples(
             "misalign study --list",
@@ -347,7 +356,8 @@ def _add_study_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
             "misalign study distances",
             "misalign study finetune --train ganA --finetune diffB --epochs 5",
             "misalign study train_sets --by dataset --features cache/a/features cache/b/features",
-            "misalign study captioners                     # prints dvc exp run commands",
+            "misalign study captioners                     # blip2, blip, llava captions",
+            "misalign study clip_arch --settings RN50 ViT-B-16",
         ),
         formatter_class=fmt,
     )
@@ -373,6 +383,12 @@ def _add_study_parser(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     s.add_argument("--train", help="finetune: the group trained on first (default: each)")
     s.add_argument("--finetune", help="finetune: the group fine-tuned on (default: each other)")
     s.add_argument("--epochs", type=int, help="finetune: fine-tuning epochs of a torch head")
+    s.add_argument(
+        "--settings",
+        nargs="+",
+        help="captioners, clip_arch: the settings to run (default: all of the study's)",
+    )
+    s.add_argument("--refit", action="store_true", help="refit every cell, ignoring the cell cache")
     s.set_defaults(func=_study)
 
 

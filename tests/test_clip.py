@@ -231,3 +231,38 @@ def test_center_crop_is_torchvisions_centercrop_without_resize(tiny):
     assert diff.abs().max() <= 1e-6
     resized = torch.stack([tiny.pixels(im) for im in images])
     assert not torch.equal(views, resized)
+
+
+def test_the_tiny_clip_follows_the_architecture(tmp_path, monkeypatch):
+    """models.clip.id picks the tiny model's tower (ResNet for RN50, the id's patch size for
+    a ViT), its seeded weights and its identity; an id the tiny preset cannot build is refused."""
+    from pipeline.config import ConfigError, ModelSpec
+    from pipeline.models.clip import tiny_checkpoint, tiny_config
+    from pipeline.models.identity import weights_identity
+
+    monkeypatch.setenv("MISALIGN_TINY_DIR", str(tmp_path / "tiny"))
+    loaded = {a: ClipEncoder.load(name=a, preset="tiny", seed=0) for a in ("RN50", "ViT-B-16")}
+    loaded["ViT-L-14"] = ClipEncoder.load(preset="tiny", seed=0)  # the default id
+    assert type(loaded["RN50"].model.visual).__name__ == "ModifiedResNet"
+    for arch, patch in (("ViT-B-16", 16), ("ViT-L-14", 14)):
+        visual = loaded[arch].model.visual
+        assert type(visual).__name__ == "VisionTransformer"
+        assert visual.conv1.kernel_size == (patch, patch)
+    embeddings = {a: m.encode_images(_images()) for a, m in loaded.items()}
+    assert not np.allclose(embeddings["ViT-B-16"], embeddings["ViT-L-14"])
+    for arch, model in loaded.items():
+        models = ModelsConfig(preset="tiny", clip=ModelSpec(arch, "openai"))
+        assert model.weights_id == weights_identity("clip", models, 0)
+        assert model.weights_id == f"misalign-tiny-{arch}/random-seed0"
+        # Saved once per architecture and seed, and loaded again exactly.
+        assert tiny_checkpoint(0, arch).is_file()
+        again = ClipEncoder.load(name=arch, preset="tiny", seed=0)
+        np.testing.assert_array_equal(again.encode_images(_images()), embeddings[arch])
+    assert tiny_checkpoint(0, "RN50") != tiny_checkpoint(0, "ViT-B-16")
+    with pytest.raises(ConfigError, match="not an open_clip architecture"):
+        tiny_config("ViT-Q-99")
+    with pytest.raises(ConfigError, match="timm"):
+        ClipEncoder.load(name="convnext_base", preset="tiny")
+    # The stages' up-front weights check refuses it too, before anything loads.
+    with pytest.raises(ConfigError, match="ViT-Q-99"):
+        check_weights(ModelsConfig(preset="tiny", clip=ModelSpec("ViT-Q-99")), ["clip"])

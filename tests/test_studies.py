@@ -102,7 +102,7 @@ def test_finetune_refuses_a_head_without_warm_start(features, tmp_path):
         run_study("finetune", StudyInputs([features], cfg, head="meta"), tmp_path)
 
 
-def test_study_command_writes_the_table_and_lists_recipes(features, tmp_path, capsys):
+def test_study_command_writes_the_table_and_lists_the_studies(features, tmp_path, capsys):
     assert (
         main(
             [
@@ -120,9 +120,10 @@ def test_study_command_writes_the_table_and_lists_recipes(features, tmp_path, ca
     )
     assert "9 cells" in capsys.readouterr().out
     assert (tmp_path / "study_train_sets.json").is_file()
-    assert main(["study", "clip_arch"]) == 0
-    out = capsys.readouterr().out
-    assert "dvc exp run" in out and "models.clip.id=RN50" in out
+    # An extracting study without the main pipeline's cache stops at once, saying so.
+    assert main(["study", "clip_arch", "--cache", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert "no ingest shards" in err and "dvc repro" in err
     assert main(["study", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in STUDIES)
@@ -184,3 +185,73 @@ def test_train_sets_by_dataset_cells_equal_direct_fits(tmp_path):
         cal, _ = calibrate_on_val("svm", SVM, model, tr.where("val"))
         p = np.clip(apply_calibration(cal, p_generated(model, te.X)), 0, 1)
         same(cell, binary_metrics(te.y, p, 0.5, decision=own_decision(model, te.X)))
+
+
+def test_a_rerun_refits_no_cell_and_a_head_param_refits_every_cell(features, tmp_path, monkeypatch):
+    """The cell cache: the same rows and head settings refit nothing; one changed head param
+    refits every cell; --refit refits all; the cached cells equal the fitted ones."""
+    import pipeline.studies.base as base
+
+    fits = []
+    real_fit = base.fit_configured_head
+
+    def counted(*args, **kwargs):
+        fits.append(args[0])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(base, "fit_configured_head", counted)
+    cache = tmp_path / "cache"
+    inputs = StudyInputs([features], SVM, head="svm", cache_dir=cache)
+
+    first, _ = run_study("train_sets", inputs, tmp_path / "a")
+    assert len(fits) == 3 and first["cache"]["fitted"] == 3
+    assert len(list((cache / "studies" / "cells").glob("*.json"))) == 3
+    again, _ = run_study("train_sets", inputs, tmp_path / "b")
+    assert len(fits) == 3, "a rerun with unchanged rows and head params refitted a cell"
+    assert again["cache"] == {**first["cache"], "fitted": 0, "reused": 3}
+    assert again["cells"] == first["cells"]
+    # Another study on the same rows: its own fits, then none on its rerun.
+    run_study("distances", inputs, tmp_path / "c")
+    n = len(fits)
+    run_study("distances", inputs, tmp_path / "c")
+    assert len(fits) == n
+
+    other = StudyInputs(
+        [features],
+        TrainConfig(heads=["svm"], svm={"C": 1.0, "C_grid": [0.1, 1.0, 10.0]}),
+        head="svm",
+        cache_dir=cache,
+    )
+    changed, _ = run_study("train_sets", other, tmp_path / "d")
+    assert len(fits) == n + 3 and changed["cache"]["reused"] == 0
+    run_study("train_sets", other, tmp_path / "d")
+    assert len(fits) == n + 3
+    forced = StudyInputs([features], SVM, head="svm", cache_dir=cache, refit=True)
+    refit, _ = run_study("train_sets", forced, tmp_path / "e")
+    assert len(fits) == n + 6 and refit["cells"] == first["cells"]
+
+
+def test_a_changed_feature_row_refits_only_the_fit_that_uses_it(tmp_path):
+    """One ganA train row changes: only the fit trained on ganA is made again."""
+    from pipeline.rows import store
+
+    feats = write_features(tmp_path / "data" / "features", n=300)
+    inputs = StudyInputs([feats], SVM, head="svm")
+    first, _ = run_study("train_sets", inputs, tmp_path)
+    assert first["cache"]["folder"] == str(tmp_path / "data" / "studies" / "cells")
+    shard = store.list_shards(feats)[0]
+    data, attrs = store.read_shard(shard), store.read_attrs(shard)
+    at = next(
+        i
+        for i, (g, s) in enumerate(zip(data["generator"], data["split"]))
+        if g == "ganA" and s == "train"
+    )
+    for values in data.values():
+        if values.dtype.kind == "f" and len(values) == len(data["ids"]):
+            values[at] += 1.0
+    attrs = {k: v for k, v in attrs.items() if k != store.CHECKSUMS}
+    store.write_shard(shard, data, attrs)
+    again, _ = run_study("train_sets", inputs, tmp_path)
+    assert again["cache"]["fitted"] == 1 and again["cache"]["reused"] == 2
+    changed = [c for c in again["cells"] if c not in first["cells"]]
+    assert {c["train"] for c in changed} <= {"ganA"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -152,13 +153,16 @@ def run_caption(
     models: ModelsConfig,
     base: BaseConfig,
     dataset: str,
+    reuse_from: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Caption every ingested image into `out_dir`'s shards (reusing cached rows), then count
     the caption sources per class; returns the timings (see `run_step`)."""
     step = CaptionStep(Path(ingest_dir), cfg, models, base, dataset)
     if cfg.source != "dataset":
         preflight(models, [cfg.model])
-    timings = run_step(step, out_dir, load_counts=model_loads, **scheduler_args(base))
+    timings = run_step(
+        step, out_dir, load_counts=model_loads, reuse_from=reuse_from, **scheduler_args(base)
+    )
     write_caption_provenance(Path(ingest_dir), Path(out_dir), cfg.source)
     return timings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,9 @@ from pipeline.extract.base import (
 )
 from pipeline.extract.loaded import loaded_model, model_loads
 from pipeline.features import CLASS_PROMPTS, color_histograms
+from pipeline.models.identity import weights_identity
 from pipeline.rows import store
+from pipeline.rows.atomic import atomic_path
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
 from pipeline.rows.store import Arrays
@@ -378,6 +381,7 @@ def run_encode(
     models: ModelsConfig,
     base: BaseConfig,
     dataset: str,
+    reuse_from: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Embed every image, caption, object crop and phrase into `out_dir`'s shards, and the
     class prompts into its class_prompts.h5; returns the timings (see `run_step`)."""
@@ -397,11 +401,22 @@ def run_encode(
     # The class prompts are encoded where the shards were (a Dask worker's loaded CLIP), not
     # by a second CLIP in this process.
     finish = functools.partial(
-        _write_class_prompts_task, Path(out_dir), list(cfg.class_prompts), models, base, dataset
+        _write_class_prompts_task,
+        Path(out_dir),
+        list(cfg.class_prompts),
+        models,
+        base,
+        dataset,
+        [Path(d) for d in reuse_from],
     )
     try:
         timings = run_step(
-            step, out_dir, finish=finish, load_counts=model_loads, **scheduler_args(base)
+            step,
+            out_dir,
+            finish=finish,
+            load_counts=model_loads,
+            reuse_from=reuse_from,
+            **scheduler_args(base),
         )
     finally:
         clear_text_memo()
@@ -409,11 +424,39 @@ def run_encode(
 
 
 def _write_class_prompts_task(
-    out_dir: Path, prompts: list[str], models: ModelsConfig, base: BaseConfig, dataset: str
+    out_dir: Path,
+    prompts: list[str],
+    models: ModelsConfig,
+    base: BaseConfig,
+    dataset: str,
+    reuse_from: list[Path],
 ) -> None:
+    # Made already, here or in a folder rows are reused from, with these prompts and weights:
+    # kept or copied, and CLIP is not loaded for two sentences.
+    phash = params_hash(list(prompts), weights_identity("clip", models, base.seed))
+    target = out_dir / CLASS_PROMPTS
+    for found in [target, *(d / CLASS_PROMPTS for d in reuse_from)]:
+        if _made_with(found, phash):
+            if found != target:
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(found, tmp)
+            return
     write_class_prompts(
         out_dir, prompts, loaded_model("clip", models, base), models.preset, dataset
     )
+
+
+def _made_with(path: Path, phash: str) -> bool:
+    """Whether `path` is an intact class-prompts file made with params hash `phash`."""
+    if not path.is_file():
+        return False
+    try:
+        if store.read_attrs(path).get("params_hash") != phash:
+            return False
+        store.verify_shard(path)
+    except store.ShardError:
+        return False
+    return True
 
 
 def write_class_prompts(

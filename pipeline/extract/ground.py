@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ def run_ground(
     models: ModelsConfig,
     base: BaseConfig,
     dataset: str,
+    reuse_from: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Ground every caption's objects in its image into `out_dir`'s shards (reusing cached
     rows); returns the timings (see `run_step`)."""
@@ -153,4 +155,6 @@ def run_ground(
     )
     if cfg.enabled:
         preflight(models, ["grounder"])
-    return run_step(step, out_dir, load_counts=model_loads, **scheduler_args(base))
+    return run_step(
+        step, out_dir, load_counts=model_loads, reuse_from=reuse_from, **scheduler_args(base)
+    )

@@ -87,9 +87,11 @@ def check_weights(models: ModelsConfig, roles: list[str] | tuple[str, ...]) -> N
     Looks without loading and without any network call, so a run that cannot finish stops in
     seconds rather than after hours of captioning.
     """
-    from pipeline.models.clip import find_checkpoint
+    from pipeline.models.clip import find_checkpoint, tiny_config
 
     if models.preset == "tiny":
+        if "clip" in roles:
+            tiny_config(models.clip.id)  # refuses an architecture the tiny preset cannot build
         return
     problems = []
     for role in roles:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +17,8 @@ import torch
 from PIL import Image
 
 from pipeline import logs
-from pipeline.errors import ModelFileError
+from pipeline.config import ModelsConfig
+from pipeline.errors import ConfigError, ModelFileError
 from pipeline.models.hf import ModelWeightsMissing, hf_hub_cache, tiny_root
 from pipeline.rows.atomic import atomic_path, write_text
 from pipeline.rows.digest import file_digest
@@ -33,33 +35,89 @@ class ClipWeightsMissing(ModelWeightsMissing):
         RuntimeError.__init__(self, message)
 
 
+#: models.clip.id's default (its one home is the schema).
+DEFAULT_ARCH = ModelsConfig().clip.id
+
+
 def tiny_cache_dir() -> Path:
     path = tiny_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-# A small ViT of the same family as ViT-L-14 (same tower types, quick GELU, real BPE tokenizer
-# and 224 px preprocessing), registered with open_clip the way its own tests register configs.
-TINY_CLIP = "misalign-tiny-ViT"
-_TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+# The tiny preset's CLIP is a small random model of the architecture models.clip.id names: a
+# ResNet tower for RN* ids, a ViT with the id's patch size and image size for ViT-* ids, widths
+# and depths scaled down, the real BPE tokenizer and quick GELU. Each is registered with
+# open_clip under `tiny_arch(id)` the way its own tests register configs, and saved and loaded
+# as a checkpoint file exactly as real weights are.
+TINY_PREFIX = "misalign-tiny-"
+_TINY_EMBED = 32
+_TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+_TINY_VIT = {"layers": 2, "width": 64, "head_width": 32}
+# ResNet: one bottleneck block per stage; 8 stem channels give a 256-wide attention pool.
+_TINY_RESNET_WIDTH = 8
 
 
-def register_tiny_config() -> None:
-    """Register the tiny architecture with open_clip (idempotent)."""
+def tiny_arch(arch: str) -> str:
+    """The open_clip name of the tiny model of architecture `arch` (e.g. ViT-B-16)."""
+    return f"{TINY_PREFIX}{arch}"
+
+
+def tiny_config(arch: str) -> dict[str, Any]:
+    """The open_clip config of the tiny model of `arch`, derived from the real one's.
+
+    Raises:
+        ConfigError: `arch` is no open_clip architecture, or not one the tiny preset can shrink
+            (a ResNet or ViT tower with open_clip's own text tower).
+    """
     import open_clip
 
-    if TINY_CLIP in open_clip.list_models():
-        return
+    real = open_clip.get_model_config(arch)
+    if not real:
+        raise ConfigError(
+            f"models.clip.id={arch!r} is not an open_clip architecture; use one of "
+            "open_clip.list_models(), e.g. ViT-L-14, ViT-B-16 or RN50"
+        )
+    vision, text = real.get("vision_cfg", {}), real.get("text_cfg", {})
+    if any(k.startswith(("timm_", "hf_")) for k in (*vision, *text)) or real.get("custom_text"):
+        raise ConfigError(
+            f"models.preset=tiny builds small ResNet and ViT CLIPs only, and models.clip.id="
+            f"{arch!r} has another tower (timm or Hugging Face); use e.g. ViT-L-14, ViT-B-16 or "
+            "RN50 with the tiny preset, or the paper preset"
+        )
+    if isinstance(vision.get("layers"), (list, tuple)):  # open_clip's ModifiedResNet
+        tower: dict[str, Any] = {
+            "layers": [1] * len(vision["layers"]),
+            "width": _TINY_RESNET_WIDTH,
+            "patch_size": None,
+        }
+    else:
+        tower = {**_TINY_VIT, "patch_size": int(vision["patch_size"])}
+    return {
+        "embed_dim": _TINY_EMBED,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": vision.get("image_size", 224), **tower},
+        "text_cfg": dict(_TINY_TEXT),
+    }
+
+
+def register_tiny_config(arch: str = DEFAULT_ARCH) -> str:
+    """Register the tiny model of `arch` with open_clip (idempotent); its open_clip name."""
+    import open_clip
+
+    name = tiny_arch(arch)
+    if name in open_clip.list_models():
+        return name
+    cfg = tiny_config(arch)
     folder = tiny_cache_dir() / "open_clip_configs"
     folder.mkdir(parents=True, exist_ok=True)
-    write_text(folder / f"{TINY_CLIP}.json", json.dumps(_TINY_CLIP_CFG, indent=2))
-    open_clip.add_model_config(folder)
+    write_text(folder / f"{name}.json", json.dumps(cfg, indent=2))
+    open_clip.add_model_config(folder / f"{name}.json")
+    return name
+
+
+#: The tiny model of the default architecture (models.clip.id's default).
+TINY_CLIP = tiny_arch(DEFAULT_ARCH)
 
 
 def find_checkpoint(name: str, pretrained: str, path: str = "") -> Path:
@@ -152,8 +210,9 @@ def _preprocess_kwargs(cfg: dict) -> dict:
     }
 
 
-def tiny_weights_id(seed: int) -> str:
-    return f"{TINY_CLIP}/random-seed{seed}"
+def tiny_weights_id(seed: int, arch: str = DEFAULT_ARCH) -> str:
+    """Identity of the tiny preset's CLIP: its architecture and seed (part of the row key)."""
+    return f"{tiny_arch(arch)}/random-seed{seed}"
 
 
 def checkpoint_weights_id(name: str, pretrained: str, checkpoint: str | os.PathLike[str]) -> str:
@@ -162,15 +221,17 @@ def checkpoint_weights_id(name: str, pretrained: str, checkpoint: str | os.PathL
     return f"{name}/{pretrained or 'file'}@sha256:{file_digest(checkpoint)[:16]}"
 
 
-def tiny_checkpoint(seed: int) -> Path:
-    """Seeded random weights of the tiny architecture, saved once as a checkpoint file."""
+def tiny_checkpoint(seed: int, arch: str = DEFAULT_ARCH) -> Path:
+    """Seeded random weights of the tiny model of `arch`, saved once as a checkpoint file (its
+    name carries a hash of the tiny config, so a changed config is a new file)."""
     import open_clip
 
-    register_tiny_config()
-    target = tiny_cache_dir() / f"{TINY_CLIP}-seed{seed}.pt"
+    name = register_tiny_config(arch)
+    config = json.dumps(tiny_config(arch), sort_keys=True).encode()
+    target = tiny_cache_dir() / f"{name}-{hashlib.sha256(config).hexdigest()[:8]}-seed{seed}.pt"
     if not target.is_file():
         torch.manual_seed(seed)
-        model = open_clip.create_model(TINY_CLIP, pretrained=None)
+        model = open_clip.create_model(name, pretrained=None)
         with atomic_path(target) as tmp:
             torch.save(model.state_dict(), tmp)
     return target
@@ -282,19 +343,22 @@ class ClipEncoder:
         import open_clip
 
         if preset == "tiny":
+            arch = name
+            name = register_tiny_config(arch)
             logs.warn_tiny(
                 logger,
                 "models.preset=tiny: CLIP is a small RANDOM model (%s, seed %d); embeddings are "
                 "meaningless, for smoke runs and tests only",
-                TINY_CLIP,
+                name,
                 seed,
             )
-            name, checkpoint, quick_gelu = TINY_CLIP, tiny_checkpoint(seed), False
+            checkpoint, quick_gelu = tiny_checkpoint(seed, arch), False
             check_weights_file(checkpoint, "the tiny-model cache")
-            weights_id = tiny_weights_id(seed)
+            weights_id = tiny_weights_id(seed, arch)
             preprocess_kwargs: dict = {}
         else:
-            register_tiny_config()
+            if name.startswith(TINY_PREFIX):  # a saved tiny model loaded as a checkpoint file
+                register_tiny_config(name.removeprefix(TINY_PREFIX))
             checkpoint = find_checkpoint(name, pretrained, path)
             cfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
             quick_gelu = bool(cfg.get("quick_gelu", False))

@@ -21,7 +21,7 @@ def weights_identity(role: str, models: ModelsConfig, seed: int) -> str:
     path, size, mtime, inode and ctime: see `pipeline.rows.digest`). A loaded model's `weights_id` equals it; rows are keyed by it."""
     if role == "clip":
         if models.preset == "tiny":
-            return clip_tiny_id(seed)
+            return clip_tiny_id(seed, models.clip.id)
         spec = models.clip
         checkpoint = find_checkpoint(spec.id, spec.pretrained, spec.path)
         return checkpoint_weights_id(spec.id, spec.pretrained, checkpoint)

@@ -22,6 +22,8 @@ _KEYS = {
     "logo": ("held_out", "test"),
     "distances": ("kind", "test"),
     "finetune": ("train", "finetune", "test"),
+    "captioners": ("captioner", "test"),
+    "clip_arch": ("arch", "test"),
 }
 
 

@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 # that keeps the output passes and invalidates nothing.
 # objects 2: per-phrase NMS at ground.nms_iou (GLIP's 0.6) after the grounder's post-processing.
 # clip 2: encode.image_transform (issue 19), default center_crop.
-STEP_VERSIONS: dict[str, int] = {"captions": 1, "objects": 2, "clip": 2}
+# clip 3: the tiny preset's CLIP follows models.clip.id (issue 22; ViT-L-14's tiny has patch 14).
+STEP_VERSIONS: dict[str, int] = {"captions": 1, "objects": 2, "clip": 3}
 
 
 def content_id(path: str | Path) -> str:

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,8 +286,13 @@ def run_step(
     n_workers: int = 2,
     finish: Callable[[], Any] | None = None,
     load_counts: Callable[[], dict[str, int]] | None = None,
+    reuse_from: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Run `step` over all shards into `out_dir` and write its timings (`timings_path`).
+
+    `reuse_from`: other folders of the same step (e.g. the main pipeline's, for a study's own
+    folder) whose rows, and those retained beside them, are reused under the same row key;
+    they are only read.
 
     `finish` (picklable) runs once after the shards, on a worker under Dask (where the models
     are already loaded), e.g. to encode the class prompts. `load_counts` gives this process's
@@ -304,7 +309,9 @@ def run_step(
     phash = step.params_hash()
     retain = int(getattr(step, "retain_params", 0))
     kept = [retained_dir(out_dir) / phash] if retain else []
-    reuse = reuse_index([out_dir, out_dir / PARTIAL, *kept], phash)
+    elsewhere = [d for src in map(Path, reuse_from) for d in (src, retained_dir(src) / phash)]
+    # Listed last, this folder's own rows win over equal rows elsewhere.
+    reuse = reuse_index([*elsewhere, out_dir, out_dir / PARTIAL, *kept], phash)
     n = step.n_shards()
     reports: list[ShardReport] = []
     # Counted in images over the whole stage (a shard is 64 of them), so that the rate and the

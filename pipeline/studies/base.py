@@ -10,18 +10,20 @@ be tested on; the table lists such groups under `skipped`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.config import ConfigError, TrainConfig
+from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.errors import DataUnusable
 from pipeline.evaluation.calibration import apply_calibration
 from pipeline.evaluation.metrics import binary_metrics, own_decision, p_generated
 from pipeline.features import FeatureSet, concat_features, load_features
 from pipeline.rows.atomic import write_json_atomic
+from pipeline.studies.cells import CellCache, rows_digest, train_settings
 from pipeline.train import calibrate_on_val, fit_configured_head
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,11 @@ class StudyInputs:
         by: what a group is: "generator", "family", "subset" or "dataset".
         threshold: decision threshold of the accuracies.
         options: study-specific settings (e.g. finetune's `train`, `finetune`, `epochs`).
+        params: the whole params of the run (the studies that extract: captioners, clip_arch).
+        cache_dir: the dataset's cache folder (`cache/<data.name>`), home of the cell cache and
+            of the extracting studies' folders; default: the folder above the first features
+            folder.
+        refit: refit every cell, ignoring (and replacing) the cached ones.
     """
 
     features_dirs: list[Path]
@@ -55,6 +62,15 @@ class StudyInputs:
     by: str = "generator"
     threshold: float = 0.5
     options: dict[str, Any] = field(default_factory=dict)
+    params: Params | None = None
+    cache_dir: Path | None = None
+    refit: bool = False
+
+    def dataset_cache(self) -> Path | None:
+        """`cache_dir`, else the folder above the first features folder."""
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        return Path(self.features_dirs[0]).parent if self.features_dirs else None
 
 
 @dataclass
@@ -104,8 +120,9 @@ class Rows:
         return train, test, skipped
 
 
-def load_rows(inputs: StudyInputs, kind: str | None = None) -> Rows:
-    """The train, val and test rows of every folder of `inputs`, grouped by `inputs.by`."""
+def load_rows(inputs: StudyInputs, kind: str | None = None, *, min_groups: int = 2) -> Rows:
+    """The train, val and test rows of every folder of `inputs`, grouped by `inputs.by`; fewer
+    than `min_groups` groups is refused."""
     if inputs.by not in GROUPINGS:
         raise ConfigError(f"--by {inputs.by!r} is unknown; choose one of {', '.join(GROUPINGS)}")
     if not inputs.features_dirs:
@@ -131,7 +148,7 @@ def load_rows(inputs: StudyInputs, kind: str | None = None) -> Rows:
             source = fs.family if inputs.by == "family" else fs.generator
             groups.append(np.where(fs.y == 0, "", source).astype(object))
     rows = Rows(concat_features(parts), np.concatenate(groups), inputs.by)
-    if len(rows.names()) < 2:
+    if len(rows.names()) < min_groups:
         raise DataUnusable(
             f"the features have {len(rows.names())} {inputs.by} group(s) ({rows.names()}); a "
             f"study compares two or more: pick another --by"
@@ -172,6 +189,31 @@ def fit_head(
     return head, calibration
 
 
+Blocks = dict[str, FeatureSet]
+
+
+def prefixed(tests: Blocks) -> Blocks:
+    """Test blocks named apart from the train and val blocks (for `Study.cached`)."""
+    return {f"test:{name}": fs for name, fs in tests.items()}
+
+
+def fit_and_score(
+    inputs: StudyInputs,
+    train: FeatureSet,
+    val: FeatureSet,
+    tests: Blocks,
+    labels: dict[str, Any],
+    kind: str | None = None,
+) -> list[dict[str, Any]]:
+    """One fit (`fit_head` on `train`, calibrated on `val`) scored on each test block: a cell
+    per block, named by `labels` and `test` (the block's name)."""
+    head, cal = fit_head(inputs, train, val, kind=kind)
+    return [
+        {**labels, "test": name, **score(head, cal, fs, inputs.threshold)}
+        for name, fs in tests.items()
+    ]
+
+
 def score(
     head: Any, calibration: dict[str, Any], test: FeatureSet, threshold: float
 ) -> dict[str, Any]:
@@ -183,7 +225,8 @@ def score(
 
 
 class Study:
-    """One study: `run` returns its table (JSON-able); `write` puts it in `study_<name>.json`."""
+    """One study: `run` returns its table (JSON-able); `write` puts it in `study_<name>.json`.
+    Its fits go through `cached` (the cell cache, see `cells`)."""
 
     name: ClassVar[str] = ""
     #: One line for `misalign study --list` and the report.
@@ -191,8 +234,36 @@ class Study:
     #: The seed figure or table it reproduces.
     reproduces: ClassVar[str] = ""
 
+    def __init__(self, cache: CellCache | None = None) -> None:
+        self.cache = cache if cache is not None else CellCache()
+
     def run(self, inputs: StudyInputs) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def cached(
+        self,
+        inputs: StudyInputs,
+        blocks: dict[str, FeatureSet],
+        compute: Callable[[], list[dict[str, Any]]],
+        *,
+        kind: str | None = None,
+        labels: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The cells one fit makes (`compute`), from the cell cache when the same rows
+        (`blocks`: train, val and each test block by name), head, train params, seed, kind,
+        threshold, grouping and `labels` (the cells' names, the study's options) made them."""
+        key = {
+            "study": self.name,
+            "head": inputs.head,
+            "train": train_settings(inputs.cfg),
+            "seed": inputs.seed,
+            "kind": kind or inputs.kind,
+            "threshold": inputs.threshold,
+            "by": inputs.by,
+            "labels": labels or {},
+            "rows": {name: rows_digest(fs) for name, fs in blocks.items()},
+        }
+        return self.cache.cells(key, compute)
 
     def header(self, inputs: StudyInputs, rows: Rows | None = None) -> dict[str, Any]:
         """The table's description: study, head, kind, grouping, folders, groups."""

@@ -3,9 +3,10 @@ group out (`logo`)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from pipeline.studies.base import Study, StudyInputs, fit_head, load_rows, score
+from pipeline.studies.base import Study, StudyInputs, fit_and_score, load_rows, prefixed
 
 
 class TrainSets(Study):
@@ -20,10 +21,14 @@ class TrainSets(Study):
         trainable, testable, _ = rows.usable()
         cells = []
         for train in trainable:
-            head, cal = fit_head(inputs, rows.of(train, "train"), rows.of(train, "val"))
-            for test in testable:
-                metrics = score(head, cal, rows.of(test, "test"), inputs.threshold)
-                cells.append({"train": train, "test": test, **metrics})
+            tr, va = rows.of(train, "train"), rows.of(train, "val")
+            tests = {test: rows.of(test, "test") for test in testable}
+            cells += self.cached(
+                inputs,
+                {"train": tr, "val": va, **prefixed(tests)},
+                functools.partial(fit_and_score, inputs, tr, va, tests, {"train": train}),
+                labels={"train": train},
+            )
         return {**self.header(inputs, rows), "cells": cells}
 
 
@@ -44,10 +49,14 @@ class LeaveOneOut(Study):
             seen = [g for g in names if g != held_out]
             if not rows.trainable(seen):
                 continue
-            head, cal = fit_head(inputs, rows.of(seen, "train"), rows.of(seen, "val"))
-            for test in testable:
-                metrics = score(head, cal, rows.of(test, "test"), inputs.threshold)
-                cells.append(
-                    {"held_out": held_out, "test": test, "unseen": test == held_out, **metrics}
-                )
+            tr, va = rows.of(seen, "train"), rows.of(seen, "val")
+            tests = {test: rows.of(test, "test") for test in testable}
+            labels = {"held_out": held_out}
+            fitted = self.cached(
+                inputs,
+                {"train": tr, "val": va, **prefixed(tests)},
+                functools.partial(fit_and_score, inputs, tr, va, tests, labels),
+                labels=labels,
+            )
+            cells += [{**c, "unseen": c["test"] == held_out} for c in fitted]
         return {**self.header(inputs, rows), "cells": cells}

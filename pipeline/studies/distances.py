@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from pipeline.studies.base import Study, StudyInputs, fit_head, load_rows, score
+from pipeline.studies.base import Study, StudyInputs, fit_and_score, load_rows, prefixed
 
 #: The feature kinds compared, all computed from the same cached embeddings.
 DISTANCE_KINDS = ("item_global", "item_local", "item")
@@ -23,15 +24,20 @@ class Distances(Study):
         for kind in DISTANCE_KINDS:
             rows = load_rows(inputs, kind)
             _, names, _ = rows.usable()
-            head, cal = fit_head(inputs, rows.fs.where("train"), rows.fs.where("val"), kind=kind)
-            cells.append(
-                {
-                    "kind": kind,
-                    "test": "all",
-                    **score(head, cal, rows.fs.where("test"), inputs.threshold),
-                }
+            tests = {"all": rows.fs.where("test"), **{t: rows.of(t, "test") for t in names}}
+            cells += self.cached(
+                inputs,
+                {"train": rows.fs.where("train"), "val": rows.fs.where("val"), **prefixed(tests)},
+                functools.partial(
+                    fit_and_score,
+                    inputs,
+                    rows.fs.where("train"),
+                    rows.fs.where("val"),
+                    tests,
+                    {"kind": kind},
+                    kind,
+                ),
+                kind=kind,
+                labels={"kind": kind},
             )
-            for test in names:
-                metrics = score(head, cal, rows.of(test, "test"), inputs.threshold)
-                cells.append({"kind": kind, "test": test, **metrics})
         return {**self.header(inputs, rows), "kinds": list(DISTANCE_KINDS), "cells": cells}

@@ -3,13 +3,22 @@ from the saved head (`warm_start_from`), test on every group C, before and after
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
 from pipeline.heads import HEADS, save_head, valid_params
-from pipeline.studies.base import Rows, Study, StudyInputs, fit_head, load_rows, score
+from pipeline.studies.base import (
+    Rows,
+    Study,
+    StudyInputs,
+    fit_head,
+    load_rows,
+    prefixed,
+    score,
+)
 
 
 class Finetune(Study):
@@ -35,19 +44,43 @@ class Finetune(Study):
         if inputs.options.get("epochs") is not None:
             tuning["epochs"] = int(inputs.options["epochs"])
         cells = []
-        with tempfile.TemporaryDirectory(prefix="misalign-finetune-") as tmp:
-            for a, b in pairs:
-                first, cal_a = fit_head(inputs, rows.of(a, "train"), rows.of(a, "val"))
-                saved = Path(tmp) / f"{a}__{b}"
-                save_head(first, saved)
-                tuned, cal_b = fit_head(
-                    inputs,
-                    rows.of(b, "train"),
-                    rows.of(b, "val"),
-                    params={**tuning, "warm_start_from": str(saved)},
-                )
-                cells.extend(_scored(rows, names, a, b, (first, cal_a), (tuned, cal_b), inputs))
+        for a, b in pairs:
+            blocks = {
+                "train": rows.of(a, "train"),
+                "val": rows.of(a, "val"),
+                "finetune_train": rows.of(b, "train"),
+                "finetune_val": rows.of(b, "val"),
+                **prefixed({c: rows.of(c, "test") for c in names}),
+            }
+            cells += self.cached(
+                inputs,
+                blocks,
+                functools.partial(_pair, inputs, rows, names, a, b, tuning),
+                labels={"train": a, "finetune": b, "finetune_params": tuning},
+            )
         return {**self.header(inputs, rows), "finetune_params": tuning, "cells": cells}
+
+
+def _pair(
+    inputs: StudyInputs,
+    rows: Rows,
+    names: list[str],
+    a: str,
+    b: str,
+    tuning: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The cells of one (A, B) pair: fit on A, save, fine-tune on B from the saved head."""
+    with tempfile.TemporaryDirectory(prefix="misalign-finetune-") as tmp:
+        first, cal_a = fit_head(inputs, rows.of(a, "train"), rows.of(a, "val"))
+        saved = Path(tmp) / f"{a}__{b}"
+        save_head(first, saved)
+        tuned, cal_b = fit_head(
+            inputs,
+            rows.of(b, "train"),
+            rows.of(b, "val"),
+            params={**tuning, "warm_start_from": str(saved)},
+        )
+        return _scored(rows, names, a, b, (first, cal_a), (tuned, cal_b), inputs)
 
 
 def _pairs(names: list[str], a: str | None, b: str | None) -> list[tuple[str, str]]:
