@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench._synthetic import encode_inputs, synthetic_images  # noqa: E402
 from pipeline.config import params_from_dict  # noqa: E402
 from pipeline.data.images import load_rgb  # noqa: E402
-from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.extract.caption import run_caption  # noqa: E402
 from pipeline.extract.encode import (  # noqa: E402
     EncodeLoad,
@@ -53,7 +53,6 @@ gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 
 N_OBJECTS = 3
-PHRASES = ("car", "tree", "person", "dog", "red sofa", "street")
 
 
 def _nothing(batch: object) -> None:
@@ -69,24 +68,11 @@ def feeding_rate(items: list, load: object, batch: int, workers: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _objects(images: list[Path], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """N_OBJECTS boxes per image inside its bounds (the grounder's output, synthesised)."""
-    from PIL import Image
-
-    boxes = []
-    for path in images:
-        with Image.open(path) as im:
-            w, h = im.size
-        for _ in range(N_OBJECTS):
-            x0, y0 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
-            boxes.append([x0, y0, x0 + rng.uniform(16, w * 0.4), y0 + rng.uniform(16, h * 0.4)])
-    offsets = np.arange(0, N_OBJECTS * len(images) + 1, N_OBJECTS, dtype=np.int64)
-    return np.asarray(boxes, np.float32), offsets
-
-
-def prepare(work: Path, images: list[Path], shard_size: int) -> Path:
-    """Ingest, dataset captions, and synthesised objects shards for the encode stage."""
-    data = gpu_check.write_manifest(images, "a photo of thing")
+def prepare(
+    work: Path, images: list[Path], shard_size: int
+) -> tuple[Path, list[tuple[str, np.ndarray]]]:
+    """The encode stage's inputs for `images` (dataset captions, N_OBJECTS synthesised boxes
+    each) in `work/cache`; returns the cache and (image path, boxes) per image."""
     params = params_from_dict(
         {
             "models": {"preset": "tiny"},
@@ -95,28 +81,10 @@ def prepare(work: Path, images: list[Path], shard_size: int) -> Path:
         }
     )
     cache = work / "cache"
-    p = params
-    run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="bench")
-    run_caption(
-        cache / "ingest",
-        cache / "captions",
-        cfg=p.caption,
-        models=p.models,
-        base=p.base,
-        dataset="bench",
+    items = encode_inputs(
+        images, cache, params, dataset="bench", caption="a photo of thing", per_image=N_OBJECTS
     )
-    rng = np.random.default_rng(0)
-    for shard in store.list_shards(cache / "ingest"):
-        rows = store.read_shard(shard, ["ids", "path"])
-        paths = [data / Path(str(x)).name for x in rows["path"]]
-        boxes, offsets = _objects(paths, rng)
-        phrases = rng.choice(PHRASES, len(boxes)).astype(object)
-        store.write_shard(
-            cache / "objects" / shard.name,
-            {"ids": rows["ids"], "obj_offsets": offsets, "obj_boxes": boxes, "obj_phrase": phrases},
-            {"stage": "objects", "params_hash": "synthetic"},
-        )
-    return cache
+    return cache, items
 
 
 def encode_stage(cache: Path, workers: int, out: str) -> tuple[float, dict]:
@@ -239,7 +207,7 @@ def report_hf_stages(cache: Path, n_images: int, rounds: int, stages: list[str])
 def vit_l(work: Path, n: int, rounds: int) -> None:
     import torch
 
-    images = gpu_check.synthetic_images(work / "vitl_images", n, 256, seed=1)
+    images = synthetic_images(work / "vitl_images", n=n, width=256 * 4 // 3, height=256, seed=1)
     torch.manual_seed(0)
     model = gpu_check._open_clip_model("ViT-L-14", True)
     checkpoint = work / "vitl_random.pt"
@@ -303,22 +271,21 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="misalign-bench-reader-"))
     try:
-        images = gpu_check.synthetic_images(work / "images", args.n_images, 288)
+        images = synthetic_images(work / "images", n=args.n_images, width=384, height=288)
         print(
-            f"{args.n_images} distinct {288 * 4 // 3}x288 JPEGs, {N_OBJECTS} objects each, "
+            f"{args.n_images} distinct 384x288 JPEGs, {N_OBJECTS} objects each, "
             f"{reader.available_cpus()} CPUs visible"
         )
-        cache = prepare(work, images, shard_size=64)
+        cache, items = prepare(work, images, shard_size=64)
         if not args.skip_feeding:
             clip = loaded_model("clip", *_tiny())
-            rng = np.random.default_rng(0)
-            boxes, offsets = _objects(images, rng)
-            items = [(str(p), boxes[offsets[k] : offsets[k + 1]]) for k, p in enumerate(images)]
+            # The loader's items: (path, exif_transpose as ingest records it by default, boxes).
+            feed = [(path, True, boxes) for path, boxes in items]
             load = EncodeLoad(clip.pixels, 0.1)
             rates: dict[int, list[float]] = {0: [], 1: [], 2: []}
             for _ in range(args.rounds):
                 for w in rates:
-                    rates[w].append(feeding_rate(items, load, 16, w))
+                    rates[w].append(feeding_rate(feed, load, 16, w))
             med = {w: statistics.median(r) for w, r in rates.items()}
             print("reader into a do-nothing model (images/s, median of rounds):")
             for w, r in med.items():

@@ -9,9 +9,12 @@ Tiers (markers, set here; `pytest -q` runs them all, as CI does):
 - `system`: the project as a user runs it: `dvc repro`, a wheel install, a headless browser,
   the whole tiny pipeline end to end, kill -9 of running stages.
 
-A test's tier is the marker written on it, else its entry in `_TEST_TIER`, else that of a
-fixture it uses (`_FIXTURE_TIER`), else its file's (`_FILE_TIER`, `fast` when absent). A fast test that loads a model or starts DVC, a browser
-or a model stage fails, naming the tier it belongs to.
+A test's tier is the marker written on it, else its entry in `_TEST_TIER`, else the heaviest
+of its file's (`_FILE_TIER`, `fast` when absent) and those of the fixtures it uses, directly or
+through other fixtures (`_FIXTURE_TIER`). A fast test that loads a model or starts DVC, a
+browser or a model stage fails, naming the tier it belongs to.
+
+`tiny_extraction` is the one tiny extraction of the shipped sample shared by the whole run.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from tests.helpers import extract_stages, pipeline_params, tiny_sample
 
 # A hub miss costs 20-50 s of retries; tests never download anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,9 +71,19 @@ _TEST_TIER = {
 }
 
 # Fixtures that load the tiny models or run extraction steps (test_models_hf, test_cache_key,
-# test_reader), or train a head to convergence: a test using one is an integration test.
+# test_reader, the shared `tiny_extraction`), or train a head to convergence: a test using one
+# is at least an integration test.
 _FIXTURE_TIER = dict.fromkeys(
-    ("captioner", "grounder", "tiny_dir", "small", "extracted", "fitted_multitask"), "integration"
+    (
+        "captioner",
+        "grounder",
+        "tiny_dir",
+        "small",
+        "extracted",
+        "fitted_multitask",
+        "tiny_extraction",
+    ),
+    "integration",
 )
 
 
@@ -75,10 +92,9 @@ def tier_of(item: pytest.Item) -> str:
     name = getattr(item, "originalname", None) or item.name.split("[")[0]
     if f"{filename}::{name}" in _TEST_TIER:
         return _TEST_TIER[f"{filename}::{name}"]
-    for fixture in getattr(item, "fixturenames", ()):
-        if fixture in _FIXTURE_TIER:
-            return _FIXTURE_TIER[fixture]
-    return _FILE_TIER.get(filename, "fast")
+    tiers = [_FILE_TIER.get(filename, "fast")]
+    tiers += [_FIXTURE_TIER[f] for f in getattr(item, "fixturenames", ()) if f in _FIXTURE_TIER]
+    return max(tiers, key=TIERS.index)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -133,3 +149,39 @@ def _fast_tier_stays_fast(
 
     monkeypatch.setattr(subprocess.Popen, "__init__", checked_init)
     yield
+
+
+class TinyExtraction(NamedTuple):
+    """`work/data` (the images and manifest), `work/cache/<stage dir>`, the params file."""
+
+    work: Path
+    data: Path
+    params: str
+    cache: Path
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_extraction(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyExtraction]:
+    """The shipped sample's 14 first real photos and one image per generator through ingest,
+    caption, ground, encode and features with the tiny preset, once per test run.
+
+    Read-only: a test that changes the images, the cache or the params works on a copy
+    (`shutil.copytree`). A change left in it fails the run at its end, naming the files.
+    """
+    work = tmp_path_factory.mktemp("tiny_extraction")
+    data = tiny_sample(work / "data", per_generator=1, n_real=14)
+    params = pipeline_params(work)
+    assert extract_stages(work / "cache", data, params) == 0
+    before = _listing(work)
+    yield TinyExtraction(work, data, params, work / "cache")
+    after = _listing(work)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests changed the shared tiny_extraction (copy it first): {changed}"

@@ -13,6 +13,7 @@ from PIL import Image
 from pipeline.config import FeaturesConfig
 from pipeline.features import CLASS_PROMPTS, compute_features
 from pipeline.rows import store
+from stages import caption, encode, features, ground, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -162,3 +163,44 @@ def pipeline_params(tmp: Path, **overrides: object) -> str:
     """`tiny_params` for whole tiny pipelines on a few images: 20 MLP epochs and 2 meta folds
     (the smallest test datasets have 3-4 real images); `overrides` as "section.key" names."""
     return tiny_params(tmp, **{"train.mlp.epochs": 20, "train.meta.n_folds": 2, **overrides})
+
+
+EXTRACTION = ("ingest", "caption", "ground", "encode", "features")
+
+
+def extract_stages(
+    cache: Path, data: Path, params: str, *, only: tuple[str, ...] = EXTRACTION
+) -> int:
+    """Run the extraction stage scripts `only` (in pipeline order) on `data` into
+    `cache/<stage dir>` as dataset "t", as `dvc repro` would; returns the first nonzero exit
+    status, else 0."""
+    c = str(cache)
+    args = {
+        "ingest": (ingest, ["--data", str(data), "--out", f"{c}/ingest"]),
+        "caption": (caption, ["--ingest", f"{c}/ingest", "--out", f"{c}/captions"]),
+        "ground": (
+            ground,
+            ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions", "--out", f"{c}/objects"],
+        ),
+        "encode": (
+            encode,
+            [
+                *("--ingest", f"{c}/ingest", "--captions", f"{c}/captions"),
+                *("--objects", f"{c}/objects", "--out", f"{c}/clip"),
+            ],
+        ),
+        "features": (
+            features,
+            [
+                *("--ingest", f"{c}/ingest", "--clip", f"{c}/clip"),
+                *("--captions", f"{c}/captions", "--out", f"{c}/features"),
+            ],
+        ),
+    }
+    for name in EXTRACTION:
+        if name in only:
+            module, stage_args = args[name]
+            status = module.main([*stage_args, "--params", params, "--name", "t"])
+            if status:
+                return status
+    return 0

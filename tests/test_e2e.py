@@ -13,67 +13,30 @@ import yaml
 from PIL import Image
 
 from pipeline.rows import store
-from stages import caption, encode, evaluate, features, ground, ingest, train
-from tests.helpers import ROOT, pipeline_params, tiny_sample
+from stages import caption, encode, evaluate, features, ingest, train
+from tests.helpers import ROOT, extract_stages, pipeline_params, tiny_sample
+
+
+def _train_evaluate(work, cache, params):
+    """train and evaluate on `cache/features`, into `work` (models, metrics, plots, scores)."""
+    features_dir = f"{cache}/features"
+    assert (
+        train.main(["--params", params, "--features", features_dir, "--out", f"{work}/models"]) == 0
+    )
+    evaluate_args = [
+        *("--params", params, "--features", features_dir, "--heads", f"{work}/models"),
+        *("--metrics", f"{work}/metrics/eval.json", "--scores", f"{work}/scores"),
+        *("--plots", f"{work}/plots"),
+    ]
+    assert evaluate.main(evaluate_args) == 0
 
 
 def _run_all(work, data, params):
-    c = work / "cache"
-    common = ["--params", params, "--name", "t"]
-    steps = [
-        (ingest, ["--data", str(data), "--out", f"{c}/ingest"]),
-        (caption, ["--ingest", f"{c}/ingest", "--out", f"{c}/captions"]),
-        (
-            ground,
-            ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions", "--out", f"{c}/objects"],
-        ),
-        (
-            encode,
-            [
-                "--ingest",
-                f"{c}/ingest",
-                "--captions",
-                f"{c}/captions",
-                "--objects",
-                f"{c}/objects",
-                "--out",
-                f"{c}/clip",
-            ],
-        ),
-        (
-            features,
-            [
-                *("--ingest", f"{c}/ingest", "--clip", f"{c}/clip"),
-                *("--captions", f"{c}/captions", "--out", f"{c}/features"),
-            ],
-        ),
-    ]
-    for module, args in steps:
-        assert module.main(args + common) == 0, module.__name__
-    assert (
-        train.main(["--params", params, "--features", f"{c}/features", "--out", f"{work}/models"])
-        == 0
-    )
-    assert (
-        evaluate.main(
-            [
-                "--params",
-                params,
-                "--features",
-                f"{c}/features",
-                "--heads",
-                f"{work}/models",
-                "--metrics",
-                f"{work}/metrics/eval.json",
-                "--scores",
-                f"{c}/scores",
-                "--plots",
-                f"{work}/plots",
-            ]
-        )
-        == 0
-    )
-    return c
+    """Every stage on `data`, the extraction into `work/cache`; returns the cache."""
+    cache = work / "cache"
+    assert extract_stages(cache, data, params) == 0
+    _train_evaluate(work, cache, params)
+    return cache
 
 
 def _all(directory, keys=None):
@@ -81,11 +44,12 @@ def _all(directory, keys=None):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tiny_extraction, tmp_path_factory):
+    """The shared tiny extraction, and heads trained and evaluated on it in a folder of this
+    module's (`work`: models, metrics, plots, scores)."""
     work = tmp_path_factory.mktemp("e2e")
-    data = tiny_sample(work / "data", per_generator=1, n_real=14)
-    params = pipeline_params(work)
-    cache = _run_all(work, data, params)
+    data, params, cache = tiny_extraction.data, tiny_extraction.params, tiny_extraction.cache
+    _train_evaluate(work, cache, params)
     return work, data, params, cache
 
 
@@ -183,7 +147,7 @@ def test_metrics_cover_every_head_and_test_generator(run):
         assert head["overall"]["n"] == n_test
         for key in ("acc", "r_acc", "f_acc", "ap", "auc"):
             assert 0.0 <= head["overall"][key] <= 1.0
-    rows = list(csv.DictReader((cache / "scores" / "mlp.csv").open()))
+    rows = list(csv.DictReader((work / "scores" / "mlp.csv").open()))
     assert len(rows) == n_test and {r["split"] for r in rows} == {"test"}
     assert (work / "plots" / "roc" / "mlp.csv").exists()
 
@@ -215,8 +179,11 @@ def test_new_images_are_the_only_work_of_a_rerun(run, tmp_path):
             np.testing.assert_array_equal(old[key], value)
 
 
-def test_broken_files_are_quarantined_and_the_run_completes(tmp_path):
-    data = tiny_sample(tmp_path / "data", per_generator=1, n_real=6)
+def test_broken_files_are_quarantined_and_the_run_completes(tiny_extraction, tmp_path):
+    # The shared extraction's images and rows, copied: only the broken files are new.
+    data = tmp_path / "data"
+    shutil.copytree(tiny_extraction.data, data)
+    shutil.copytree(tiny_extraction.cache, tmp_path / "cache")
     rows = list(csv.DictReader((data / "manifest.csv").open()))
     (data / "images" / "zero.jpg").write_bytes(b"")
     jpg = next(r["file"] for r in rows if r["file"].endswith(".jpg"))
@@ -230,7 +197,7 @@ def test_broken_files_are_quarantined_and_the_run_completes(tmp_path):
         writer = csv.DictWriter(fh, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows + extra)
-    cache = _run_all(tmp_path, data, pipeline_params(tmp_path))
+    cache = _run_all(tmp_path, data, tiny_extraction.params)
     reasons = {
         r["path"]: r["reason"] for r in csv.DictReader((cache / "ingest" / "quarantine.csv").open())
     }
@@ -369,7 +336,7 @@ def test_every_output_names_the_preset_and_the_models(run):
             record = json.loads((work / "models" / head / name).read_text())
             record = record.get("provenance", record)
             assert record["preset"] == "tiny" and record["models"] == block["models"]
-        rows = list(csv.DictReader((cache / "scores" / f"{head}.csv").open()))
+        rows = list(csv.DictReader((work / "scores" / f"{head}.csv").open()))
         assert {r["preset"] for r in rows} == {"tiny"}
         assert {r["models"] for r in rows} == {
             ";".join(f"{k}={v}" for k, v in sorted(block["models"].items()))

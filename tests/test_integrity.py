@@ -8,41 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.rows import store
-from stages import caption, encode, features, ground, ingest
-from tests.helpers import flip_byte, pipeline_params, tiny_sample
-
-
-def _extract(cache, data, params, only=("ingest", "caption", "ground", "encode", "features")):
-    c = str(cache)
-    common = ["--params", params, "--name", "t"]
-    steps = {
-        "ingest": (ingest, ["--data", str(data), "--out", f"{c}/ingest"]),
-        "caption": (caption, ["--ingest", f"{c}/ingest", "--out", f"{c}/captions"]),
-        "ground": (
-            ground,
-            ["--ingest", f"{c}/ingest", "--captions", f"{c}/captions", "--out", f"{c}/objects"],
-        ),
-        "encode": (
-            encode,
-            [
-                *("--ingest", f"{c}/ingest", "--captions", f"{c}/captions"),
-                *("--objects", f"{c}/objects", "--out", f"{c}/clip"),
-            ],
-        ),
-        "features": (
-            features,
-            [
-                *("--ingest", f"{c}/ingest", "--clip", f"{c}/clip"),
-                *("--captions", f"{c}/captions", "--out", f"{c}/features"),
-            ],
-        ),
-    }
-    for name in only:
-        module, args = steps[name]
-        status = module.main(args + common)
-        if status:
-            return status
-    return 0
+from tests.helpers import extract_stages, flip_byte
 
 
 def _values(folder):
@@ -61,23 +27,10 @@ def _max_delta(a, b):
     return worst
 
 
-def small_sample(dest):
-    """Six shipped images (four real, two generated) with their manifest."""
-    data = tiny_sample(dest, per_generator=1, n_real=4)
-    lines = (data / "manifest.csv").read_text().splitlines(keepends=True)
-    real = [line for line in lines[1:] if ",real," in line][:4]
-    fake = [line for line in lines[1:] if ",real," not in line][:2]
-    (data / "manifest.csv").write_text("".join([lines[0], *real, *fake]))
-    return data
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    work = tmp_path_factory.mktemp("integrity")
-    data = small_sample(work / "data")
-    params = pipeline_params(work)
-    assert _extract(work / "cache", data, params) == 0
-    return work, data, params
+@pytest.fixture
+def clean(tiny_extraction):
+    """The shared tiny extraction (read-only: each test damages a copy of it)."""
+    return tiny_extraction.work, tiny_extraction.data, tiny_extraction.params
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])
@@ -91,9 +44,9 @@ def test_damaged_clip_shard_is_recomputed_to_the_undamaged_values(clean, tmp_pat
     else:
         with h5py.File(shard, "r+") as fh:
             del fh["image_emb"]
-    assert _extract(cache, data, params, only=("features",)) == 1
+    assert extract_stages(cache, data, params, only=("features",)) == 1
     assert f"{shard} is damaged: dataset 'image_emb'" in capsys.readouterr().err
-    assert _extract(cache, data, params, only=("encode", "features")) == 0
+    assert extract_stages(cache, data, params, only=("encode", "features")) == 0
     for stage in ("clip", "features"):
         assert _max_delta(_values(work / "cache" / stage), _values(cache / stage)) == 0.0
 
@@ -108,9 +61,9 @@ def test_hand_edited_caption_is_detected_and_recomputed(clean, tmp_path, capsys)
         edited[0] = "a photo of a cat, edited by hand"
         del fh["caption"]
         fh.create_dataset("caption", data=edited, dtype=h5py.string_dtype("utf-8"))
-    assert _extract(cache, data, params, only=("encode",)) == 1
+    assert extract_stages(cache, data, params, only=("encode",)) == 1
     assert f"{shard} is damaged: dataset 'caption'" in capsys.readouterr().err
-    assert _extract(cache, data, params, only=("caption", "ground", "encode")) == 0
+    assert extract_stages(cache, data, params, only=("caption", "ground", "encode")) == 0
     for stage in ("captions", "objects", "clip"):
         assert _max_delta(_values(work / "cache" / stage), _values(cache / stage)) == 0.0
 
@@ -140,10 +93,10 @@ def test_an_image_replaced_after_ingest_is_refused_naming_it(clean, tmp_path, ca
 
     work, _, params = clean
     cache, data, image = _moved_copy(work, tmp_path)
-    assert _extract(cache, data, params, only=("encode",)) == 0  # unchanged copies pass
+    assert extract_stages(cache, data, params, only=("encode",)) == 0  # unchanged copies pass
     capsys.readouterr()
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image, format="JPEG")
-    assert _extract(cache, data, params, only=("encode",)) == 1
+    assert extract_stages(cache, data, params, only=("encode",)) == 1
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and f"image {image} changed since ingest" in err[0], err
     assert "rerun ingest" in err[0]
@@ -154,6 +107,6 @@ def test_an_image_truncated_after_ingest_names_the_file_in_one_line(clean, tmp_p
     cache, data, image = _moved_copy(work, tmp_path)
     blob = image.read_bytes()
     image.write_bytes(blob[: len(blob) // 3])
-    assert _extract(cache, data, params, only=("caption",)) == 1
+    assert extract_stages(cache, data, params, only=("caption",)) == 1
     err = _error_lines(capsys.readouterr().err)
     assert len(err) == 1 and str(image) in err[0], err

@@ -10,11 +10,9 @@ import pytest
 
 from pipeline.config import params_from_dict
 from pipeline.data.images import load_rgb
-from pipeline.data.ingest import run_ingest
+from pipeline.evalsets import extract_dataset
 from pipeline.extract.base import DecodeThen
-from pipeline.extract.caption import run_caption
-from pipeline.extract.encode import TextMemo, crop_box, encode_texts_once, run_encode
-from pipeline.extract.ground import run_ground
+from pipeline.extract.encode import TextMemo, crop_box, encode_texts_once
 from pipeline.extract.loaded import loaded_model
 from pipeline.rows import reader, store
 from tests.helpers import make_image, write_manifest
@@ -71,36 +69,7 @@ def _extract(data: Path, cache: Path, workers: int, base: dict | None = None, **
             "encode": {"batch_size": 4, **encode},
         }
     )
-    p = params
-    run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="t")
-    run_caption(
-        cache / "ingest",
-        cache / "captions",
-        cfg=p.caption,
-        models=p.models,
-        base=p.base,
-        dataset="t",
-    )
-    run_ground(
-        cache / "ingest",
-        cache / "captions",
-        cache / "objects",
-        cfg=p.ground,
-        models=p.models,
-        base=p.base,
-        dataset="t",
-    )
-    run_encode(
-        cache / "ingest",
-        cache / "captions",
-        cache / "objects",
-        cache / "clip",
-        cfg=p.encode,
-        crop_padding=p.ground.crop_padding,
-        models=p.models,
-        base=p.base,
-        dataset="t",
-    )
+    extract_dataset(data, cache, "t", params, with_features=False)
     return params
 
 

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,46 @@ def test_rerun_computes_only_new_or_changed_rows(tmp_path):
     assert step.computed == ["d", "f"]  # d's input changed, f is new
     assert timings["n_reused"] == 4
     assert [list(s["out"]) for s in _read_all(tmp_path)] == [[2, 4], [6, 80], [10, 12]]
+
+
+def test_a_cached_shard_rows_are_reused_from_is_read_whole_once(tmp_path, monkeypatch):
+    """Planning reads (and verifies) the cached shard; finishing uses those rows, not a reread."""
+    run_step(Doubler(SHARDS), tmp_path)
+    whole_reads = []
+    read_shard = store.read_shard
+
+    def counting(path, keys=None, **kwargs):
+        if keys is None:
+            whole_reads.append(Path(path).name)
+        return read_shard(path, keys, **kwargs)
+
+    monkeypatch.setattr(store, "read_shard", counting)
+    grown = [(["a", "b"], [1, 2]), (["c", "d"], [3, 40]), (["e", "f"], [5, 6])]
+    step = Doubler(grown)
+    run_step(step, tmp_path)
+    assert step.computed == ["d", "f"]
+    # Shard 0 is read whole to confirm it is unchanged; shards 1 and 2 give rows to the new
+    # shards of their index, and are read whole once each, when planned.
+    assert sorted(whole_reads) == ["shard_00000.h5", "shard_00001.h5", "shard_00002.h5"]
+    assert [list(s["out"]) for s in _read_all(tmp_path)] == [[2, 4], [6, 80], [10, 12]]
+
+
+def test_a_cached_shard_damaged_after_planning_does_not_reach_the_new_shard(tmp_path):
+    """The reused rows were verified when planned: damage on disk afterwards changes nothing."""
+    from tests.helpers import flip_byte
+
+    run_step(Doubler(SHARDS), tmp_path)
+    grown = [(["a", "b"], [1, 2]), (["c", "d"], [3, 40]), (["e"], [5])]
+    cached = tmp_path / store.shard_name(1)
+    reuse = runner.reuse_index([tmp_path], "v1")
+    step = Doubler(grown)
+    plan = runner._plan(step, 1, str(tmp_path), reuse, runner.Timer())
+    assert plan.todo == [1] and len(plan.reused) == 1
+    flip_byte(cached, "out", at=0)
+    report = runner._finish(step, plan)
+    assert (report.n_processed, report.n_reused) == (1, 1)
+    built = store.read_shard(tmp_path / PARTIAL / store.shard_name(1))
+    assert list(built["ids"]) == ["c", "d"] and list(built["out"]) == [6, 80]
 
 
 def test_changed_params_recompute_everything_and_drop_stale_shards(tmp_path):

@@ -117,7 +117,11 @@ def process_shard(
 
 @dataclass
 class _Plan:
-    """A shard read and sorted into rows to reuse and rows to compute (`todo`)."""
+    """A shard read and sorted into rows to compute (`todo`) and rows reused from cached
+    shards, held as the verified rows themselves (`reused`): each cached shard is read once,
+    checked against its checksums in that same read, and only the rows this shard takes from it
+    are kept, so `_finish` reads no file again and a later change on disk cannot reach them.
+    """
 
     index: int
     out_dir: str
@@ -125,7 +129,7 @@ class _Plan:
     ids: list[str]
     inputs: Arrays | None = None  # None: the shard is already complete
     todo: list[int] = field(default_factory=list)
-    by_file: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    reused: list[Arrays] = field(default_factory=list)
     phash: str = ""
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -162,15 +166,20 @@ def _plan(
             by_file[hit[0]].append((i, hit[1]))
         else:
             todo.append(i)
-    for path in list(by_file):
-        try:
-            store.verify_shard(path)
-        except store.ShardError as err:
-            # A damaged cached shard: its rows are recomputed, never reused.
-            logger.warning("%s; recomputing its rows", err)
-            todo.extend(i for i, _ in by_file.pop(path))
+    reused: list[Arrays] = []
+    with timer("read"):
+        for path, pairs in by_file.items():
+            try:
+                # Every dataset, each checked against its checksum (None: all of them).
+                cached = store.read_shard(path)
+            except store.ShardError as err:
+                # A damaged cached shard: its rows are recomputed, never reused.
+                logger.warning("%s; recomputing its rows", err)
+                todo.extend(i for i, _ in pairs)
+                continue
+            reused.append(store.take_rows(cached, [row for _, row in pairs]))
     todo.sort()
-    return _Plan(index, out_dir, timer, ids, inputs, todo, dict(by_file), phash, attrs)
+    return _Plan(index, out_dir, timer, ids, inputs, todo, reused, phash, attrs)
 
 
 def _prefetch(step: Step, plan: _Plan) -> None:
@@ -186,10 +195,8 @@ def _finish(step: Step, plan: _Plan) -> ShardReport:
     if plan.inputs is None:
         report = ShardReport(plan.index, 0, len(plan.ids), timer.seconds)
     else:
-        parts: list[Arrays] = []
-        with timer("read"):
-            for path, pairs in plan.by_file.items():
-                parts.append(store.take_rows(store.read_shard(path), [r for _, r in pairs]))
+        parts = list(plan.reused)
+        plan.reused = []  # merged below: the plan keeps no second copy of them
         rows = plan.todo_rows()
         if rows is not None:
             parts.append(step.compute(rows, timer))
