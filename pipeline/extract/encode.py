@@ -30,7 +30,7 @@ from pipeline.extract.base import (
 )
 from pipeline.extract.loaded import loaded_model, model_loads
 from pipeline.features import CLASS_PROMPTS, color_histograms
-from pipeline.rows import store
+from pipeline.rows import reader, store
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
 from pipeline.rows.store import Arrays
@@ -80,6 +80,11 @@ class EncodeLoad:
 
             out["dinov2"] = Dinov2ImageEncoder.pixel_values(self.dinov2_processor, image)
         return out
+
+
+def views_of(item: tuple[str, bool, np.ndarray]) -> int:
+    """Views `EncodeLoad` makes of an item: the whole image, then one per object box."""
+    return 1 + len(item[2])
 
 
 def collate_views(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -181,7 +186,10 @@ class EncodeStep(ModelStep):
         ]
         on_cuda = str(clip.device).startswith("cuda")
         size = scaled_batch_size(self.cfg.batch_size, self.base)
-        return Feed(items, load, size, collate_views, pin_memory=on_cuda)
+        # The workers write the views straight into one shared buffer per batch.
+        shape = clip.view_shape()
+        pack = reader.Pack("pixels", shape, views_of) if shape is not None else None
+        return Feed(items, load, size, collate_views, pin_memory=on_cuda, pack=pack)
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
         clip = loaded_model("clip", self.models, self.base)
