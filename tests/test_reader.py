@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import params_from_dict
 from pipeline.data.images import load_rgb
@@ -291,3 +292,48 @@ def test_the_runner_reads_the_next_shard_before_the_current_one_goes_to_the_mode
         "read 0", "prefetch s0", "read 1", "prefetch s1", "compute s0",
         "read 2", "prefetch s2", "compute s1", "compute s2",
     ]  # fmt: skip
+
+
+def _views(path: str) -> dict:
+    n = int(Path(path).stem.split("_")[1])
+    return {
+        "pixels": torch.full((1 + n % 3, 3, 4, 4), n, dtype=torch.uint8),
+        "n": torch.tensor([n]),
+    }
+
+
+def _n_views(path: str) -> int:
+    return 1 + int(Path(path).stem.split("_")[1]) % 3
+
+
+def _cat(samples: list) -> dict:
+    return {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+
+
+def test_packed_batches_equal_the_collated_ones_and_outlive_the_next_batches():
+    items = [f"x_{i}.png" for i in range(63)]
+    pack = reader.Pack("pixels", (3, 4, 4), _n_views)
+    expected = list(reader.read_batches(items, _views, 5, 0, _cat, pack=pack))
+    feeder = reader.feeder(2)
+    try:
+        # All batches kept: a buffer is reused only once no tensor is on it any more.
+        kept = list(reader.read_batches(items, _views, 5, 2, _cat, pack=pack))
+        assert len(kept) == len(expected) == 13
+        for got, want in zip(kept, expected):
+            assert torch.equal(got["pixels"], want["pixels"]) and torch.equal(got["n"], want["n"])
+        held = len(feeder._buffers.all)
+        del kept, got
+        for _ in range(3):  # batches dropped as they come: the buffers are reused
+            for batch in reader.read_batches(items, _views, 5, 2, _cat, pack=pack):
+                assert torch.equal(
+                    batch["pixels"][:, 0, 0, 0],
+                    batch["n"]
+                    .repeat_interleave(
+                        torch.tensor([_n_views(f"x_{int(n)}.png") for n in batch["n"]])
+                    )
+                    .to(torch.uint8),
+                )
+                del batch
+        assert len(feeder._buffers.all) == held
+    finally:
+        reader.close_feeders()
