@@ -279,9 +279,11 @@ def run_stage(stage: str, cache: Path, p: Any) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     clear_text_memo()
     args = {"models": p.models, "base": p.base, "dataset": "bench"}
-    # The main process's torch threads as on CUDA (the feeder sets them for CUDA jobs).
+    # The main process's torch threads as on CUDA (the feeder sets them for CUDA jobs; code
+    # from before that did not: the script can be run against it, see `--code`).
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, reader.main_threads(decode_workers(p.base))))
+    if hasattr(reader, "main_threads"):
+        torch.set_num_threads(min(threads, reader.main_threads(decode_workers(p.base))))
     start = time.perf_counter()
     if stage == "caption":
         timings = run_caption(cache / "ingest", out, cfg=p.caption, **args)
