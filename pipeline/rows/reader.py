@@ -415,7 +415,8 @@ class Feeder:
 
     def close(self) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            # Not waiting for the idle workers to exit: the stage's last batch is in already.
+            self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
         self._queue.clear()
         self._in_flight = 0
