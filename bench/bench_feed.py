@@ -102,11 +102,18 @@ def params(workers: int) -> Any:
     )
 
 
+_PINNED: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
 def _pin_copy(tensors: Any) -> None:
-    """What the host does on CUDA before the device takes a batch: one copy into pinned memory."""
+    """What the host does on CUDA before the device takes a batch: one copy into pinned memory
+    (into a kept buffer, as torch's caching host allocator reuses its pinned blocks)."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            t.clone()
+            key = (tuple(t.shape), t.dtype)
+            if key not in _PINNED:
+                _PINNED[key] = torch.empty_like(t)
+            _PINNED[key].copy_(t)
 
 
 class _InstantClip(ClipEncoder):
