@@ -80,15 +80,29 @@ def test_device_views_are_pil_views_within_a_few_levels(clip, transform):
         assert int(diff[first].max()) == 0
 
 
-def test_a_file_that_is_not_a_jpeg_takes_the_cpu_path_in_the_worker(clip, tmp_path):
-    png = tmp_path / "x.png"
-    load_rgb(JPEGS[0]).save(png)
+def _rotated_and_cmyk(tmp_path: Path) -> list[Path]:
+    image = load_rgb(JPEGS[0])
+    png, rotated, cmyk = tmp_path / "x.png", tmp_path / "rotated.jpg", tmp_path / "cmyk.jpg"
+    image.save(png)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display: nvJPEG would not
+    image.save(rotated, exif=exif)
+    image.convert("CMYK").save(cmyk)
+    return [png, rotated, cmyk]
+
+
+def test_files_nvjpeg_would_get_wrong_take_the_cpu_path_in_the_worker(clip, tmp_path):
+    """Not a JPEG, a JPEG with an EXIF rotation to apply, a CMYK JPEG: PIL's views."""
     load = EncodeLoad(clip.pixels, 0.1)
-    item = (str(png), True, np.zeros((0, 4), np.float32))
-    sample = ReadForDevice(load)(item)
-    assert "jpeg" not in sample
     views = DeviceViews(tensor_steps(clip.pixels.pil_steps), 0.1, "cpu")
-    assert torch.equal(views([sample]), load(item)["pixels"])
+    for path in _rotated_and_cmyk(tmp_path):
+        item = (str(path), True, np.array([[2.0, 3.0, 30.0, 40.0]], np.float32))
+        sample = ReadForDevice(load)(item)
+        assert "jpeg" not in sample, path.name
+        assert torch.equal(views([sample]), load(item)["pixels"])
+    # Without EXIF transposition the rotated file's bytes go to the device decoder.
+    item = (str(tmp_path / "rotated.jpg"), False, np.zeros((0, 4), np.float32))
+    assert "jpeg" in ReadForDevice(load)(item)
 
 
 def test_gpu_decoding_falls_back_to_the_cpu_with_a_reason(caplog):

@@ -8,7 +8,8 @@ docs/benchmarks.md), so the decoder is part of the rows' key (`pipeline.rows.key
 and of the shards' attributes. CPU decoding stays the default, and is used instead (with a
 log line saying why) when the device is not CUDA, when nvJPEG does not work there, or when the
 encode step also needs the decoded image on the host (colour histograms, DINOv2). A file that is not a JPEG is decoded by
-PIL in the worker as before, and its views join the batch.
+PIL in the worker as before, and its views join the batch; so is a JPEG whose EXIF orientation
+must be applied (nvJPEG ignores it) or whose colours are not RGB or grey (CMYK).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 PIL_DECODER = "pil"
 GPU_DECODER = "nvjpeg"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 # The conversions to RGB (open_clip's, and pipeline.models.clip's in a Lambda), which nvJPEG's RGB output makes redundant.
 _TO_RGB = {"MaybeConvertMode", "_convert_to_rgb", "_to_rgb"}
 _WORKS: dict[str, bool] = {}  # device -> whether nvJPEG decoded a test image there
@@ -96,9 +98,10 @@ def choose_decoder(requested: str, device: str, *, host_image_needed: bool) -> s
 
 @dataclass
 class ReadForDevice:
-    """A decode worker's part under the GPU decoder: the file's bytes when it is a JPEG, else
-    the CPU path's views (`fallback`, an `EncodeLoad`) of it. Items are (path, exif_transpose,
-    boxes)."""
+    """A decode worker's part under the GPU decoder: the file's bytes when it is a JPEG that
+    nvJPEG decodes to the pixels ingest checked (RGB or greyscale, and no EXIF rotation to
+    apply: nvJPEG ignores EXIF orientation), else the CPU path's views (`fallback`, an
+    `EncodeLoad`) of it. Items are (path, exif_transpose, boxes)."""
 
     fallback: Any
 
@@ -107,10 +110,26 @@ class ReadForDevice:
         with open(path, "rb") as fh:
             data = fh.read()
         n_views = 1 + len(boxes)
-        if data[:3] == _JPEG_MAGIC:
+        if data[:3] == _JPEG_MAGIC and _device_decodable(data, exif_transpose):
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return {"jpeg": raw, "boxes": np.asarray(boxes), "exif": exif_transpose, "n": n_views}
+            return {"jpeg": raw, "boxes": np.asarray(boxes), "n": n_views}
         return {"views": self.fallback(item)["pixels"], "n": n_views}
+
+
+def _device_decodable(data: bytes, exif_transpose: bool) -> bool:
+    """Whether nvJPEG's RGB output is PIL's image for these bytes (headers only, no decode)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode not in ("RGB", "L"):
+                return False  # CMYK, YCCK: PIL's conversion to RGB is its own
+            orientation = image.getexif().get(_ORIENTATION, 1) if exif_transpose else 1
+    except (OSError, SyntaxError, ValueError):
+        return False  # the CPU path raises the project's error for it
+    return orientation in (None, 1)
 
 
 def collate_files(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,20 +149,14 @@ class DeviceViews:
     def __call__(self, samples: Sequence[dict[str, Any]]) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        which = [k for k, s in enumerate(samples) if "jpeg" in s]
         images: dict[int, torch.Tensor] = {}
-        for flag in (True, False):
-            which = [k for k, s in enumerate(samples) if "jpeg" in s and s["exif"] is flag]
-            if not which:
-                continue
+        if which:
+            jpegs = [samples[k]["jpeg"] for k in which]
             try:
-                decoded = decode_jpeg(
-                    [samples[k]["jpeg"] for k in which],
-                    mode=ImageReadMode.RGB,
-                    device=self.device,
-                    apply_exif_orientation=flag,
-                )
-            except RuntimeError:
-                decoded = [self._one(samples[k], flag) for k in which]
+                decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # one file nvJPEG refuses fails the batch: one by one
+                decoded = [self._one(data) for data in jpegs]
             images.update(zip(which, decoded))
         views = []
         for k, sample in enumerate(samples):
@@ -159,19 +172,14 @@ class DeviceViews:
             views.append(torch.stack([whole, *crops]))
         return torch.cat(views)
 
-    def _one(self, sample: dict[str, Any], flag: bool) -> torch.Tensor:
-        """One file nvJPEG refused (a CMYK or otherwise unsupported JPEG): decoded on the
-        device alone, or by torchvision on the CPU and moved."""
+    def _one(self, data: torch.Tensor) -> torch.Tensor:
+        """One file: decoded on the device alone, or by torchvision on the CPU and moved."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         try:
-            return decode_jpeg(
-                sample["jpeg"], mode=ImageReadMode.RGB, device=self.device,
-                apply_exif_orientation=flag,
-            )  # fmt: skip
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
-            cpu = decode_jpeg(sample["jpeg"], mode=ImageReadMode.RGB, apply_exif_orientation=flag)
-            return cpu.to(self.device)
+            return decode_jpeg(data, mode=ImageReadMode.RGB).to(self.device)
 
 
 def crop_tensor(image: torch.Tensor, box: Sequence[float], padding: float) -> torch.Tensor:
