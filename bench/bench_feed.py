@@ -1,5 +1,8 @@
 """Feeding benchmark: can the stages' CPU side keep a GPU busy? Side by side in one run.
 
+(Over 500 lines: the three stages' instant models, their bare loops and the ground
+post-processing check live in one script so that one run prints them side by side.)
+
 Caption, ground and encode run through their real stage code (`run_caption`, `run_ground`,
 `run_encode`: the reader and its decode workers, the processors, copies, post-processing, text
 memo, HDF5 writes) with INSTANT models, stand-ins for the device: they take the batch and

@@ -16,19 +16,17 @@ concatenates per image. On CUDA the batches are pinned, so that the copy to the 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
-import mmap
 import multiprocessing
 import os
 import sys
-import tempfile
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+from pipeline.rows.buffers import Buffer, Buffers, Into, Pack
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +107,7 @@ def _load_chunk(
     load: Callable[[Any], Any],
     chunk: Sequence[Any],
     collate: Callable[[list[Any]], Any],
-    into: _Into | None = None,
+    into: Into | None = None,
 ) -> Any:
     """`collate` of the chunk's samples, in the worker: one piece of a batch (and, with `into`,
     the samples' packed tensors written into the batch's shared buffer instead)."""
@@ -149,118 +147,6 @@ def merge_pieces(pieces: list[Any]) -> Any:
     raise TypeError(f"cannot merge batch pieces of type {type(first).__name__}")
 
 
-@dataclass(frozen=True)
-class Pack:
-    """A tensor of each sample (`key`, rows of `shape`, e.g. the views of an image) that the
-    workers write straight into one shared buffer per batch, in item order: the batch's tensor
-    is that buffer, so the main process copies and concatenates nothing. `rows(item)` (run in
-    the main process) says how many rows an item gives, so that each chunk knows where its rows
-    go before any is decoded."""
-
-    key: str
-    shape: tuple[int, ...]
-    rows: Callable[[Any], int]
-    dtype: str = "uint8"
-
-    def row_bytes(self) -> int:
-        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.shape)))
-
-
-@dataclass(frozen=True)
-class _Into:
-    """Where a worker writes a chunk's packed tensors: a byte offset in a buffer file."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: str
-    path: str
-    offset: int
-    rows: int
-
-    def write(self, samples: list[Any]) -> list[Any]:
-        import torch
-
-        count = self.rows * int(np.prod(self.shape))
-        flat = np.frombuffer(_mapped(self.path), self.dtype, count, self.offset)
-        dest = torch.from_numpy(flat).view(self.rows, *self.shape)
-        out, r = [], 0
-        for sample in samples:
-            value = sample[self.key]
-            dest[r : r + len(value)].copy_(value)
-            r += len(value)
-            # What crosses back: the rows' count (an empty tensor of that length), no pixels.
-            out.append({**sample, self.key: value.new_empty((len(value), 0))})
-        if r != self.rows:
-            raise RuntimeError(f"the samples gave {r} rows of {self.key!r}, {self.rows} expected")
-        return out
-
-
-# A worker's mappings of the main process's batch buffers, kept for the worker's life.
-_MAPS: dict[str, mmap.mmap] = {}
-
-
-def _mapped(path: str) -> mmap.mmap:
-    if path not in _MAPS:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            _MAPS[path] = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
-    return _MAPS[path]
-
-
-class _Buffer:
-    """A file in shared memory (/dev/shm where there is one), mapped once, reused for batch
-    after batch: its pages stay mapped in the main process and in the workers."""
-
-    def __init__(self, size: int) -> None:
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self.path = tempfile.mkstemp(prefix="misalign-feed-", dir=folder)
-        try:
-            os.ftruncate(fd, size)
-            self.map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self.size = size
-
-    def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
-class _Buffers:
-    """The main process's batch buffers: one is taken per batch, and given back when the last
-    tensor on it is gone (a consumer may keep a batch as long as it likes)."""
-
-    def __init__(self) -> None:
-        self.free: list[_Buffer] = []
-        self.all: list[_Buffer] = []
-
-    def take(self, size: int) -> _Buffer:
-        fits = [b for b in self.free if b.size >= size]
-        if fits:
-            buffer = min(fits, key=lambda b: b.size)
-            self.free.remove(buffer)
-            return buffer
-        buffer = _Buffer(max(size, 1 << 20))
-        self.all.append(buffer)
-        return buffer
-
-    def tensor(self, buffer: _Buffer, pack: Pack, rows: int) -> Any:
-        """The batch's packed tensor on `buffer`; the buffer is free again once it is gone."""
-        import torch
-
-        count = rows * int(np.prod(pack.shape))
-        flat = np.frombuffer(buffer.map, pack.dtype, count)
-        weakref.finalize(flat, self.free.append, buffer)
-        return torch.from_numpy(flat).view(rows, *pack.shape)
-
-    def close(self) -> None:
-        for buffer in self.all:
-            buffer.remove()  # the mappings go with their last user
-        self.all, self.free = [], []
-
-
 @dataclass
 class _Batch:
     """One batch of a job: its tasks (chunks of items), rows and buffer (with a Pack)."""
@@ -268,7 +154,7 @@ class _Batch:
     tasks: list[Sequence[Any]]
     offsets: list[int]  # each task's first row in the buffer
     rows: int
-    buffer: _Buffer | None = None
+    buffer: Buffer | None = None
 
 
 class Job:
@@ -297,14 +183,14 @@ class Job:
         """Every task's items, batch after batch."""
         return [task for batch in self.batches for task in batch.tasks]
 
-    def _into(self, b: int, t: int) -> _Into | None:
+    def _into(self, b: int, t: int) -> Into | None:
         if self.pack is None:
             return None
         batch = self.batches[b]
         if batch.buffer is None:
             batch.buffer = self.feeder._buffers.take(batch.rows * self.pack.row_bytes())
         end = batch.offsets[t + 1] if t + 1 < len(batch.tasks) else batch.rows
-        return _Into(
+        return Into(
             self.pack.key,
             self.pack.shape,
             self.pack.dtype,
@@ -347,7 +233,7 @@ class Feeder:
         self._executor: Any = None
         self._queue: list[tuple[Job, int, int]] = []  # tasks not yet handed to a worker
         self._in_flight = 0  # handed out and not yet taken by a consumer
-        self._buffers = _Buffers()
+        self._buffers = Buffers()
         self._threads: int | None = None  # the main process's torch threads before a CUDA job
 
     def submit(
