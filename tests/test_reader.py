@@ -3,6 +3,8 @@ stage's batched, on-device path equals encoding each image and crop on its own."
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +339,38 @@ def test_packed_batches_equal_the_collated_ones_and_outlive_the_next_batches():
         assert len(feeder._buffers.all) == held
     finally:
         reader.close_feeders()
+
+
+def _abandon_a_feeder(conn) -> None:
+    feeder = reader.Feeder(2)
+    pack = reader.Pack("pixels", (3, 4, 4), _n_views)
+    list(feeder.submit([f"x_{i}.png" for i in range(20)], _views, 5, _cat, pack=pack))
+    workers = [p.pid for p in feeder._executor._processes.values()]
+    conn.send((workers, [b.path for b in feeder._buffers.all]))
+    os._exit(0)  # as a killed Dask worker: the feeder is never closed
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_decode_workers_end_and_remove_their_buffers_when_their_parent_is_gone():
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    here, there = context.Pipe()
+    child = context.Process(target=_abandon_a_feeder, args=(there,))
+    child.start()
+    workers, buffers = here.recv()
+    child.join()
+    assert workers and buffers
+    deadline = time.monotonic() + 10 * reader.ORPHAN_CHECK_SECONDS
+    while time.monotonic() < deadline and any(_running(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_running(p) for p in workers)
+    assert not any(Path(b).exists() for b in buffers)

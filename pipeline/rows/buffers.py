@@ -81,6 +81,13 @@ def _mapped(path: str) -> mmap.mmap:
     return _MAPS[path]
 
 
+def remove_mapped() -> None:
+    """Delete the files of the buffers this process mapped (a worker whose owner is gone)."""
+    for path in list(_MAPS):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class Buffer:
     """A file in shared memory (/dev/shm where there is one), mapped once, reused for batch
     after batch: its pages stay mapped in the main process and in the workers."""

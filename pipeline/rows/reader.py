@@ -20,13 +20,15 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from pipeline.rows.buffers import Buffer, Buffers, Into, Pack
+from pipeline.rows.buffers import Buffer, Buffers, Into, Pack, remove_mapped
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ MAX_CHUNK = 8
 # with 3 object crops each; one core decodes and preprocesses ~25 such 1024-px images/s, so
 # about 28 processes feed it. More than 32 only cost memory (each holds its samples in flight).
 MAX_AUTO_WORKERS = 32
+# How often a decode worker checks that its parent process is still there.
+ORPHAN_CHECK_SECONDS = 1.0
 
 
 def available_cpus() -> int:
@@ -101,6 +105,20 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    threading.Thread(
+        target=_exit_with_parent, args=(os.getppid(),), name="misalign-orphan-watch", daemon=True
+    ).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this decode worker once its parent is gone (e.g. a Dask worker process stopped
+    without closing its feeder): a pool worker blocked on its task queue never sees EOF while
+    its siblings hold the queue too, so it would wait forever. The batch buffers it mapped
+    are removed first (their owner cannot any more)."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_SECONDS)
+    remove_mapped()
+    os._exit(0)
 
 
 def _load_chunk(
@@ -301,8 +319,9 @@ class Feeder:
 
     def close(self) -> None:
         if self._executor is not None:
-            # Not waiting for the idle workers to exit: the stage's last batch is in already.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # Waiting for the workers to exit: a worker left behind would hold its parent's
+            # output pipes open until its orphan watch ends it.
+            self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         self._queue.clear()
         self._in_flight = 0
