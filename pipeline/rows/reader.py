@@ -317,11 +317,13 @@ class Feeder:
             )
         return self._executor
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; without `wait` they exit in the background, and are waited for
+        at the latest when this process exits (`_join_closed`)."""
         if self._executor is not None:
-            # Waiting for the workers to exit: a worker left behind would hold its parent's
-            # output pipes open until its orphan watch ends it.
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown(wait=wait, cancel_futures=True)
+            if not wait:
+                _CLOSED.append(self._executor)
             self._executor = None
         self._queue.clear()
         self._in_flight = 0
@@ -339,20 +341,33 @@ _FEEDERS: dict[int, Feeder] = {}
 _AHEAD: dict[Any, Job] = {}
 
 
+# Executors closed without waiting, joined at exit: a worker left behind would hold this
+# process's output pipes open until its orphan watch (`_exit_with_parent`) ends it.
+_CLOSED: list[Any] = []
+
+
+def _join_closed() -> None:
+    while _CLOSED:
+        _CLOSED.pop().shutdown(wait=True)
+
+
 def feeder(workers: int) -> Feeder:
     """This process's feeder with `workers` decode processes (started at first use)."""
     if workers not in _FEEDERS:
         if not _FEEDERS:
             atexit.register(close_feeders)  # before the interpreter tears the executor down
+            atexit.register(_join_closed)
         _FEEDERS[workers] = Feeder(workers)
     return _FEEDERS[workers]
 
 
-def close_feeders() -> None:
-    """Stop this process's decode workers and forget the jobs submitted ahead."""
+def close_feeders(wait: bool = True) -> None:
+    """Stop this process's decode workers and forget the jobs submitted ahead; without `wait`
+    the workers exit in the background (a stage's last batch is in: its wall time need not
+    include their exit), and are waited for when this process exits."""
     _AHEAD.clear()
     for f in _FEEDERS.values():
-        f.close()
+        f.close(wait)
     _FEEDERS.clear()
 
 
