@@ -11,6 +11,8 @@ every figure to one JSON file:
   encode batch x cuda_batch_scale, decode workers, dtype ``auto``; 3 objects per image as
   grounding gives them, so 4 views per image; 1024 px JPEGs), the same random weights loaded
   from a checkpoint file the way real weights are; and the ratio to the bare forward;
+- ``clip_pipeline_gpu_decode``: the same with ``base.decode: gpu`` (nvJPEG decoding and the
+  crops and CLIP sizing on the GPU; ``decoder`` says whether it ran or fell back to the CPU);
 - every section's peak GPU memory on its own (the peak is reset per section);
 - ``grounding_dino`` and ``blip2``: seconds per batch and images/s of the pipeline's
   GroundingDINO (grounding-dino-base config, 800/1333 px) and BLIP-2 (opt-2.7b config, 3 beams,
@@ -163,13 +165,16 @@ def clip_pipeline(
     batch_images: int,
     decode_workers: int,
     warm_up: bool = True,
+    decode: str = "cpu",
 ) -> dict[str, Any]:
     """The encode stage on the images at the default sizes (dataset captions, objects as
-    grounding gives them), model pre-loaded; `batch_images` 0: encode.batch_size's default."""
+    grounding gives them), model pre-loaded; `batch_images` 0: encode.batch_size's default;
+    `decode`: base.decode (gpu: nvJPEG where it works, else the CPU, see "decoder")."""
     from pipeline.config import params_from_dict
     from pipeline.data.ingest import run_ingest
     from pipeline.extract.base import scaled_batch_size
     from pipeline.extract.caption import run_caption
+    from pipeline.extract.device_decode import choose_decoder
     from pipeline.extract.encode import clear_text_memo, run_encode
     from pipeline.extract.loaded import loaded_model
     from pipeline.rows.reader import resolve_workers
@@ -179,13 +184,18 @@ def clip_pipeline(
     # workers), only the weights and the device set here; objects as grounding gives them.
     params = params_from_dict(
         {
-            "base": {"device": device, "dtype": dtype, "decode_workers": decode_workers},
+            "base": {
+                "device": device,
+                "dtype": dtype,
+                "decode_workers": decode_workers,
+                "decode": decode,
+            },
             "models": {"clip": {"id": arch, "pretrained": "openai", "path": str(checkpoint)}},
             "caption": {"source": "dataset"},
             "encode": {"batch_size": batch_images} if batch_images else {},
         }
     )
-    cache = work / "cache"
+    cache = work / f"cache_{decode}"
     p = params
     run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="gpu_check")
     run_caption(
@@ -230,6 +240,7 @@ def clip_pipeline(
         "shard_size": p.ingest.shard_size,
         "objects_per_image": OBJECTS_PER_IMAGE,
         "dtype": str(clip.dtype).replace("torch.", ""),
+        "decoder": choose_decoder(decode, device, host_image_needed=False),
         "note": "whole stage: read shards, decode+preprocess (reader), image and caption "
         "forwards, write shard",
     }
@@ -506,11 +517,13 @@ def main(argv: list[str] | None = None) -> int:
 
             _section(report, "clip_bare", bare)
         model = None
-        if "clip_pipeline" not in args.skip:
+        for section, decode in (("clip_pipeline", "cpu"), ("clip_pipeline_gpu_decode", "gpu")):
+            if section in args.skip:
+                continue
             _section(
                 report,
-                "clip_pipeline",
-                lambda: clip_pipeline(
+                section,
+                lambda decode=decode: clip_pipeline(  # type: ignore[misc]
                     work,
                     images,
                     checkpoint,
@@ -519,14 +532,15 @@ def main(argv: list[str] | None = None) -> int:
                     pipe_dtype,
                     clip_batch,
                     args.decode_workers,
+                    decode=decode,
                 ),
             )
             bare_fig = report.get("clip_bare", {}).get(pipe_dtype, {}).get("images_per_second")
-            pipe_fig = report["clip_pipeline"].get("images_per_second")
+            pipe_fig = report[section].get("images_per_second")
             if bare_fig and pipe_fig:
                 # Per view: the stage runs 1 + OBJECTS_PER_IMAGE image forwards per image.
                 views = pipe_fig * (1 + OBJECTS_PER_IMAGE)
-                report["clip_pipeline_over_bare"] = round(views / bare_fig, 4)
+                report[f"{section}_over_bare"] = round(views / bare_fig, 4)
         from pipeline.extract.loaded import forget_loaded_models
 
         forget_loaded_models()

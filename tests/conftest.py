@@ -47,6 +47,7 @@ _FILE_TIER = {
     "test_cache_key.py": "integration",
     "test_captioners.py": "integration",
     "test_clip.py": "integration",
+    "test_device_decode.py": "integration",
     "test_extraction_studies.py": "integration",
     "test_gpu_check.py": "integration",
     "test_models_hf.py": "integration",

@@ -21,6 +21,9 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     pipe = report["clip_pipeline"]
     assert pipe["stage_timings"]["n_processed"] == 3 and pipe["images_per_second"] > 0
     assert report["clip_pipeline_over_bare"] > 0
+    # base.decode: gpu on the CPU: the stage runs, decoding on the CPU.
+    gpu_decode = report["clip_pipeline_gpu_decode"]
+    assert gpu_decode["decoder"] == "pil" and gpu_decode["stage_timings"]["n_processed"] == 3
     for kind in ("grounding_dino", "blip2"):
         assert report[kind]["images_per_second"] > 0, report[kind]
         assert report[kind]["n_parameters"] > 0

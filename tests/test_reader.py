@@ -3,10 +3,13 @@ stage's batched, on-device path equals encoding each image and crop on its own."
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import params_from_dict
 from pipeline.data.images import load_rgb
@@ -260,3 +263,83 @@ def test_the_runner_reads_the_next_shard_before_the_current_one_goes_to_the_mode
         "read 0", "prefetch s0", "read 1", "prefetch s1", "compute s0",
         "read 2", "prefetch s2", "compute s1", "compute s2",
     ]  # fmt: skip
+
+
+def _views(path: str) -> dict:
+    n = int(Path(path).stem.split("_")[1])
+    return {
+        "pixels": torch.full((1 + n % 3, 3, 4, 4), n, dtype=torch.uint8),
+        "n": torch.tensor([n]),
+    }
+
+
+def _n_views(path: str) -> int:
+    return 1 + int(Path(path).stem.split("_")[1]) % 3
+
+
+def _cat(samples: list) -> dict:
+    return {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+
+
+def test_packed_batches_equal_the_collated_ones_and_outlive_the_next_batches():
+    items = [f"x_{i}.png" for i in range(63)]
+    pack = reader.Pack("pixels", (3, 4, 4), _n_views)
+    expected = list(reader.read_batches(items, _views, 5, 0, _cat, pack=pack))
+    feeder = reader.feeder(2)
+    try:
+        # All batches kept: a buffer is reused only once no tensor is on it any more.
+        kept = list(reader.read_batches(items, _views, 5, 2, _cat, pack=pack))
+        assert len(kept) == len(expected) == 13
+        for got, want in zip(kept, expected):
+            assert torch.equal(got["pixels"], want["pixels"]) and torch.equal(got["n"], want["n"])
+        held = len(feeder._buffers.all)
+        del kept, got
+        for _ in range(3):  # batches dropped as they come: the buffers are reused
+            for batch in reader.read_batches(items, _views, 5, 2, _cat, pack=pack):
+                assert torch.equal(
+                    batch["pixels"][:, 0, 0, 0],
+                    batch["n"]
+                    .repeat_interleave(
+                        torch.tensor([_n_views(f"x_{int(n)}.png") for n in batch["n"]])
+                    )
+                    .to(torch.uint8),
+                )
+                del batch
+        assert len(feeder._buffers.all) == held
+    finally:
+        reader.close_feeders()
+
+
+def _abandon_a_feeder(conn) -> None:
+    feeder = reader.Feeder(2)
+    pack = reader.Pack("pixels", (3, 4, 4), _n_views)
+    list(feeder.submit([f"x_{i}.png" for i in range(20)], _views, 5, _cat, pack=pack))
+    workers = [p.pid for p in feeder._executor._processes.values()]
+    conn.send((workers, [b.path for b in feeder._buffers.all]))
+    os._exit(0)  # as a killed Dask worker: the feeder is never closed
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_decode_workers_end_and_remove_their_buffers_when_their_parent_is_gone():
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    here, there = context.Pipe()
+    child = context.Process(target=_abandon_a_feeder, args=(there,))
+    child.start()
+    workers, buffers = here.recv()
+    child.join()
+    assert workers and buffers
+    deadline = time.monotonic() + 10 * reader.ORPHAN_CHECK_SECONDS
+    while time.monotonic() < deadline and any(_running(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_running(p) for p in workers)
+    assert not any(Path(b).exists() for b in buffers)

@@ -37,10 +37,15 @@ class BaseConfig:
     n_workers: int = ranged(2, positive_int("Dask workers"))
     # Processes that decode and preprocess images while the model runs (pipeline.rows.reader):
     # 0 decodes in the main process; -1 (auto) gives each extraction process on the machine an
-    # equal share of its CPUs, at most 8. Rows do not depend on it.
+    # equal share of its CPUs less one, at most 32. Rows do not depend on it.
     decode_workers: int = ranged(
         -1, Range(True, -1, 64, why="decode processes; -1 = auto, 0 = main process")
     )
+    # Where encode decodes JPEGs: "cpu" (PIL, in the decode workers) or "gpu" (nvJPEG on the
+    # model's CUDA device, batched; crops and CLIP resize there too). gpu falls back to cpu,
+    # with a log line, off CUDA or without nvJPEG. Its pixels differ slightly from PIL's, so
+    # it is part of the encode rows' key (pipeline.extract.device_decode).
+    decode: str = one_of("cpu", ("cpu", "gpu"))
     # On CUDA the caption/ground/encode batch sizes are multiplied by this (the params' sizes
     # suit a CPU; a GPU wants larger batches). 1 takes them as given. Rows do not depend on it.
     cuda_batch_scale: int = ranged(4, positive_int("batch-size multiplier on CUDA"))

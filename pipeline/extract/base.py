@@ -59,7 +59,7 @@ class ModelStep:
         workers = reader.usable_workers(decode_workers(self.base))
         if feed is not None and feed.items and workers:
             job = reader.feeder(workers).submit(
-                feed.items, feed.load, feed.batch_size, feed.collate, feed.pin_memory
+                feed.items, feed.load, feed.batch_size, feed.collate, feed.pin_memory, feed.pack
             )
             reader.submit_ahead(_feed_key(self.stage, rows), job)
 
@@ -75,19 +75,23 @@ class ModelStep:
             decode_workers(self.base),
             feed.collate,
             pin_memory=feed.pin_memory,
+            pack=feed.pack,
         )
 
 
 @dataclass
 class Feed:
     """A step's per-image CPU work on some rows: items for `load` (run in a decode worker),
-    the forward batch, how samples become a batch, and whether it goes to CUDA."""
+    the forward batch, how samples become a batch (`collate`, run in the workers on parts of
+    it, see `reader.read_batches`), whether it goes to CUDA, and the tensor the workers write
+    straight into the batch (`reader.Pack`)."""
 
     items: list[Any]
     load: Callable[[Any], Any]
     batch_size: int
     collate: Callable[[list[Any]], Any] = list
     pin_memory: bool = False
+    pack: reader.Pack | None = None
 
 
 def _feed_key(stage: str, rows: Arrays) -> tuple[str, ...]:

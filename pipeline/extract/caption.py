@@ -31,7 +31,7 @@ from pipeline.extract.base import (
     scheduler_args,
 )
 from pipeline.extract.loaded import loaded_model, model_loads
-from pipeline.rows import store
+from pipeline.rows import reader, store
 from pipeline.rows.atomic import write_text
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
@@ -97,14 +97,38 @@ class CaptionStep(ModelStep):
         from pipeline.models.captioning import concat_encoded
 
         model = loaded_model(self.cfg.model, self.models, self.base)
-        # The workers decode and run the processor; this process only generates.
+        encoder = model.item_encoder(self.cfg.prompt or None)
+        # The workers decode and run the processor, writing the pixels straight into the
+        # batch's shared buffer; this process only generates.
         return Feed(
             [(str(rows["path"][i]), bool(rows["exif_transpose"][i])) for i in need],
-            DecodeThen(model.item_encoder(self.cfg.prompt or None)),
+            DecodeThen(encoder),
             scaled_batch_size(self.cfg.batch_size, self.base),
             concat_encoded,
             pin_memory=str(model.device).startswith("cuda"),
+            pack=self._pack(encoder),
         )
+
+    def _pack(self, encoder: Any) -> reader.Pack | None:
+        """The processor's pixel_values, packed by the workers, when it gives every image the
+        same shape (two probe images of other sizes and aspect ratios agree); else None."""
+        if "_packs" not in self.__dict__:
+            self.__dict__["_packs"] = {}
+        packs = self.__dict__["_packs"]
+        if encoder not in packs:
+            from PIL import Image
+
+            probes = [
+                encoder(Image.new("RGB", size))["pixel_values"] for size in ((97, 61), (50, 203))
+            ]
+            shapes = {(tuple(p.shape), str(p.dtype).removeprefix("torch.")) for p in probes}
+            (shape, dtype), one = next(iter(shapes)), len(shapes) == 1
+            packs[encoder] = (
+                reader.Pack("pixel_values", shape[1:], _one_row, dtype)
+                if one and shape[0] == 1
+                else None
+            )
+        return packs[encoder]  # type: ignore[no-any-return]
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
         n = len(rows["ids"])
@@ -143,6 +167,10 @@ class CaptionStep(ModelStep):
             "caption": captions,
             "caption_source": sources,
         }
+
+
+def _one_row(item: Any) -> int:
+    return 1
 
 
 def run_caption(

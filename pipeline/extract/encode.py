@@ -29,10 +29,19 @@ from pipeline.extract.base import (
     scheduler_args,
     upstream_provenance,
 )
+from pipeline.extract.device_decode import (
+    GPU_DECODER,
+    DeviceViews,
+    ReadForDevice,
+    choose_decoder,
+    collate_files,
+    tensor_steps,
+)
 from pipeline.extract.loaded import loaded_model, model_loads
 from pipeline.features import CLASS_PROMPTS, color_histograms
+from pipeline.models import resolve_device
 from pipeline.models.identity import weights_identity
-from pipeline.rows import store
+from pipeline.rows import reader, store
 from pipeline.rows.atomic import atomic_path
 from pipeline.rows.key import decoding_hash, params_hash, row_hash
 from pipeline.rows.runner import Timer, run_step
@@ -85,6 +94,11 @@ class EncodeLoad:
         return out
 
 
+def views_of(item: tuple[str, bool, np.ndarray]) -> int:
+    """Views `EncodeLoad` makes of an item: the whole image, then one per object box."""
+    return 1 + len(item[2])
+
+
 def collate_views(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """One batch of `EncodeLoad` samples: every view stacked in order, and views per image."""
     batch: dict[str, Any] = {
@@ -134,10 +148,22 @@ class EncodeStep(ModelStep):
             self.key(),
         )
 
+    @functools.cached_property
+    def decoder(self) -> str:
+        """The JPEG decoder of this run's views (`base.decode`, where it can run)."""
+        return choose_decoder(
+            self.base.decode,
+            resolve_device(self.base.device),
+            host_image_needed=bool(self.cfg.color_bins or self.cfg.dinov2),
+        )
+
     def attrs(self) -> dict[str, Any]:
-        return model_attrs(
+        attrs = model_attrs(
             self.stage, self.dataset, self.models.preset, self.key(), "", self.upstream
         )
+        if self.decoder == GPU_DECODER:
+            attrs["decoder"] = self.decoder
+        return attrs
 
     def read(self, index: int) -> Arrays:
         rows = ingest_rows(self.ingest_dir, index, ["path"])
@@ -158,7 +184,7 @@ class EncodeStep(ModelStep):
             ],
             dtype=object,
         )
-        rows["input_hash"] = decoding_hash(rows)
+        rows["input_hash"] = decoding_hash(rows, self.decoder)
         return rows
 
     def feed(self, rows: Arrays) -> Feed:
@@ -184,7 +210,25 @@ class EncodeStep(ModelStep):
         ]
         on_cuda = str(clip.device).startswith("cuda")
         size = scaled_batch_size(self.cfg.batch_size, self.base)
-        return Feed(items, load, size, collate_views, pin_memory=on_cuda)
+        if self.decoder == GPU_DECODER:
+            # The workers read the files; `device_views` decodes and sizes them on the device.
+            return Feed(items, ReadForDevice(load), size, collate_files)
+        # The workers write the views straight into one shared buffer per batch.
+        shape = clip.view_shape()
+        pack = reader.Pack("pixels", shape, views_of) if shape is not None else None
+        return Feed(items, load, size, collate_views, pin_memory=on_cuda, pack=pack)
+
+    def device_views(self, clip: Any) -> DeviceViews:
+        """Views decoded and sized on CLIP's device (`base.decode: gpu`)."""
+        crop_steps = tensor_steps(clip.pixels.pil_steps)
+        image_steps = (
+            tensor_steps(clip.center_crop_pixels().pil_steps)
+            if self.cfg.image_transform == "center_crop"
+            else None
+        )
+        if crop_steps is None or (self.cfg.image_transform == "center_crop" and not image_steps):
+            raise ValueError("CLIP's image transform has a step without a tensor version")
+        return DeviceViews(crop_steps, self.crop_padding, str(clip.device), image_steps)
 
     def compute(self, rows: Arrays, timer: Timer) -> Arrays:
         clip = loaded_model("clip", self.models, self.base)
@@ -217,6 +261,11 @@ class EncodeStep(ModelStep):
             if batch is None:
                 break
             with timer("model"):
+                if self.decoder == GPU_DECODER:
+                    batch = {
+                        "pixels": self.device_views(clip)(batch),
+                        "n_views": torch.tensor([s["n"] for s in batch]),
+                    }
                 pixels = batch["pixels"]
                 for s in batch_slices(len(pixels), size):
                     view_emb.append(clip.encode_pixels(pixels[s]))

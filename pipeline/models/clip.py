@@ -311,6 +311,15 @@ class ClipEncoder:
             raise ValueError("the CLIP image transform has no CenterCrop to take the size from")
         return ClipPixels(center_crop_steps(int(sizes[0][0])))
 
+    def view_shape(self) -> tuple[int, ...] | None:
+        """The (3, H, W) of `pixels`' views (its centre crop's size; None without one)."""
+        from torchvision import transforms
+
+        for t in self.pixels.pil_steps.transforms:
+            if isinstance(t, transforms.CenterCrop):
+                return (3, int(t.size[0]), int(t.size[1]))
+        return None
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 views from `pixels` (N, 3, H, W), on any device, as the model's input: on the
         model's device, the operations and float32 numbers of open_clip's ToTensor and

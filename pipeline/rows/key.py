@@ -108,19 +108,20 @@ def row_hash(*values: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def decoding_hash(rows: Arrays) -> np.ndarray:
+def decoding_hash(rows: Arrays, decoder: str = "pil") -> np.ndarray:
     """Row input hashes that also change when the pixels are decoded differently (EXIF
-    orientation off); with the default decoding they are the hashes as computed."""
+    orientation off, or a decoder other than PIL: `base.decode: gpu`'s nvJPEG); with the
+    default decoding they are the hashes as computed."""
     flags = rows.get("exif_transpose")
-    if flags is None:
-        return rows["input_hash"]
-    return np.array(
-        [
-            h if f else row_hash(h, "exif_transpose=false")
-            for h, f in zip(rows["input_hash"], flags)
-        ],
-        dtype=object,
-    )
+    hashes = rows["input_hash"]
+    if flags is not None:
+        hashes = np.array(
+            [h if f else row_hash(h, "exif_transpose=false") for h, f in zip(hashes, flags)],
+            dtype=object,
+        )
+    if decoder != "pil":
+        hashes = np.array([row_hash(h, f"decoder={decoder}") for h in hashes], dtype=object)
+    return hashes
 
 
 def params_hash(*parts: Any) -> str:

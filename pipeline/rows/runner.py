@@ -346,7 +346,7 @@ def run_step(
             try:
                 reports.extend(_local_shards(step, n, str(out_dir), reuse, bar.update))
             finally:
-                reader.close_feeders()
+                reader.close_feeders(wait=False)  # joined at exit at the latest
             if finish is not None:
                 finish()
 
