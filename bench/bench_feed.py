@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench._synthetic import synthetic_images  # noqa: E402
 from pipeline.config import GroundConfig, params_from_dict  # noqa: E402
 from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.extract import loaded  # noqa: E402
@@ -198,25 +199,6 @@ def install_instant_models(p: Any) -> None:
     grounder.processor = _sized(grounder.processor, GDINO_SIZE)
     grounder.model = _InstantDetector(grounder.model.config)
     loaded._LOADED[("grounder", key)] = grounder
-
-
-def write_images(folder: Path, n: int, width: int, height: int, seed: int) -> list[Path]:
-    """`n` distinct JPEGs of width x height: gradients plus noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:height, 0:width]
-    paths = []
-    for i in range(n):
-        base = np.stack(
-            [(xx * (i % 7 + 1)) % 256, (yy * (i % 5 + 1)) % 256, (xx + yy + i) % 256], -1
-        )
-        arr = np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8)
-        path = folder / f"img_{i:05d}.jpg"
-        Image.fromarray(arr).save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def prepare(work: Path, images: list[Path], p: Any) -> Path:
@@ -356,7 +338,9 @@ def bytes_per_image(stage: str, feed: Feed) -> int:
 
 
 def bench_size(work: Path, label: str, size: tuple[int, int], args: Any) -> list[dict[str, Any]]:
-    images = write_images(work / label, args.n_images, *size, seed=sum(size))
+    images = synthetic_images(
+        work / label, n=args.n_images, width=size[0], height=size[1], seed=sum(size)
+    )
     p = params(args.workers)
     install_instant_models(p)
     cache = prepare(work / f"{label}_cache", images, p)

@@ -30,7 +30,6 @@ runs it).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import platform
@@ -48,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from bench._synthetic import synthetic_images, write_manifest  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
 
@@ -69,38 +70,6 @@ def _timed(device: str, fn: Callable[[], Any], repeats: int) -> tuple[float, Any
         out = fn()
     _sync(device)
     return (time.perf_counter() - start) / repeats, out
-
-
-def write_manifest(images: list[Path], caption: str) -> Path:
-    """A manifest.csv beside `images` (alternating labels, one generator) with a distinct
-    caption per image, so the text tower runs once per image as on a real dataset; returns
-    the images' folder."""
-    data = images[0].parent
-    with (data / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "generator", "caption"])
-        writer.writerows([p.name, i % 2, "g", f"{caption} {i}"] for i, p in enumerate(images))
-    return data
-
-
-def synthetic_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
-    """`n` distinct JPEGs: smooth gradients plus noise, `size` px on the short side."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    yy, xx = np.mgrid[0:size, 0 : size * 4 // 3]
-    for i in range(n):
-        base = np.stack(
-            [(xx * (i % 7 + 1)) % 256, (yy * (i % 5 + 1)) % 256, (xx + yy + i) % 256], -1
-        )
-        noise = rng.integers(0, 40, base.shape)
-        arr = np.clip(base + noise, 0, 255).astype(np.uint8)
-        path = folder / f"img_{i:05d}.jpg"
-        Image.fromarray(arr).save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def _open_clip_model(arch: str, quick_gelu: bool) -> Any:
@@ -179,7 +148,7 @@ def clip_pipeline(
     from pipeline.extract.loaded import loaded_model
     from pipeline.rows.reader import resolve_workers
 
-    data = write_manifest(images, CAPTION)
+    data = write_manifest(images, caption=CAPTION)
     # The defaults a run uses (shard size, encode batch x cuda_batch_scale on CUDA, decode
     # workers), only the weights and the device set here; objects as grounding gives them.
     params = params_from_dict(
@@ -497,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="misalign-gpu-check-"))
     try:
-        images = synthetic_images(work / "images", n_images, 64 if dry else 1024)
+        side = 64 if dry else 1024  # square, as generators' outputs usually are
+        images = synthetic_images(work / "images", n=n_images, width=side, height=side)
         torch.manual_seed(0)
         model = _open_clip_model(arch, quick_gelu)
         checkpoint = work / "clip_random.pt"
