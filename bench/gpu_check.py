@@ -9,7 +9,7 @@ every figure to one JSON file:
 - ``clip_pipeline``: images/s of the pipeline's encode stage (`pipeline.extract.encode.run_encode`,
   the parallel reader feeding it) on the same images in the DEFAULT configuration (shard size,
   encode batch x cuda_batch_scale, decode workers, dtype ``auto``; 3 objects per image as
-  grounding gives them, so 4 views per image; 1024 px JPEGs), the same random weights loaded
+  grounding gives them, so 4 views per image; 1024×1024 JPEGs), the same random weights loaded
   from a checkpoint file the way real weights are; and the ratio to the bare forward;
 - ``clip_pipeline_gpu_decode``: the same with ``base.decode: gpu`` (nvJPEG decoding and the
   crops and CLIP sizing on the GPU; ``decoder`` says whether it ran or fell back to the CPU);
