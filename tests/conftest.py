@@ -110,7 +110,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # Commands a fast test must not start: they load models, run DVC or a browser.
 _HEAVY_COMMANDS = ("dvc", "chromium", "chromium-browser", "google-chrome")
 _HEAVY_MODULES = ("stages.caption", "stages.ground", "stages.encode", "stages.evalset")
-_HEAVY_MODULES += ("stages.copies", "tests.kill_probe")
+_HEAVY_MODULES += ("stages.copies",)  # tests.kill_probe is as heavy as the stage it runs
 
 
 def _heavy(args: object) -> str | None:

@@ -6,7 +6,9 @@ Counts how often the runner enters each phase (`model`: a model forward over one
 `write`: writing one finished shard) and writes the counts to COUNTS as JSON when the stage
 exits. With PHASE and N (N >= 1) the stage, on entering PHASE for the N-th time (`model`, or
 `write` before the shard is written) or leaving it (`written`: after the shard is written),
-creates MARKER and waits there; the test then kills it. The kill moment is thus a point of the
+creates MARKER and waits there; the test then kills it. PHASE `batch` stops ingest when its
+decode workers have handed over their N-th batch of inspected images (the workers still busy
+with the next ones). The kill moment is thus a point of the
 work, not a number of seconds, and a busy machine cannot move it. PHASE `none` runs freely.
 
 Only the test uses this; the stages themselves have no hook.
@@ -24,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.data import ingest
 from pipeline.rows import runner
 
 
@@ -50,7 +53,16 @@ def main() -> None:
             counts["written"] += 1
             stop("written")
 
+    batches = ingest.read_batches
+
+    def probed_batches(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for batch in batches(*args, **kwargs):
+            counts["batch"] += 1
+            stop("batch")
+            yield batch
+
     runner.Timer.__call__ = probed  # type: ignore[method-assign]
+    ingest.read_batches = probed_batches  # type: ignore[assignment]
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -100,26 +101,28 @@ def test_ctrl_c_on_a_running_stage_and_its_workers_is_one_line(tmp_path):
         make_image(data / f"{i}.png", seed=i, size=(192, 192))
         rows.append({"file": f"{i}.png", "label": "real", "generator": "real"})
     write_manifest(data / "manifest.csv", rows)
-    cmd = [sys.executable, "-m", "stages.ingest", "--params", tiny_params(tmp_path)]
+    # Stopped by tests/kill_probe.py once the decode workers have handed over their first
+    # batch, the others still being inspected: a point of the work, which no load can move.
+    marker = tmp_path / "at_work"
+    cmd = [sys.executable, "-m", "tests.kill_probe", str(tmp_path / "counts.json"), str(marker)]
+    cmd += ["batch", "1", "stages.ingest", "--params", tiny_params(tmp_path)]
     cmd += ["--data", str(data), "--out", str(tmp_path / "out"), "--name", "t"]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:  # wait until the stage is at work (its layout is logged)
-        seen.append(line)
-        if "records" in line:
-            break
-    os.killpg(proc.pid, signal.SIGINT)
-    rest = proc.stderr.read()
-    proc.wait(timeout=60)
-    lines = _error_lines("".join(seen) + rest)
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as sink:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stderr=sink,
+            text=True,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        while not marker.exists():
+            assert proc.poll() is None, err.read_text()  # it must not end before the stop
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    lines = _error_lines(err.read_text())
     assert proc.returncode == 130, lines
     assert lines[-1] == "stage ingest interrupted; rerun to resume"
     assert not any("Traceback" in line for line in lines), lines
