@@ -19,6 +19,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -101,6 +102,11 @@ def _can_fork_children() -> bool:
 
 
 def _init_worker() -> None:
+    # Ctrl-C reaches a terminal's whole process group: the parent turns it into its one-line
+    # message and stops the workers. A worker interrupted itself would print a traceback, and
+    # one interrupted while holding the task queue's lock would leave its siblings (and the
+    # parent's exit, which joins them) waiting forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One thread per worker: the workers are the parallelism (as in torch's DataLoader).
     import torch
 
