@@ -116,6 +116,9 @@ def test_ctrl_c_on_a_running_stage_and_its_workers_is_one_line(tmp_path):
             text=True,
             start_new_session=True,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            # As started from a terminal: a shell without job control starts its background
+            # commands (pytest among them) with SIGINT ignored, which a child would inherit.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         while not marker.exists():
             assert proc.poll() is None, err.read_text()  # it must not end before the stop
