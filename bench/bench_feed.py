@@ -64,19 +64,17 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._synthetic import synthetic_images  # noqa: E402
+from bench._synthetic import encode_inputs, synthetic_images  # noqa: E402
 from pipeline.config import GroundConfig, params_from_dict  # noqa: E402
-from pipeline.data.ingest import run_ingest  # noqa: E402
 from pipeline.extract import loaded  # noqa: E402
 from pipeline.extract.base import Feed, decode_workers  # noqa: E402
 from pipeline.extract.caption import CaptionStep, run_caption  # noqa: E402
 from pipeline.extract.encode import EncodeStep, clear_text_memo, run_encode  # noqa: E402
 from pipeline.extract.ground import GroundStep, run_ground  # noqa: E402
 from pipeline.models.clip import ClipEncoder  # noqa: E402
-from pipeline.rows import reader, store  # noqa: E402
+from pipeline.rows import reader  # noqa: E402
 
 N_OBJECTS = 3
-PHRASES = ("car", "tree", "person", "dog", "red sofa", "street")
 SHARD = 64  # ingest.shard_size
 SCALE = 4  # base.cuda_batch_scale: the CUDA batch sizes are the params' x this
 # The real models' processor sizes, which the instant captioner and grounder use.
@@ -204,47 +202,18 @@ def install_instant_models(p: Any) -> None:
 def prepare(work: Path, images: list[Path], p: Any) -> Path:
     """Ingest shards of SHARD images, dataset captions (distinct per image) and N_OBJECTS
     synthesised boxes per image as the objects shards; returns the cache folder."""
-    import csv
-
-    data = images[0].parent
-    with (data / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label", "generator", "caption"])
-        writer.writerows(
-            [p.name, i % 2, "g", f"a photo of thing {i} with a car and a tree"]
-            for i, p in enumerate(images)
-        )
     cache = work / "cache"
-    run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="bench")
-    dataset_captions = dataclasses.replace(p.caption, source="dataset")
-    run_caption(
-        cache / "ingest",
-        cache / "captions",
-        cfg=dataset_captions,
-        models=p.models,
-        base=p.base,
-        dataset="bench",
+    dataset_captions = dataclasses.replace(
+        p, caption=dataclasses.replace(p.caption, source="dataset")
     )
-    rng = np.random.default_rng(0)
-    for shard in store.list_shards(cache / "ingest"):
-        rows = store.read_shard(shard, ["ids", "width", "height"])
-        boxes = []
-        for w, h in zip(rows["width"], rows["height"]):
-            own = []
-            for _ in range(N_OBJECTS):
-                x0, y0 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
-                own.append([x0, y0, x0 + rng.uniform(16, w * 0.4), y0 + rng.uniform(16, h * 0.4)])
-            boxes.append(np.asarray(own, np.float32))
-        store.write_shard(
-            cache / "objects" / shard.name,
-            {
-                "ids": rows["ids"],
-                "obj_offsets": np.arange(0, N_OBJECTS * len(boxes) + 1, N_OBJECTS),
-                "obj_boxes": np.concatenate(boxes),
-                "obj_phrase": rng.choice(PHRASES, N_OBJECTS * len(boxes)).astype(object),
-            },
-            {"stage": "objects", "params_hash": "synthetic"},
-        )
+    encode_inputs(
+        images,
+        cache,
+        dataset_captions,
+        dataset="bench",
+        caption="a photo of thing with a car and a tree",
+        per_image=N_OBJECTS,
+    )
     return cache
 
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench._synthetic import synthetic_images, write_manifest  # noqa: E402
+from bench._synthetic import encode_inputs, synthetic_images  # noqa: E402
 
 logger = logging.getLogger("gpu_check")
 
@@ -140,15 +140,12 @@ def clip_pipeline(
     grounding gives them), model pre-loaded; `batch_images` 0: encode.batch_size's default;
     `decode`: base.decode (gpu: nvJPEG where it works, else the CPU, see "decoder")."""
     from pipeline.config import params_from_dict
-    from pipeline.data.ingest import run_ingest
     from pipeline.extract.base import scaled_batch_size
-    from pipeline.extract.caption import run_caption
     from pipeline.extract.device_decode import choose_decoder
     from pipeline.extract.encode import clear_text_memo, run_encode
     from pipeline.extract.loaded import loaded_model
     from pipeline.rows.reader import resolve_workers
 
-    data = write_manifest(images, caption=CAPTION)
     # The defaults a run uses (shard size, encode batch x cuda_batch_scale on CUDA, decode
     # workers), only the weights and the device set here; objects as grounding gives them.
     params = params_from_dict(
@@ -166,16 +163,9 @@ def clip_pipeline(
     )
     cache = work / f"cache_{decode}"
     p = params
-    run_ingest(data, cache / "ingest", cfg=p.ingest, base=p.base, dataset="gpu_check")
-    run_caption(
-        cache / "ingest",
-        cache / "captions",
-        cfg=p.caption,
-        models=p.models,
-        base=p.base,
-        dataset="gpu_check",
+    encode_inputs(
+        images, cache, p, dataset="gpu_check", caption=CAPTION, per_image=OBJECTS_PER_IMAGE
     )
-    synthetic_objects(cache / "ingest", cache / "objects", OBJECTS_PER_IMAGE)
     clip = loaded_model("clip", p.models, p.base)  # loading is not what is measured
 
     def encode() -> dict[str, Any]:
@@ -216,33 +206,6 @@ def clip_pipeline(
 
 
 OBJECTS_PER_IMAGE = 3  # a typical grounded caption: 3 object crops beside the whole image
-
-
-def synthetic_objects(ingest_dir: Path, out_dir: Path, per_image: int) -> None:
-    """Objects shards row-aligned with the ingest shards: `per_image` seeded boxes inside each
-    image, phrases from a small set (what the ground stage writes, without its model)."""
-    from pipeline.rows import store
-
-    rng = np.random.default_rng(0)
-    phrases = np.array(["car", "tree", "street", "red car", "person"], dtype=object)
-    for shard in store.list_shards(ingest_dir):
-        rows = store.read_shard(shard, ["ids", "width", "height"])
-        boxes = []
-        for w, h in zip(rows["width"], rows["height"]):
-            for _ in range(per_image):
-                x0, y0 = rng.uniform(0, w * 0.6), rng.uniform(0, h * 0.6)
-                boxes.append([x0, y0, x0 + rng.uniform(16, w * 0.4), y0 + rng.uniform(16, h * 0.4)])
-        n = len(rows["ids"])
-        store.write_shard(
-            out_dir / shard.name,
-            {
-                "ids": rows["ids"],
-                "obj_offsets": np.arange(0, per_image * n + 1, per_image, dtype=np.int64),
-                "obj_boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-                "obj_phrase": rng.choice(phrases, per_image * n).astype(object),
-            },
-            {"stage": "objects", "params_hash": "synthetic"},
-        )
 
 
 def _grounder(device: str, dtype: torch.dtype, dry: bool, work: Path) -> Any:
